@@ -9,6 +9,7 @@ pub mod host;
 pub mod metrics;
 pub mod middleware;
 pub mod resilience;
+mod serve;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
