@@ -40,7 +40,7 @@ use tower::BoxError;
 
 use crate::health::{self, HealthCheck, Readiness};
 use crate::metrics::{self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle};
-use crate::middleware::SetRequestIdLayer;
+use crate::middleware::{RequestSpanLayer, SetRequestIdLayer};
 use crate::serve::{self, Drained};
 use crate::service::{BoxFuture, DynService, Service};
 use crate::shutdown::Shutdown;
@@ -616,6 +616,7 @@ fn app(service: &Arc<dyn DynService>, phase: Arc<Phase>, metrics: PrometheusHand
         .route("/metrics", get(render_metrics))
         .with_state(ops)
         .fallback_service(service_routes)
+        .layer(RequestSpanLayer::new(service.name()))
         .layer(SetRequestIdLayer::new())
 }
 

@@ -18,14 +18,14 @@
 
 use std::io::IsTerminal;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written to standard output.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum LogFormat {
@@ -38,7 +38,7 @@ pub enum LogFormat {
 
 /// Settings for [`init`]. Missing fields take their [`Default`] values when
 /// deserialized.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TelemetryConfig {
     /// Which events to record, in [`EnvFilter`] directive syntax, such as

@@ -428,3 +428,38 @@ async fn a_failing_ready_hook_fails_start_and_closes_the_listeners() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn handlers_run_in_the_callers_trace() {
+    let router = Router::new().route(
+        "/trace",
+        get(|| async {
+            // What an outgoing call made from this handler would send.
+            let mut outgoing = http::HeaderMap::new();
+            micro_core::trace::inject_current(&mut outgoing);
+            outgoing["traceparent"].to_str().unwrap().to_owned()
+        }),
+    );
+    let running = ServiceHost::builder()
+        .service(TestService::new("it-trace", router), localhost())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = running.local_addr("it-trace").unwrap();
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = get_with(addr, "/trace", &[("traceparent", incoming)])
+        .await
+        .unwrap();
+    let outgoing = micro_core::trace::TraceContext::parse(&reply.body).unwrap();
+    assert_eq!(
+        outgoing.trace_id().to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_ne!(outgoing.span_id().to_string(), "00f067aa0ba902b7");
+
+    let reply = http_get(addr, "/trace").await.unwrap();
+    let fresh = micro_core::trace::TraceContext::parse(&reply.body).unwrap();
+    assert_ne!(fresh.trace_id(), outgoing.trace_id());
+}

@@ -1,0 +1,270 @@
+//! The product catalog service: list with paging, search, get by id.
+//!
+//! This is the first service of the reference shop; it keeps its catalog in memory, seeded
+//! at start. Prices are integer minor units with a currency, never floats.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use micro_core::health::HealthCheck;
+use micro_core::service::Service;
+use serde::{Deserialize, Serialize};
+
+/// A price in minor units (cents) of a currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Money {
+    /// Amount in minor units.
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// A catalog entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    /// Stable id, also the SKU.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Short description.
+    pub description: String,
+    /// Unit price.
+    pub price: Money,
+}
+
+/// The catalog service.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    products: Arc<Vec<Product>>,
+}
+
+impl Catalog {
+    /// A catalog holding `products`.
+    pub fn new(products: Vec<Product>) -> Self {
+        Self {
+            products: Arc::new(products),
+        }
+    }
+
+    /// The seed catalog the shop starts with.
+    pub fn seeded() -> Self {
+        let product = |id: &str, name: &str, description: &str, cents: i64| Product {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            description: description.to_owned(),
+            price: Money {
+                amount: cents,
+                currency: "USD".to_owned(),
+            },
+        };
+        Self::new(vec![
+            product("SKU-1001", "Espresso cup", "Porcelain, 90 ml", 1200),
+            product("SKU-1002", "Pour-over kettle", "Gooseneck, 1 l", 4900),
+            product("SKU-1003", "Hand grinder", "Ceramic burrs", 6500),
+            product("SKU-1004", "Coffee beans", "Single origin, 250 g", 1450),
+            product("SKU-1005", "Paper filters", "Pack of 100", 600),
+            product("SKU-1006", "Milk jug", "Stainless steel, 350 ml", 1800),
+            product("SKU-1007", "Scale", "0.1 g resolution with timer", 3900),
+            product("SKU-1008", "Tamper", "58 mm, flat base", 2500),
+            product(
+                "SKU-OOS",
+                "Limited roast",
+                "Always sold out (test SKU)",
+                2900,
+            ),
+        ])
+    }
+}
+
+/// Paging and search parameters of `GET /products`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    /// 1-based page number.
+    #[serde(default = "first_page")]
+    pub page: usize,
+    /// Products per page, 1 to 100.
+    #[serde(default = "default_per_page")]
+    pub per_page: usize,
+    /// Case-insensitive text to find in the name or description.
+    pub q: Option<String>,
+}
+
+fn first_page() -> usize {
+    1
+}
+
+fn default_per_page() -> usize {
+    20
+}
+
+/// A page of products.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Page {
+    /// The products on this page.
+    pub items: Vec<Product>,
+    /// This page's number.
+    pub page: usize,
+    /// Products per page.
+    pub per_page: usize,
+    /// Products matching the query, on all pages.
+    pub total: usize,
+}
+
+/// An error answered as `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+async fn list(
+    State(catalog): State<Catalog>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Page>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_query",
+        message: rejection.body_text(),
+    })?;
+    if query.page == 0 || !(1..=100).contains(&query.per_page) {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_paging",
+            message: "page starts at 1 and per_page is between 1 and 100".to_owned(),
+        });
+    }
+    let needle = query.q.as_deref().map(str::to_lowercase);
+    let matching: Vec<&Product> = catalog
+        .products
+        .iter()
+        .filter(|p| {
+            needle.as_deref().is_none_or(|n| {
+                p.name.to_lowercase().contains(n) || p.description.to_lowercase().contains(n)
+            })
+        })
+        .collect();
+    let items = matching
+        .iter()
+        .skip((query.page - 1) * query.per_page)
+        .take(query.per_page)
+        .map(|p| (*p).clone())
+        .collect();
+    Ok(Json(Page {
+        items,
+        page: query.page,
+        per_page: query.per_page,
+        total: matching.len(),
+    }))
+}
+
+async fn product(
+    State(catalog): State<Catalog>,
+    Path(id): Path<String>,
+) -> Result<Json<Product>, ApiError> {
+    catalog
+        .products
+        .iter()
+        .find(|p| p.id == id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            code: "product_not_found",
+            message: format!("no product with id `{id}`"),
+        })
+}
+
+impl Service for Catalog {
+    fn name(&self) -> &str {
+        "product-service"
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn router(&self) -> Router {
+        Router::new()
+            .route("/products", get(list))
+            .route("/products/{id}", get(product))
+            .with_state(self.clone())
+    }
+
+    fn health_checks(&self) -> Vec<HealthCheck> {
+        let products = self.products.clone();
+        vec![HealthCheck::new("catalog", move || {
+            let loaded = !products.is_empty();
+            async move {
+                if loaded {
+                    Ok(())
+                } else {
+                    Err("the catalog is empty".into())
+                }
+            }
+        })]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn call(uri: &str) -> (StatusCode, serde_json::Value) {
+        let router = Service::router(&Catalog::seeded());
+        let response = router
+            .oneshot(axum::http::Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn pages_through_the_catalog() {
+        let (status, page) = call("/products?page=2&per_page=4").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(page["total"], 9);
+        assert_eq!(page["items"].as_array().unwrap().len(), 4);
+        assert_eq!(page["items"][0]["id"], "SKU-1005");
+        let (_, last) = call("/products?page=3&per_page=4").await;
+        assert_eq!(last["items"].as_array().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn searches_names_and_descriptions() {
+        let (_, page) = call("/products?q=KETTLE").await;
+        assert_eq!(page["total"], 1);
+        assert_eq!(page["items"][0]["price"]["amount"], 4900);
+        let (_, page) = call("/products?q=steel").await;
+        assert_eq!(page["items"][0]["id"], "SKU-1006");
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_a_json_error() {
+        let (status, body) = call("/products?per_page=0").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_paging");
+        let (status, body) = call("/products?page=abc").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_query");
+        let (status, body) = call("/products/SKU-9").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"]["code"], "product_not_found");
+    }
+}
