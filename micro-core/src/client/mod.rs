@@ -217,7 +217,10 @@ impl fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpClient")
             .field("base_url", &self.shared.base.prefix)
-            .field("default_headers", &self.shared.default_headers)
+            .field(
+                "default_headers",
+                &header_names(&self.shared.default_headers),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -374,7 +377,10 @@ impl fmt::Debug for ClientBuilder {
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
             .field("max_response_body", &self.max_response_body)
-            .field("default_headers", &self.default_headers)
+            .field(
+                "default_headers",
+                &self.default_headers.as_ref().map(header_names),
+            )
             .field("layers", &self.layers.len())
             .finish()
     }
@@ -385,7 +391,6 @@ impl fmt::Debug for ClientBuilder {
 /// Errors (an invalid header, a body that does not encode) are reported when it is
 /// sent.
 #[must_use = "a request does nothing until it is sent"]
-#[derive(Debug)]
 pub struct RequestBuilder {
     client: HttpClient,
     request: Result<Request<Bytes>, Error>,
@@ -459,6 +464,21 @@ impl RequestBuilder {
     }
 }
 
+impl fmt::Debug for RequestBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("RequestBuilder");
+        match &self.request {
+            Ok(req) => d
+                .field("method", req.method())
+                .field("uri", req.uri())
+                .field("headers", &header_names(req.headers()))
+                .field("body_len", &req.body().len()),
+            Err(err) => d.field("error", err),
+        };
+        d.finish()
+    }
+}
+
 fn header_pair<K, V>(name: K, value: V) -> Result<(HeaderName, HeaderValue), Error>
 where
     HeaderName: TryFrom<K>,
@@ -469,6 +489,11 @@ where
     let name = HeaderName::try_from(name).map_err(|err| Error::invalid_request(err.into()))?;
     let value = HeaderValue::try_from(value).map_err(|err| Error::invalid_request(err.into()))?;
     Ok((name, value))
+}
+
+/// Header names only: values may be credentials.
+fn header_names(headers: &HeaderMap) -> Vec<&HeaderName> {
+    headers.keys().collect()
 }
 
 /// A validated `http` base URL, without a trailing slash.

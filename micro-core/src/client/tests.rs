@@ -509,3 +509,28 @@ fn client_and_futures_are_send_and_sync() {
     assert_send(&client.get_json::<Order>("/"));
     assert_send(&client.request(Method::GET, "/").send_json::<Order>());
 }
+
+#[test]
+fn debug_output_hides_header_values() {
+    let builder = HttpClient::builder("http://orders").default_header("authorization", "secret");
+    assert!(!format!("{builder:?}").contains("secret"));
+    let client = builder.build().unwrap();
+    let debug = format!("{client:?}");
+    assert!(
+        debug.contains("authorization") && !debug.contains("secret"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn request_builder_debug_hides_header_values() {
+    let client = HttpClient::new("http://orders").unwrap();
+    let req = client
+        .request(Method::GET, "/orders")
+        .header("authorization", "secret");
+    let debug = format!("{req:?}");
+    assert!(
+        debug.contains("authorization") && !debug.contains("secret"),
+        "{debug}"
+    );
+}
