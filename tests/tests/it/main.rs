@@ -1,0 +1,3 @@
+//! End-to-end tests across micro's crates and the shop: one binary, a module per area.
+
+mod tracing_across_services;
