@@ -340,3 +340,279 @@ impl InvalidConfig {
         self.field
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::time::Instant;
+    use figment::providers::{Format, Toml};
+    use figment::Figment;
+    use tower::util::BoxCloneService;
+    use tower::{service_fn, ServiceExt};
+
+    use super::*;
+    use crate::error::is_retryable;
+    use crate::resilience::{BulkheadFull, CircuitOpen, RetryBudgetConfig};
+
+    /// A backend that answers its `n`th call (from 1) with `answer(n)`, after sleeping
+    /// for `delay(n)`.
+    fn backend(
+        delay: fn(usize) -> Duration,
+        answer: fn(usize) -> Result<usize, io::Error>,
+    ) -> (BoxCloneService<(), usize, io::Error>, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let service = service_fn(move |()| {
+            let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(delay(n)).await;
+                answer(n)
+            }
+        });
+        (BoxCloneService::new(service), calls)
+    }
+
+    fn at_once(_: usize) -> Duration {
+        Duration::ZERO
+    }
+
+    fn reset(_: usize) -> Result<usize, io::Error> {
+        Err(io::ErrorKind::ConnectionReset.into())
+    }
+
+    fn retry(max_attempts: u32, backoff: Duration) -> RetryConfig {
+        RetryConfig::new()
+            .max_attempts(max_attempts)
+            .initial_backoff(backoff)
+            .randomization_factor(0.0)
+            .budget(RetryBudgetConfig::new().min_retries_per_sec(1000))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_stops_the_retries() {
+        let (backend, calls) = backend(at_once, reset);
+        let policy = ResiliencePolicy::new()
+            .retry(retry(5, Duration::from_millis(10)))
+            .circuit_breaker(CircuitBreakerConfig::new().window_size(2).minimum_calls(2));
+        let service = policy.layer("ledger").layer(backend);
+
+        let err = service.clone().oneshot(()).await.unwrap_err();
+
+        assert!(err.is::<CircuitOpen>(), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(service.circuit_state(), Some(CircuitState::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_bounds_each_attempt_and_a_timed_out_attempt_is_retried() {
+        fn slow_first(n: usize) -> Duration {
+            if n == 1 {
+                Duration::from_secs(60)
+            } else {
+                Duration::from_millis(5)
+            }
+        }
+        let (backend, calls) = backend(slow_first, Ok);
+        let policy = ResiliencePolicy::new()
+            .timeout(Duration::from_secs(1))
+            .retry(retry(3, Duration::from_millis(100)));
+        let start = Instant::now();
+
+        let answer = policy.layer("ledger").layer(backend).oneshot(()).await.unwrap();
+
+        assert_eq!(answer, 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(start.elapsed(), Duration::from_millis(1105));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_count_as_failures_for_the_breaker() {
+        fn hang(_: usize) -> Duration {
+            Duration::from_secs(3600)
+        }
+        let (backend, _) = backend(hang, Ok);
+        let policy = ResiliencePolicy::new()
+            .timeout(Duration::from_millis(100))
+            .circuit_breaker(CircuitBreakerConfig::new().window_size(1).minimum_calls(1));
+        let service = policy.layer("ledger").layer(backend);
+
+        let err = service.clone().oneshot(()).await.unwrap_err();
+
+        assert!(err.is::<crate::resilience::Elapsed>());
+        assert!(is_retryable(&*err));
+        assert_eq!(service.circuit_state(), Some(CircuitState::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_bulkhead_permit_covers_every_attempt_of_a_call() {
+        fn fail_first(n: usize) -> Result<usize, io::Error> {
+            if n == 1 {
+                reset(n)
+            } else {
+                Ok(n)
+            }
+        }
+        let (backend, calls) = backend(at_once, fail_first);
+        let policy = ResiliencePolicy::new()
+            .retry(retry(3, Duration::from_secs(1)))
+            .bulkhead(BulkheadConfig::new().max_concurrent(1).max_queued(0));
+        let service = policy.layer("ledger").layer(backend);
+
+        let first = tokio::spawn(service.clone().oneshot(()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the first call is backing off");
+
+        let err = service.clone().oneshot(()).await.unwrap_err();
+        assert!(err.is::<BulkheadFull>());
+        assert_eq!(first.await.unwrap().unwrap(), 2);
+        assert_eq!(service.oneshot(()).await.unwrap(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_default_policy_changes_nothing_but_the_error_type() {
+        let (backend, calls) = backend(at_once, reset);
+        let service = ResiliencePolicy::default().layer("ledger").layer(backend);
+        assert_eq!(service.circuit_state(), None);
+        assert_eq!(service.name(), "ledger");
+
+        let err = service.oneshot(()).await.unwrap_err();
+
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let err = err.downcast::<io::Error>().expect("the service's own error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_application_of_the_layer_gets_its_own_breaker() {
+        let (backend, _) = backend(at_once, reset);
+        let breaker = CircuitBreakerConfig::new().window_size(1).minimum_calls(1);
+        let layer = ResiliencePolicy::new().circuit_breaker(breaker).layer("ledger");
+        let first = layer.layer(backend.clone());
+        let second = layer.layer(backend);
+
+        first.clone().oneshot(()).await.unwrap_err();
+
+        assert_eq!(first.circuit_state(), Some(CircuitState::Open));
+        assert_eq!(second.circuit_state(), Some(CircuitState::Closed));
+    }
+
+    #[test]
+    fn the_inner_service_is_reachable_through_every_part() {
+        let everything = ResiliencePolicy::new()
+            .timeout(Duration::from_secs(1))
+            .retry(RetryConfig::new())
+            .circuit_breaker(CircuitBreakerConfig::new())
+            .bulkhead(BulkheadConfig::new());
+        for policy in [everything, ResiliencePolicy::new()] {
+            let mut service = Resilience::new(41_u32, "answer", &policy);
+            *service.get_mut() += 1;
+            assert_eq!(*service.get_ref(), 42);
+            assert_eq!(service.into_inner(), 42);
+        }
+    }
+
+    #[test]
+    fn it_reads_the_documented_toml() {
+        let toml = r#"
+            timeout = "2s"
+
+            [retry]
+            max_attempts = 3
+            initial_backoff = "100ms"
+            max_backoff = "2s"
+
+            [circuit_breaker]
+            failure_rate_threshold = 0.5
+            open_duration = "30s"
+
+            [bulkhead]
+            max_concurrent = 32
+            max_queued = 64
+        "#;
+        let policy: ResiliencePolicy = Figment::from(Toml::string(toml))
+            .extract()
+            .unwrap();
+
+        let expected = ResiliencePolicy::new()
+            .timeout(Duration::from_secs(2))
+            .retry(
+                RetryConfig::new()
+                    .max_attempts(3)
+                    .initial_backoff(Duration::from_millis(100))
+                    .max_backoff(Duration::from_secs(2)),
+            )
+            .circuit_breaker(CircuitBreakerConfig::new().open_duration(Duration::from_secs(30)))
+            .bulkhead(BulkheadConfig::new().max_concurrent(32).max_queued(64));
+        assert_eq!(policy, expected);
+        policy.validate().unwrap();
+    }
+
+    #[test]
+    fn absent_parts_stay_off_and_empty_ones_take_defaults() {
+        let policy: ResiliencePolicy =
+            serde_json::from_str(r#"{"timeout": 250, "retry": {}}"#).unwrap();
+        assert_eq!(
+            policy,
+            ResiliencePolicy::new()
+                .timeout(Duration::from_millis(250))
+                .retry(RetryConfig::default())
+        );
+        let policy: ResiliencePolicy = serde_json::from_str("{}").unwrap();
+        assert_eq!(policy, ResiliencePolicy::default());
+    }
+
+    #[test]
+    fn typos_and_bad_durations_are_reported() {
+        let err = serde_json::from_str::<ResiliencePolicy>(r#"{"timeout_ms": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `timeout_ms`"), "{err}");
+        let err = serde_json::from_str::<ResiliencePolicy>(r#"{"retry": {"max_backof": 5}}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown field `max_backof`"), "{err}");
+        let err = serde_json::from_str::<ResiliencePolicy>(r#"{"timeout": "soon"}"#).unwrap_err();
+        assert!(err.to_string().contains("\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn validate_names_the_setting_at_fault() {
+        let field = |policy: ResiliencePolicy| policy.validate().unwrap_err().field().to_owned();
+
+        assert_eq!(field(ResiliencePolicy::new().timeout(Duration::ZERO)), "timeout");
+        assert_eq!(
+            field(ResiliencePolicy::new().retry(RetryConfig::new().multiplier(0.5))),
+            "retry.multiplier"
+        );
+        assert_eq!(
+            field(ResiliencePolicy::new().retry(
+                RetryConfig::new().budget(RetryBudgetConfig::new().ttl(Duration::from_secs(90)))
+            )),
+            "retry.budget.ttl"
+        );
+        assert_eq!(
+            field(ResiliencePolicy::new().circuit_breaker(
+                CircuitBreakerConfig::new().window_size(5).minimum_calls(6)
+            )),
+            "circuit_breaker.minimum_calls"
+        );
+        assert_eq!(
+            field(ResiliencePolicy::new().bulkhead(BulkheadConfig::new().max_concurrent(0))),
+            "bulkhead.max_concurrent"
+        );
+        let err = ResiliencePolicy::new()
+            .retry(RetryConfig::new().max_attempts(0))
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid resilience setting `retry.max_attempts`: must be at least 1"
+        );
+        ResiliencePolicy::new()
+            .timeout(Duration::from_secs(1))
+            .retry(RetryConfig::new())
+            .circuit_breaker(CircuitBreakerConfig::new())
+            .bulkhead(BulkheadConfig::new())
+            .validate()
+            .unwrap();
+    }
+}
