@@ -9,9 +9,9 @@
 //! | --- | --- |
 //! | [`Transient`] (made by [`retryable`]) | yes |
 //! | [`Permanent`] (made by [`permanent`]) | no |
-//! | [`Elapsed`](crate::resilience::Elapsed) (a timeout fired) | yes |
-//! | [`CircuitOpen`](crate::resilience::CircuitOpen) | no |
-//! | [`BulkheadFull`](crate::resilience::BulkheadFull) | yes |
+//! | [`Elapsed`] (a timeout fired) | yes |
+//! | [`CircuitOpen`] | no |
+//! | [`BulkheadFull`] | yes |
 //! | [`std::io::Error`] of kind `ConnectionRefused`, `ConnectionReset`, `ConnectionAborted`, `TimedOut`, `BrokenPipe` or `UnexpectedEof` | yes |
 //! | any other [`std::io::Error`] | no |
 //!
@@ -169,7 +169,11 @@ impl Retryable for io::Error {
         use io::ErrorKind::*;
         matches!(
             self.kind(),
-            ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut | BrokenPipe
+            ConnectionRefused
+                | ConnectionReset
+                | ConnectionAborted
+                | TimedOut
+                | BrokenPipe
                 | UnexpectedEof
         ) || self.get_ref().is_some_and(|inner| is_retryable(inner))
     }

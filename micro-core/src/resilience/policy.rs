@@ -14,8 +14,8 @@ use tower_service::Service;
 
 use super::optional::Optional;
 use super::{
-    duration, Bulkhead, BulkheadConfig, CircuitBreaker, CircuitBreakerConfig, CircuitState,
-    Retry, RetryConfig, Timeout,
+    duration, Bulkhead, BulkheadConfig, CircuitBreaker, CircuitBreakerConfig, CircuitState, Retry,
+    RetryConfig, Timeout,
 };
 use crate::error::BoxError;
 
@@ -346,9 +346,9 @@ mod tests {
     use std::io;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tokio::time::Instant;
     use figment::providers::{Format, Toml};
     use figment::Figment;
+    use tokio::time::Instant;
     use tower::util::BoxCloneService;
     use tower::{service_fn, ServiceExt};
 
@@ -420,7 +420,12 @@ mod tests {
             .retry(retry(3, Duration::from_millis(100)));
         let start = Instant::now();
 
-        let answer = policy.layer("ledger").layer(backend).oneshot(()).await.unwrap();
+        let answer = policy
+            .layer("ledger")
+            .layer(backend)
+            .oneshot(())
+            .await
+            .unwrap();
 
         assert_eq!(answer, 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -462,7 +467,11 @@ mod tests {
 
         let first = tokio::spawn(service.clone().oneshot(()));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "the first call is backing off");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the first call is backing off"
+        );
 
         let err = service.clone().oneshot(()).await.unwrap_err();
         assert!(err.is::<BulkheadFull>());
@@ -480,7 +489,9 @@ mod tests {
         let err = service.oneshot(()).await.unwrap_err();
 
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        let err = err.downcast::<io::Error>().expect("the service's own error");
+        let err = err
+            .downcast::<io::Error>()
+            .expect("the service's own error");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
@@ -488,7 +499,9 @@ mod tests {
     async fn each_application_of_the_layer_gets_its_own_breaker() {
         let (backend, _) = backend(at_once, reset);
         let breaker = CircuitBreakerConfig::new().window_size(1).minimum_calls(1);
-        let layer = ResiliencePolicy::new().circuit_breaker(breaker).layer("ledger");
+        let layer = ResiliencePolicy::new()
+            .circuit_breaker(breaker)
+            .layer("ledger");
         let first = layer.layer(backend.clone());
         let second = layer.layer(backend);
 
@@ -531,9 +544,7 @@ mod tests {
             max_concurrent = 32
             max_queued = 64
         "#;
-        let policy: ResiliencePolicy = Figment::from(Toml::string(toml))
-            .extract()
-            .unwrap();
+        let policy: ResiliencePolicy = Figment::from(Toml::string(toml)).extract().unwrap();
 
         let expected = ResiliencePolicy::new()
             .timeout(Duration::from_secs(2))
@@ -566,10 +577,16 @@ mod tests {
     #[test]
     fn typos_and_bad_durations_are_reported() {
         let err = serde_json::from_str::<ResiliencePolicy>(r#"{"timeout_ms": 5}"#).unwrap_err();
-        assert!(err.to_string().contains("unknown field `timeout_ms`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `timeout_ms`"),
+            "{err}"
+        );
         let err = serde_json::from_str::<ResiliencePolicy>(r#"{"retry": {"max_backof": 5}}"#)
             .unwrap_err();
-        assert!(err.to_string().contains("unknown field `max_backof`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `max_backof`"),
+            "{err}"
+        );
         let err = serde_json::from_str::<ResiliencePolicy>(r#"{"timeout": "soon"}"#).unwrap_err();
         assert!(err.to_string().contains("\"soon\""), "{err}");
     }
@@ -578,7 +595,10 @@ mod tests {
     fn validate_names_the_setting_at_fault() {
         let field = |policy: ResiliencePolicy| policy.validate().unwrap_err().field().to_owned();
 
-        assert_eq!(field(ResiliencePolicy::new().timeout(Duration::ZERO)), "timeout");
+        assert_eq!(
+            field(ResiliencePolicy::new().timeout(Duration::ZERO)),
+            "timeout"
+        );
         assert_eq!(
             field(ResiliencePolicy::new().retry(RetryConfig::new().multiplier(0.5))),
             "retry.multiplier"
@@ -590,9 +610,10 @@ mod tests {
             "retry.budget.ttl"
         );
         assert_eq!(
-            field(ResiliencePolicy::new().circuit_breaker(
-                CircuitBreakerConfig::new().window_size(5).minimum_calls(6)
-            )),
+            field(
+                ResiliencePolicy::new()
+                    .circuit_breaker(CircuitBreakerConfig::new().window_size(5).minimum_calls(6))
+            ),
             "circuit_breaker.minimum_calls"
         );
         assert_eq!(

@@ -28,7 +28,10 @@ fn backend() -> (BoxCloneService<Request, u32, io::Error>, Started) {
     (BoxCloneService::new(service), started)
 }
 
-fn spawn<S>(bulkhead: &mut Bulkhead<S>, id: u32) -> (oneshot::Sender<()>, JoinHandle<Result<u32, BoxError>>)
+fn spawn<S>(
+    bulkhead: &mut Bulkhead<S>,
+    id: u32,
+) -> (oneshot::Sender<()>, JoinHandle<Result<u32, BoxError>>)
 where
     S: Service<Request, Response = u32> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -51,7 +54,10 @@ fn started(started: &Started) -> Vec<u32> {
 #[tokio::test(start_paused = true)]
 async fn it_admits_the_limit_queues_the_next_and_rejects_the_rest() {
     let (backend, log) = backend();
-    let mut bulkhead = Bulkhead::new(backend, BulkheadConfig::new().max_concurrent(2).max_queued(1));
+    let mut bulkhead = Bulkhead::new(
+        backend,
+        BulkheadConfig::new().max_concurrent(2).max_queued(1),
+    );
 
     let (release1, first) = spawn(&mut bulkhead, 1);
     let (release2, second) = spawn(&mut bulkhead, 2);
@@ -86,8 +92,8 @@ async fn it_admits_the_limit_queues_the_next_and_rejects_the_rest() {
 #[tokio::test(start_paused = true)]
 async fn queued_calls_start_in_arrival_order() {
     let (backend, log) = backend();
-    let mut bulkhead = BulkheadLayer::new(BulkheadConfig::new().max_concurrent(1).max_queued(3))
-        .layer(backend);
+    let mut bulkhead =
+        BulkheadLayer::new(BulkheadConfig::new().max_concurrent(1).max_queued(3)).layer(backend);
 
     let mut releases = Vec::new();
     let mut calls = Vec::new();
@@ -109,7 +115,10 @@ async fn queued_calls_start_in_arrival_order() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_queued_call_gives_its_place_back() {
     let (backend, log) = backend();
-    let mut bulkhead = Bulkhead::new(backend, BulkheadConfig::new().max_concurrent(1).max_queued(1));
+    let mut bulkhead = Bulkhead::new(
+        backend,
+        BulkheadConfig::new().max_concurrent(1).max_queued(1),
+    );
 
     let (release1, first) = spawn(&mut bulkhead, 1);
     let (_release2, request2) = oneshot::channel();
@@ -130,7 +139,10 @@ async fn a_dropped_queued_call_gives_its_place_back() {
 #[tokio::test(start_paused = true)]
 async fn clones_share_the_limit() {
     let (backend, _) = backend();
-    let mut bulkhead = Bulkhead::new(backend, BulkheadConfig::new().max_concurrent(1).max_queued(0));
+    let mut bulkhead = Bulkhead::new(
+        backend,
+        BulkheadConfig::new().max_concurrent(1).max_queued(0),
+    );
     let mut clone = bulkhead.clone();
 
     let (release, first) = spawn(&mut bulkhead, 1);

@@ -60,10 +60,7 @@ impl Breaker {
                 STATE_METRIC,
                 "State of a circuit breaker: 0 closed, 1 open, 2 half-open"
             );
-            metrics::describe_counter!(
-                TRANSITIONS_METRIC,
-                "State changes of a circuit breaker"
-            );
+            metrics::describe_counter!(TRANSITIONS_METRIC, "State changes of a circuit breaker");
             metrics::gauge!(STATE_METRIC, "name" => name.to_string())
                 .set(CircuitState::Closed.as_gauge());
         }

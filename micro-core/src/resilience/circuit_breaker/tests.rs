@@ -99,7 +99,9 @@ async fn an_open_breaker_rejects_without_calling_the_service() {
     let err = call(&mut breaker, Call::Succeed).await.unwrap_err();
 
     assert_eq!(calls.load(Ordering::SeqCst), 4);
-    let open = err.downcast_ref::<CircuitOpen>().expect("a CircuitOpen error");
+    let open = err
+        .downcast_ref::<CircuitOpen>()
+        .expect("a CircuitOpen error");
     assert_eq!(open.name(), Some("ledger"));
     assert_eq!(err.to_string(), "circuit breaker `ledger` is open");
     assert!(!is_retryable(&*err));
@@ -191,7 +193,13 @@ async fn clones_share_one_state_but_each_layered_service_has_its_own() {
     let mut first = layer.layer(breaker.clone().into_inner());
     let second = layer.layer(breaker.into_inner());
     for _ in 0..4 {
-        first.ready().await.unwrap().call(Call::Fail).await.unwrap_err();
+        first
+            .ready()
+            .await
+            .unwrap()
+            .call(Call::Fail)
+            .await
+            .unwrap_err();
     }
     assert_eq!(first.state(), CircuitState::Open);
     assert_eq!(second.state(), CircuitState::Closed);
@@ -323,7 +331,10 @@ async fn an_unnamed_breaker_exports_nothing() {
     let recorder = TestRecorder(recorded.clone());
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let mut breaker = CircuitBreaker::new(service_fn(|()| async { Err::<(), _>(io::Error::other("boom")) }), config());
+    let mut breaker = CircuitBreaker::new(
+        service_fn(|()| async { Err::<(), _>(io::Error::other("boom")) }),
+        config(),
+    );
     for _ in 0..4 {
         breaker.ready().await.unwrap().call(()).await.unwrap_err();
     }

@@ -94,7 +94,10 @@ impl RetryConfig {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
         }
         if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            return Err(invalid("retry.multiplier", "must be a number of at least 1.0"));
+            return Err(invalid(
+                "retry.multiplier",
+                "must be a number of at least 1.0",
+            ));
         }
         if !(0.0..=1.0).contains(&self.randomization_factor) {
             return Err(invalid(

@@ -67,7 +67,10 @@ async fn retryable_errors_are_retried_until_success() {
     let response = Retry::new(backend, steady(5)).oneshot("GET").await.unwrap();
 
     assert_eq!(response, "ok");
-    assert_eq!(gaps(&calls), [Duration::from_millis(100), Duration::from_millis(200)]);
+    assert_eq!(
+        gaps(&calls),
+        [Duration::from_millis(100), Duration::from_millis(200)]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -80,7 +83,9 @@ async fn delays_grow_up_to_the_ceiling_and_attempts_stop_at_the_maximum() {
         .await
         .unwrap_err();
 
-    let err = err.downcast::<io::Error>().expect("the last error, unchanged");
+    let err = err
+        .downcast::<io::Error>()
+        .expect("the last error, unchanged");
     assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     let millis: Vec<u128> = gaps(&calls).iter().map(Duration::as_millis).collect();
     assert_eq!(millis, [100, 200, 300, 300]);
@@ -111,7 +116,10 @@ async fn jittered_delays_stay_within_their_bounds() {
             let millis = gap.as_secs_f64() * 1000.0;
             // The timer rounds a deadline up to the next millisecond.
             let (low, high) = (nominal * 0.5, (nominal * 1.5).min(1000.0) + 1.0);
-            assert!((low..=high).contains(&millis), "{millis}ms not in {low}..={high}");
+            assert!(
+                (low..=high).contains(&millis),
+                "{millis}ms not in {low}..={high}"
+            );
             jittered |= (millis - nominal).abs() > 1.0;
         }
     }
@@ -132,7 +140,10 @@ async fn errors_that_are_not_retryable_are_returned_at_once() {
 
     for error in [not_found, vetoed, unknown] {
         let (backend, calls) = flaky(usize::MAX, error);
-        let err = Retry::new(backend, steady(5)).oneshot("GET").await.unwrap_err();
+        let err = Retry::new(backend, steady(5))
+            .oneshot("GET")
+            .await
+            .unwrap_err();
         assert_eq!(calls.lock().unwrap().len(), 1, "{err}");
     }
 }
@@ -140,7 +151,10 @@ async fn errors_that_are_not_retryable_are_returned_at_once() {
 #[tokio::test(start_paused = true)]
 async fn a_single_attempt_never_retries() {
     let (backend, calls) = flaky(usize::MAX, reset);
-    Retry::new(backend, steady(1)).oneshot("GET").await.unwrap_err();
+    Retry::new(backend, steady(1))
+        .oneshot("GET")
+        .await
+        .unwrap_err();
     assert_eq!(calls.lock().unwrap().len(), 1);
 }
 
@@ -194,7 +208,11 @@ fn out_of_range_settings_are_clamped() {
         .max_attempts(0)
         .multiplier(0.5)
         .randomization_factor(f64::NAN)
-        .budget(RetryBudgetConfig::new().ttl(Duration::ZERO).retry_ratio(-1.0));
+        .budget(
+            RetryBudgetConfig::new()
+                .ttl(Duration::ZERO)
+                .retry_ratio(-1.0),
+        );
     let retry = Retry::new((), config);
 
     assert_eq!(retry.config().max_attempts, 1);

@@ -47,7 +47,9 @@ async fn inner_errors_pass_through_boxed() {
 
     let err = svc.oneshot(()).await.unwrap_err();
 
-    let io = err.downcast_ref::<io::Error>().expect("the inner io::Error");
+    let io = err
+        .downcast_ref::<io::Error>()
+        .expect("the inner io::Error");
     assert_eq!(io.kind(), io::ErrorKind::NotFound);
 }
 
