@@ -237,6 +237,8 @@ mod tests {
         assert!(!is_retryable(&*permanent(io::Error::from(
             io::ErrorKind::ConnectionReset
         ))));
+        let reset = Wrapper(io::ErrorKind::ConnectionReset.into());
+        assert!(!is_retryable(&*permanent(reset)));
         assert!(is_retryable(&*retryable(permanent(Unknown))));
         let outer = Wrapper(io::Error::other(Transient::new(Unknown)));
         assert!(is_retryable(&outer));

@@ -193,7 +193,10 @@ type Stack<S> = Optional<Bulkhead<Retried<S>>, Retried<S>>;
 
 /// A service wrapped in the middleware a [`ResiliencePolicy`] asks for.
 ///
-/// Clones share the circuit breaker, retry budget and bulkhead.
+/// Clones share the circuit breaker, retry budget and bulkhead. Its type does not depend
+/// on which parts the policy turns on, so it always asks what the most demanding part
+/// needs: a [`Clone`] service (the bulkhead clones it per call, retries keep a copy) and
+/// [`Clone`] requests (retries resend them).
 #[derive(Debug, Clone)]
 pub struct Resilience<S> {
     inner: Stack<S>,

@@ -1,3 +1,4 @@
+use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +43,14 @@ where
     (release, tokio::spawn(future))
 }
 
+/// Awaits `future`, failing the test if it is still pending after a minute of paused
+/// time.
+async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), future)
+        .await
+        .expect("still pending after a minute")
+}
+
 /// Lets every runnable task run: the paused clock only moves once all are idle.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -65,7 +74,7 @@ async fn it_admits_the_limit_queues_the_next_and_rejects_the_rest() {
     let (_release4, fourth) = spawn(&mut bulkhead, 4);
     settle().await;
 
-    let err = fourth.await.unwrap().unwrap_err();
+    let err = within(fourth).await.unwrap().unwrap_err();
     assert!(err.is::<BulkheadFull>());
     assert_eq!(err.to_string(), "bulkhead is full");
     assert!(is_retryable(&*err));
@@ -73,7 +82,7 @@ async fn it_admits_the_limit_queues_the_next_and_rejects_the_rest() {
     assert_eq!((bulkhead.in_flight(), bulkhead.queued()), (2, 1));
 
     release1.send(()).unwrap();
-    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(within(first).await.unwrap().unwrap(), 1);
     settle().await;
     assert_eq!(started(&log), [1, 2, 3]);
     assert_eq!((bulkhead.in_flight(), bulkhead.queued()), (2, 0));
@@ -84,7 +93,7 @@ async fn it_admits_the_limit_queues_the_next_and_rejects_the_rest() {
         release.send(()).unwrap();
     }
     for (call, id) in [(second, 2), (third, 3), (fifth, 5)] {
-        assert_eq!(call.await.unwrap().unwrap(), id);
+        assert_eq!(within(call).await.unwrap().unwrap(), id);
     }
     assert_eq!((bulkhead.in_flight(), bulkhead.queued()), (0, 0));
 }
@@ -107,7 +116,7 @@ async fn queued_calls_start_in_arrival_order() {
         release.send(()).unwrap();
     }
     for call in calls {
-        call.await.unwrap().unwrap();
+        within(call).await.unwrap().unwrap();
     }
     assert_eq!(started(&log), [1, 2, 3, 4]);
 }
@@ -131,8 +140,8 @@ async fn a_dropped_queued_call_gives_its_place_back() {
     assert_eq!(bulkhead.queued(), 1);
     release1.send(()).unwrap();
     release3.send(()).unwrap();
-    first.await.unwrap().unwrap();
-    third.await.unwrap().unwrap();
+    within(first).await.unwrap().unwrap();
+    within(third).await.unwrap().unwrap();
     assert_eq!(started(&log), [1, 3]);
 }
 
@@ -146,16 +155,11 @@ async fn clones_share_the_limit() {
     let mut clone = bulkhead.clone();
 
     let (release, first) = spawn(&mut bulkhead, 1);
-    let err = clone
-        .ready()
-        .await
-        .unwrap()
-        .call((2, oneshot::channel().1))
-        .await
-        .unwrap_err();
+    let second = clone.ready().await.unwrap().call((2, oneshot::channel().1));
+    let err = within(second).await.unwrap_err();
     assert!(err.is::<BulkheadFull>());
     release.send(()).unwrap();
-    first.await.unwrap().unwrap();
+    within(first).await.unwrap().unwrap();
 }
 
 #[test]
