@@ -231,8 +231,10 @@ impl std::error::Error for ConfigError {
     }
 }
 
-/// Serde helpers for durations written with a unit: `"250ms"`, `"30s"`, `"5m"`, `"1h"`,
-/// `"1d"`; a bare integer is milliseconds.
+/// Serde helpers for durations in configuration: a whole number of milliseconds (`250`),
+/// or text with a unit: `"250ms"`, `"1.5s"`, `"5m"` (or `"5min"`), `"1h"`, `"1d"`. Text
+/// without a unit is rejected, so `"30"` cannot be read as 30 seconds by one reader and 30
+/// milliseconds by another.
 ///
 /// ```
 /// use std::time::Duration;
@@ -240,16 +242,22 @@ impl std::error::Error for ConfigError {
 /// struct Timeouts {
 ///     #[serde(with = "micro_core::config::duration")]
 ///     request: Duration,
+///     #[serde(default, with = "micro_core::config::duration::option")]
+///     idle: Option<Duration>,
 /// }
 /// let t: Timeouts = serde_json::from_str(r#"{"request": "1500ms"}"#).unwrap();
 /// assert_eq!(t.request, Duration::from_millis(1500));
+/// assert_eq!(t.idle, None);
 /// ```
 pub mod duration {
+    use std::fmt;
     use std::time::Duration;
 
-    use serde::{de, Deserialize, Deserializer, Serializer};
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::Serializer;
 
-    /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1d"` or `"1.5s"`.
+    /// Parses text with a unit: `"250ms"`, `"30s"`, `"5m"`, `"5min"`, `"1h"`, `"1d"`,
+    /// `"1.5s"`.
     ///
     /// # Errors
     ///
@@ -266,7 +274,7 @@ pub mod duration {
         let seconds = match unit.trim() {
             "ms" => number / 1000.0,
             "s" => number,
-            "m" => number * 60.0,
+            "m" | "min" => number * 60.0,
             "h" => number * 3600.0,
             "d" => number * 86400.0,
             other => {
@@ -287,21 +295,84 @@ pub mod duration {
         serializer.serialize_str(&format!("{}ms", value.as_millis()))
     }
 
-    /// Reads a duration from text with a unit, or from an integer count of milliseconds.
+    /// Reads a duration from text with a unit, or from a number of milliseconds.
     ///
     /// # Errors
     ///
-    /// When the text has no known unit or no number.
+    /// When the text has no known unit or no number, or the number is negative.
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Millis(u64),
-            Text(String),
+        deserializer.deserialize_any(DurationVisitor)
+    }
+
+    /// The same format for an `Option<Duration>`; `null` is `None`. Add
+    /// `#[serde(default)]` for a field that may be missing.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Writes `Some` as [`serialize`](super::serialize) does, `None` as `null`.
+        ///
+        /// # Errors
+        ///
+        /// Whatever the serializer returns.
+        pub fn serialize<S: Serializer>(
+            value: &Option<Duration>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(value) => super::serialize(value, serializer),
+                None => serializer.serialize_none(),
+            }
         }
-        match Raw::deserialize(deserializer)? {
-            Raw::Millis(ms) => Ok(Duration::from_millis(ms)),
-            Raw::Text(text) => parse(&text).map_err(de::Error::custom),
+
+        /// Reads `null` as `None`, anything else as [`deserialize`](super::deserialize)
+        /// does.
+        ///
+        /// # Errors
+        ///
+        /// As [`deserialize`](super::deserialize).
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            struct Human(Duration);
+            impl<'de> Deserialize<'de> for Human {
+                fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                    super::deserialize(deserializer).map(Human)
+                }
+            }
+            Ok(Option::<Human>::deserialize(deserializer)?.map(|human| human.0))
+        }
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(
+                "milliseconds or text with a unit such as \"250ms\", \"2s\", \"5m\" or \"1h\"",
+            )
+        }
+
+        fn visit_u64<E: de::Error>(self, millis: u64) -> Result<Duration, E> {
+            Ok(Duration::from_millis(millis))
+        }
+
+        fn visit_i64<E: de::Error>(self, millis: i64) -> Result<Duration, E> {
+            u64::try_from(millis)
+                .map(Duration::from_millis)
+                .map_err(|_| E::invalid_value(de::Unexpected::Signed(millis), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, millis: f64) -> Result<Duration, E> {
+            Duration::try_from_secs_f64(millis / 1000.0)
+                .map_err(|_| E::invalid_value(de::Unexpected::Float(millis), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+            parse(text).map_err(E::custom)
         }
     }
 }
@@ -390,6 +461,48 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.issues()[0].key, "timeout");
         assert!(error.issues()[0].reason.contains("unknown unit"), "{error}");
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Durations {
+        #[serde(with = "duration")]
+        every: Duration,
+        #[serde(default, with = "duration::option")]
+        maybe: Option<Duration>,
+    }
+
+    fn every(json: &str) -> Result<Duration, serde_json::Error> {
+        serde_json::from_str::<Durations>(&format!(r#"{{"every": {json}}}"#)).map(|d| d.every)
+    }
+
+    #[test]
+    fn numbers_are_milliseconds_and_text_needs_a_unit() {
+        assert_eq!(every("250").unwrap(), Duration::from_millis(250));
+        assert_eq!(every("2.5").unwrap(), Duration::from_micros(2500));
+        assert_eq!(every(r#"" 3 m ""#).unwrap(), Duration::from_secs(180));
+        assert_eq!(every(r#""5min""#).unwrap(), Duration::from_secs(300));
+        for bad in [
+            "-1",
+            r#""250""#,
+            r#""2 days""#,
+            r#""fast""#,
+            r#""""#,
+            r#""1.2.3s""#,
+            "true",
+        ] {
+            assert!(every(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(every("true").unwrap_err().to_string().contains("\"2s\""));
+    }
+
+    #[test]
+    fn optional_durations_may_be_missing_or_null() {
+        let parsed: Durations = serde_json::from_str(r#"{"every": 1}"#).unwrap();
+        assert_eq!(parsed.maybe, None);
+        let parsed: Durations = serde_json::from_str(r#"{"every": 1, "maybe": null}"#).unwrap();
+        assert_eq!(parsed.maybe, None);
+        let parsed: Durations = serde_json::from_str(r#"{"every": 1, "maybe": "1s"}"#).unwrap();
+        assert_eq!(parsed.maybe, Some(Duration::from_secs(1)));
     }
 
     #[test]

@@ -89,6 +89,7 @@ fn known_verdict(err: &(dyn StdError + 'static)) -> Option<bool> {
         verdict::<CircuitOpen>,
         verdict::<BulkheadFull>,
         verdict::<io::Error>,
+        verdict::<crate::client::Error>,
     ];
     KNOWN.iter().find_map(|verdict| verdict(err))
 }

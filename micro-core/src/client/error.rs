@@ -7,6 +7,7 @@ use http::{Method, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 
 use super::{BoxError, IDEMPOTENCY_KEY};
+use crate::resilience::{CircuitOpen, Elapsed};
 
 /// What went wrong with a call made by [`HttpClient`](super::HttpClient).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -111,7 +112,8 @@ impl Error {
     /// timeout, a broken connection or a `429`, `502`, `503` or `504` answer, true
     /// only when repeating the request is safe: its method is idempotent (not `POST`,
     /// `PATCH` or `CONNECT`) or it carries an [`Idempotency-Key`](IDEMPOTENCY_KEY)
-    /// header.
+    /// header. A call a layer turned away is retryable when the layer's error is (a
+    /// full bulkhead is, an open circuit breaker is not).
     pub fn is_retryable(&self) -> bool {
         let replay_safe = self.inner.request.as_ref().is_some_and(|r| r.replay_safe);
         match self.inner.kind {
@@ -129,6 +131,12 @@ impl Error {
                         )
                     })
             }
+            // A layer that turned the call away (a full bulkhead) never sent it.
+            ErrorKind::Rejected => self
+                .inner
+                .source
+                .as_deref()
+                .is_some_and(|source| crate::error::is_retryable(source)),
             _ => false,
         }
     }
@@ -220,12 +228,27 @@ impl Error {
 
     /// Turns what came out of the layered stack back into an `Error`.
     pub(super) fn from_stack(err: BoxError, info: &RequestInfo) -> Self {
-        match err.downcast::<Self>() {
-            Ok(err) => *err,
-            Err(other) => Self::new(ErrorKind::Rejected)
-                .with_source(other)
-                .with_request(info),
+        let err = match err.downcast::<Self>() {
+            Ok(err) => return *err,
+            Err(other) => other,
+        };
+        let mut kind = ErrorKind::Rejected;
+        let mut detail = None;
+        if err.is::<CircuitOpen>() {
+            kind = ErrorKind::CircuitOpen;
+        } else if let Some(elapsed) = err.downcast_ref::<Elapsed>() {
+            kind = ErrorKind::Timeout;
+            detail = Some(format!("{:?}", elapsed.timeout()));
         }
+        let mut error = Self::new(kind).with_source(err).with_request(info);
+        error.inner.detail = detail.map(Cow::Owned);
+        error
+    }
+}
+
+impl crate::error::Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
     }
 }
 

@@ -64,10 +64,10 @@ use tower_service::Service;
 
 use self::error::{Reason, RequestInfo};
 use self::transport::Transport;
+use crate::resilience::ResiliencePolicy;
 use crate::trace::{PropagateTrace, TraceContext};
 
-/// A type-erased error, as returned by the layers of the client stack.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::error::BoxError;
 
 /// The request type of the client stack: a fully buffered body.
 pub type ClientRequest = Request<Full<Bytes>>;
@@ -330,6 +330,20 @@ impl ClientBuilder {
             BoxCloneSyncService::new(layer.layer(inner).map_err(Into::into))
         }));
         self
+    }
+
+    /// Wraps the client stack in a [`ResiliencePolicy`] named `name` (the name labels
+    /// its circuit breaker's metrics).
+    ///
+    /// The policy's timeout becomes the client's [per-attempt timeout](Self::timeout)
+    /// rather than a layer of its own: the client's timeout knows the request's method,
+    /// so a `POST` that timed out is not retried (it may have had its effect), where the
+    /// policy's timeout error is retryable whatever the request was.
+    pub fn policy(mut self, name: &str, mut policy: ResiliencePolicy) -> Self {
+        if let Some(timeout) = policy.timeout.take() {
+            self.timeout = Some(timeout);
+        }
+        self.layer(policy.layer(name))
     }
 
     /// Builds the client. Fails when the base URL or a default header is invalid.

@@ -21,7 +21,6 @@
 
 pub mod bulkhead;
 pub mod circuit_breaker;
-mod duration;
 mod optional;
 mod policy;
 pub mod retry;

@@ -14,9 +14,10 @@ use tower_service::Service;
 
 use super::optional::Optional;
 use super::{
-    duration, Bulkhead, BulkheadConfig, CircuitBreaker, CircuitBreakerConfig, CircuitState, Retry,
+    Bulkhead, BulkheadConfig, CircuitBreaker, CircuitBreakerConfig, CircuitState, Retry,
     RetryConfig, Timeout,
 };
+use crate::config::duration;
 use crate::error::BoxError;
 
 /// Which resilience middleware to put around a service, and how each behaves.
@@ -90,7 +91,7 @@ use crate::error::BoxError;
 #[non_exhaustive]
 pub struct ResiliencePolicy {
     /// The longest one attempt may take.
-    #[serde(deserialize_with = "duration::deserialize_option")]
+    #[serde(with = "duration::option")]
     pub timeout: Option<Duration>,
     /// How to retry failed attempts.
     pub retry: Option<RetryConfig>,
@@ -591,7 +592,7 @@ mod tests {
             "{err}"
         );
         let err = serde_json::from_str::<ResiliencePolicy>(r#"{"timeout": "soon"}"#).unwrap_err();
-        assert!(err.to_string().contains("\"soon\""), "{err}");
+        assert!(err.to_string().contains("`soon` does not start with a number"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Integration tests of micro-core: one binary, a module per area.
 
+mod client_policy;
 mod host;
 mod support;

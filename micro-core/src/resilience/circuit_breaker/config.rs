@@ -2,7 +2,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::resilience::{duration, InvalidConfig};
+use crate::config::duration;
+use crate::resilience::InvalidConfig;
 
 /// When a [`CircuitBreaker`](super::CircuitBreaker) opens and how it recovers.
 ///
@@ -35,7 +36,7 @@ pub struct CircuitBreakerConfig {
     /// `window_size`. Default `10`.
     pub minimum_calls: u32,
     /// How long the breaker stays open before it lets trial calls through. Default 30 s.
-    #[serde(deserialize_with = "duration::deserialize")]
+    #[serde(with = "duration")]
     pub open_duration: Duration,
     /// How many trial calls the half-open breaker lets through; all must succeed for it
     /// to close. Default `3`; `0` counts as `1`.

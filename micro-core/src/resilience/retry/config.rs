@@ -2,7 +2,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::resilience::{duration, InvalidConfig};
+use crate::config::duration;
+use crate::resilience::InvalidConfig;
 
 /// How [`Retry`](super::Retry) retries.
 ///
@@ -30,10 +31,10 @@ pub struct RetryConfig {
     /// counts as `1`.
     pub max_attempts: u32,
     /// The delay before the first retry, before jitter. Default 100 ms.
-    #[serde(deserialize_with = "duration::deserialize")]
+    #[serde(with = "duration")]
     pub initial_backoff: Duration,
     /// The longest delay between attempts, jitter included. Default 5 s.
-    #[serde(deserialize_with = "duration::deserialize")]
+    #[serde(with = "duration")]
     pub max_backoff: Duration,
     /// How much the delay grows after each retry. Default `2.0`; values below `1.0` count
     /// as `1.0`.
@@ -155,7 +156,7 @@ impl Default for RetryConfig {
 pub struct RetryBudgetConfig {
     /// How long a call's earnings and a retry's cost count, between 1 s and 60 s.
     /// Default 10 s.
-    #[serde(deserialize_with = "duration::deserialize")]
+    #[serde(with = "duration")]
     pub ttl: Duration,
     /// Retries allowed per second whatever the traffic, so that a client making few calls
     /// can still retry. Default `10`.
