@@ -592,7 +592,11 @@ mod tests {
             "{err}"
         );
         let err = serde_json::from_str::<ResiliencePolicy>(r#"{"timeout": "soon"}"#).unwrap_err();
-        assert!(err.to_string().contains("`soon` does not start with a number"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("`soon` does not start with a number"),
+            "{err}"
+        );
     }
 
     #[test]
