@@ -185,6 +185,9 @@ impl ConfigError {
                     if let Some(source) = &meta.source {
                         origin = format!("{origin} {source}");
                     }
+                    if e.path.is_empty() {
+                        return origin;
+                    }
                     let profile = e.profile.clone().unwrap_or_default();
                     format!("{origin}, as `{}`", meta.interpolate(&profile, &e.path))
                 });

@@ -5,4 +5,7 @@
 pub mod guide {
     #[doc = include_str!("../../docs/src/writing-a-service.md")]
     pub struct WritingAService;
+
+    #[doc = include_str!("../../docs/src/calling-services.md")]
+    pub struct CallingServices;
 }
