@@ -20,12 +20,16 @@
 //! # }
 //! ```
 //!
-//! Routing by predicates, JWT, rate limiting, the other plugins, composition and the
-//! declarative configuration come next.
+//! The [`plugins`] are tower layers for any route: IP allow and deny lists, request and
+//! response header transforms, a body size limit (`413`), CORS and an access log.
+//!
+//! Routing by predicates, JWT, rate limiting, composition and the declarative
+//! configuration come next.
 //!
 //! # Features
 //!
 //! None yet.
 
 pub mod error;
+pub mod plugins;
 pub mod proxy;

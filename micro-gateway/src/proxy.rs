@@ -249,6 +249,9 @@ impl Proxy {
                 remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Body::new(body))
             }
+            Some(Err(error)) if caused_by::<http_body_util::LengthLimitError>(&error) => {
+                crate::plugins::body_limit::too_large()
+            }
             Some(Err(error)) => {
                 let code = if error.is_connect() {
                     "upstream_unreachable"
@@ -379,6 +382,18 @@ fn is_token_safe(host: &str) -> bool {
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+/// Whether an error of type `E` is somewhere in `error`'s chain of causes.
+fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if current.is::<E>() {
+            return true;
+        }
+        next = current.source();
+    }
+    false
 }
 
 /// Shows an error with its causes, for the log.

@@ -1,4 +1,5 @@
 //! Integration tests of micro-gateway: one binary, a module per area.
 
+mod plugins;
 mod proxy;
 mod support;
