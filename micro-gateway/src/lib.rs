@@ -33,3 +33,4 @@
 pub mod error;
 pub mod plugins;
 pub mod proxy;
+pub mod routing;
