@@ -31,6 +31,7 @@
 //! None yet.
 
 pub mod error;
+pub mod gateway;
 pub mod plugins;
 pub mod proxy;
 pub mod routing;

@@ -121,3 +121,14 @@ pub(crate) async fn get_json(
         serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {body:?}")),
     )
 }
+
+/// Reads a [`send`] answer's body as text.
+pub(crate) trait IntoText {
+    fn into_text(self) -> (http::StatusCode, String);
+}
+
+impl IntoText for (http::StatusCode, http::HeaderMap, bytes::Bytes) {
+    fn into_text(self) -> (http::StatusCode, String) {
+        (self.0, String::from_utf8_lossy(&self.2).into_owned())
+    }
+}

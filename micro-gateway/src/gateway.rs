@@ -1,0 +1,394 @@
+//! [`Gateway`]: a route table in front of per-route services (plugins and a proxy).
+
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::Router;
+use http::uri::PathAndQuery;
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use micro_core::service::BoxFuture;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::error::error_response;
+use crate::routing::{HostPattern, InvalidPattern, Params, PathPattern, Predicates, RouteTable};
+
+type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// The route a request matched, put in its extensions for the plugins and handlers
+/// behind the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchedRoute {
+    /// The route's name.
+    pub name: Arc<str>,
+    /// Parameters captured by the route's path template.
+    pub params: Params,
+}
+
+/// One route: what it matches, how it changes the path, and the service that answers.
+pub struct Route {
+    name: String,
+    paths: Vec<String>,
+    methods: Vec<String>,
+    hosts: Vec<String>,
+    headers: Vec<(String, Vec<String>)>,
+    strip_path: bool,
+    rewrite: Option<String>,
+    service: Option<RouteService>,
+}
+
+impl Route {
+    /// A route named `name` (the name labels its metrics). It strips the matched path
+    /// prefix by default, as Kong's `strip_path` does.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            paths: Vec::new(),
+            methods: Vec::new(),
+            hosts: Vec::new(),
+            headers: Vec::new(),
+            strip_path: true,
+            rewrite: None,
+            service: None,
+        }
+    }
+
+    /// Adds a path pattern; see [`routing`](crate::routing) for the syntax.
+    pub fn path(mut self, pattern: impl Into<String>) -> Self {
+        self.paths.push(pattern.into());
+        self
+    }
+
+    /// Adds a method the route answers (`"GET"`).
+    pub fn method(mut self, method: impl Into<String>) -> Self {
+        self.methods.push(method.into());
+        self
+    }
+
+    /// Adds a host (`api.example.com`, `*.example.com`).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.hosts.push(host.into());
+        self
+    }
+
+    /// Requires header `name` to have one of `values`.
+    pub fn header<I, V>(mut self, name: impl Into<String>, values: I) -> Self
+    where
+        I: IntoIterator<Item = V>,
+        V: Into<String>,
+    {
+        self.headers
+            .push((name.into(), values.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// Whether the matched path prefix is removed before the request goes on.
+    pub fn strip_path(mut self, strip: bool) -> Self {
+        self.strip_path = strip;
+        self
+    }
+
+    /// Replaces the path with `template`, filled with the parameters the path pattern
+    /// captured (`/users/{id}`); the query is kept.
+    pub fn rewrite(mut self, template: impl Into<String>) -> Self {
+        self.rewrite = Some(template.into());
+        self
+    }
+
+    /// The service that answers this route's requests: typically plugins around a
+    /// [`Proxy`](crate::proxy::Proxy).
+    pub fn to<S>(mut self, service: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.service = Some(BoxCloneSyncService::new(service));
+        self
+    }
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("paths", &self.paths)
+            .field("methods", &self.methods)
+            .field("hosts", &self.hosts)
+            .field("strip_path", &self.strip_path)
+            .field("rewrite", &self.rewrite)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A route that cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// A path pattern is invalid.
+    #[error("route `{route}`: {source}")]
+    Pattern {
+        /// The route's name.
+        route: String,
+        /// What is wrong with the pattern.
+        #[source]
+        source: InvalidPattern,
+    },
+    /// A method, header name or header value is invalid.
+    #[error("route `{route}`: invalid {what} `{value}`")]
+    Predicate {
+        /// The route's name.
+        route: String,
+        /// Which kind of predicate.
+        what: &'static str,
+        /// The offending text.
+        value: String,
+    },
+    /// A route has no service to send requests to.
+    #[error("route `{0}` has no service: call `Route::to`")]
+    NoService(String),
+    /// A route matches every request and would hide the others' fallbacks.
+    #[error("route `{0}` has no predicate: give it a path, method, host or header")]
+    NoPredicate(String),
+    /// Two routes share a name.
+    #[error("two routes are named `{0}`")]
+    DuplicateRoute(String),
+}
+
+struct CompiledRoute {
+    name: Arc<str>,
+    strip_path: bool,
+    rewrite: Option<String>,
+    service: RouteService,
+}
+
+/// Collects routes; see [`Gateway::builder`].
+#[derive(Debug, Default)]
+pub struct GatewayBuilder {
+    routes: Vec<Route>,
+}
+
+impl GatewayBuilder {
+    /// Adds a route.
+    pub fn route(mut self, route: Route) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Checks every route and builds the gateway.
+    ///
+    /// # Errors
+    ///
+    /// A [`GatewayError`] naming the first route at fault.
+    pub fn build(self) -> Result<Gateway, GatewayError> {
+        let mut table = RouteTable::new();
+        let mut compiled = Vec::with_capacity(self.routes.len());
+        let mut names = std::collections::HashSet::new();
+        for route in self.routes {
+            if !names.insert(route.name.clone()) {
+                return Err(GatewayError::DuplicateRoute(route.name));
+            }
+            let predicate = |what, value: &str| GatewayError::Predicate {
+                route: route.name.clone(),
+                what,
+                value: value.to_owned(),
+            };
+            let paths = route
+                .paths
+                .iter()
+                .map(|p| PathPattern::parse(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| GatewayError::Pattern {
+                    route: route.name.clone(),
+                    source,
+                })?;
+            let methods = route
+                .methods
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| predicate("method", m))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let headers = route
+                .headers
+                .iter()
+                .map(|(name, values)| {
+                    let name_parsed = HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| predicate("header name", name))?;
+                    let values = values
+                        .iter()
+                        .map(|v| HeaderValue::from_str(v).map_err(|_| predicate("header value", v)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((name_parsed, values))
+                })
+                .collect::<Result<Vec<_>, GatewayError>>()?;
+            let predicates = Predicates {
+                paths,
+                methods,
+                hosts: route.hosts.iter().map(|h| HostPattern::new(h)).collect(),
+                headers,
+            };
+            if predicates.paths.is_empty()
+                && predicates.methods.is_empty()
+                && predicates.hosts.is_empty()
+                && predicates.headers.is_empty()
+            {
+                return Err(GatewayError::NoPredicate(route.name));
+            }
+            let service = route
+                .service
+                .ok_or_else(|| GatewayError::NoService(route.name.clone()))?;
+            table.add(predicates);
+            compiled.push(CompiledRoute {
+                name: route.name.into(),
+                strip_path: route.strip_path,
+                rewrite: route.rewrite,
+                service,
+            });
+        }
+        Ok(Gateway {
+            inner: Arc::new(Inner {
+                table,
+                routes: compiled,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    table: RouteTable,
+    routes: Vec<CompiledRoute>,
+}
+
+/// The gateway: finds the route of each request, rewrites its path, and hands it to the
+/// route's service. A request no route matches gets `404` with a JSON body.
+///
+/// It records, per route, `micro_gateway_requests_total{route, status}` and
+/// `micro_gateway_request_duration_seconds{route}`.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl Gateway {
+    /// Starts a gateway description.
+    pub fn builder() -> GatewayBuilder {
+        GatewayBuilder::default()
+    }
+
+    /// The gateway as an axum router, to host with micro-core's `ServiceHost` (which adds
+    /// health, metrics, request ids and trace spans) or to nest in a bigger router.
+    pub fn into_router(self) -> Router {
+        Router::new().fallback_service(self)
+    }
+
+    async fn dispatch(self, mut request: Request<Body>) -> Response<Body> {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+        let found = self.inner.table.find(
+            request.method(),
+            host.as_deref(),
+            request.uri().path(),
+            request.headers(),
+        );
+        let Some(found) = found else {
+            metrics::counter!("micro_gateway_rejections_total", "reason" => "no_route")
+                .increment(1);
+            return error_response(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no route matches this request",
+            );
+        };
+        let route = &self.inner.routes[found.route];
+        let path = request.uri().path();
+        let new_path = match &route.rewrite {
+            Some(template) => found.params.render(template),
+            None if route.strip_path => {
+                let rest = &path[found.matched_len.min(path.len())..];
+                if rest.starts_with('/') {
+                    rest.to_owned()
+                } else {
+                    format!("/{rest}")
+                }
+            }
+            None => path.to_owned(),
+        };
+        if new_path != path {
+            let path_and_query = match request.uri().query() {
+                Some(query) => format!("{new_path}?{query}"),
+                None => new_path,
+            };
+            let mut parts = request.uri().clone().into_parts();
+            match PathAndQuery::try_from(path_and_query) {
+                Ok(pq) => parts.path_and_query = Some(pq),
+                Err(_) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad_path",
+                        "the rewritten path is invalid",
+                    );
+                }
+            }
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+        request.extensions_mut().insert(MatchedRoute {
+            name: route.name.clone(),
+            params: found.params,
+        });
+        let name = route.name.to_string();
+        let started = Instant::now();
+        let response = match route.service.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let status = match response.status().as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        metrics::counter!("micro_gateway_requests_total", "route" => name.clone(), "status" => status).increment(1);
+        metrics::histogram!("micro_gateway_request_duration_seconds", "route" => name)
+            .record(started.elapsed().as_secs_f64());
+        response
+    }
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.inner.routes.iter().map(|r| &*r.name).collect();
+        f.debug_struct("Gateway").field("routes", &names).finish()
+    }
+}
+
+impl Service<Request<Body>> for Gateway {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.dispatch(request).await) })
+    }
+}
