@@ -1,35 +1,50 @@
-//! micro-gateway: the API gateway of micro as tower middleware.
+//! micro-gateway: the API gateway of micro, as tower middleware and as a binary.
 //!
-//! Today it holds the proxy every route ends in: [`proxy::Proxy`] forwards a request to
-//! an upstream with bodies streamed both ways, pooled keep-alive connections (HTTP/1.1 or
-//! h2c), hop-by-hop headers removed, `X-Forwarded-*` and `Forwarded` set, and the
-//! `traceparent` and `x-request-id` carried on. Its failures are JSON answers: `502` when
-//! the upstream cannot be reached, `504` when it does not answer in time.
+//! - [`gateway::Gateway`] finds each request's route (path exact, prefix or template;
+//!   method; host; headers — see [`routing`]), strips or rewrites its path and hands it to
+//!   the route's service, answering `404` with a JSON body when nothing matches.
+//! - [`proxy::Proxy`] is the service most routes end in: bodies streamed both ways, pooled
+//!   keep-alive connections (HTTP/1.1 or h2c), hop-by-hop headers removed,
+//!   `X-Forwarded-*` and `Forwarded` set, `traceparent` and `x-request-id` carried on;
+//!   `502` when the upstream cannot be reached, `504` when it does not answer in time.
+//! - [`plugins`] are tower layers for any route: IP allow and deny lists, request and
+//!   response header transforms, a body size limit (`413`), CORS and an access log.
+//! - [`config::DeclarativeConfig`] reads Kong's declarative YAML (services, routes,
+//!   plugins) and builds the gateway; errors name the place in the file.
+//! - The `micro-gateway` binary runs a config file behind micro-core's host:
+//!   `micro-gateway --config gateway.yaml --listen 127.0.0.1:8080`, with `/health/live`,
+//!   `/health/ready`, `/metrics` and graceful shutdown on SIGTERM.
 //!
-//! ```no_run
-//! use axum::Router;
+//! ```
+//! use micro_gateway::gateway::{Gateway, Route};
 //! use micro_gateway::proxy::{Proxy, ProxyConfig, Upstream};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let orders = Proxy::new(Upstream::parse("http://127.0.0.1:8003")?, ProxyConfig::new());
-//! // Everything under /api/orders goes to the order service; host it with micro-core's
-//! // ServiceHost to get health, metrics, request ids and traces.
-//! let gateway: Router = Router::new().nest_service("/api/orders", orders);
-//! # let _ = gateway;
+//! let gateway = Gateway::builder()
+//!     .route(
+//!         Route::new("order-by-id")
+//!             .path("/api/orders/{id}")
+//!             .method("GET")
+//!             .rewrite("/orders/{id}")
+//!             .to(orders),
+//!     )
+//!     .build()?;
+//! // Host `gateway.into_router()` with micro-core's ServiceHost to get health, metrics,
+//! // request ids and trace spans.
+//! # let _ = gateway.into_router();
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! The [`plugins`] are tower layers for any route: IP allow and deny lists, request and
-//! response header transforms, a body size limit (`413`), CORS and an access log.
-//!
-//! Routing by predicates, JWT, rate limiting, composition and the declarative
-//! configuration come next.
+//! JWT authentication, rate limiting, discovery-name upstreams with load balancing and
+//! retries, composition routes and reloading the file on change come next.
 //!
 //! # Features
 //!
-//! None yet.
+//! None yet: everything above is always built.
 
+pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod plugins;

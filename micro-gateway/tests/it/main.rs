@@ -1,5 +1,7 @@
 //! Integration tests of micro-gateway: one binary, a module per area.
 
+mod binary;
+mod config;
 mod gateway;
 mod plugins;
 mod proxy;

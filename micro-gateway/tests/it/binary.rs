@@ -1,0 +1,108 @@
+//! The `micro-gateway` binary, run as a process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::{echo, get_json};
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_micro-gateway"))
+}
+
+#[tokio::test]
+async fn serves_a_config_file_and_stops_on_sigterm() {
+    let upstream = echo().await;
+    let dir = std::env::temp_dir().join(format!("micro-gateway-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "services:\n  - name: echo\n    url: http://{}\n    routes:\n      - paths: [/api]\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let mut child = binary()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The host logs the address it bound; port 0 picked a free one.
+    let stdout = child.stdout.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_owned();
+                let _ = addr_tx.send(addr);
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the gateway did not report its address")
+        .parse()
+        .unwrap();
+
+    let (status, seen) = get_json(addr, "/api/hello", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["uri"], "/hello");
+    let (status, ready) = get_json(addr, "/health/ready", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["service"], "gateway");
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_bad_config_stops_it_with_the_place_of_the_problem() {
+    let dir = std::env::temp_dir().join(format!("micro-gateway-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        "services:\n  - name: a\n    url: http://x\n    routes:\n      - paths: [nope]\n",
+    )
+    .unwrap();
+    let output = binary()
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("services[0].routes[0]") && stderr.contains("`nope`"),
+        "{stderr}"
+    );
+
+    let output = binary().output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--config is required"));
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -1,0 +1,123 @@
+use micro_gateway::config::DeclarativeConfig;
+
+use crate::support::{echo, gateway, get_json, send};
+
+#[tokio::test]
+async fn a_kong_declarative_file_runs_the_gateway() {
+    let users = echo().await;
+    let orders = echo().await;
+    let yaml = format!(
+        r#"
+_format_version: "3.0"
+services:
+  - name: user-service
+    url: http://{users}
+    read_timeout: 5000
+    routes:
+      - name: user-route
+        paths:
+          - /api/users
+    plugins:
+      - name: request-transformer
+        config:
+          add:
+            headers: ["x-from-service:users"]
+  - name: order-service
+    host: 127.0.0.1
+    port: {orders_port}
+    path: /v1
+routes:
+  - name: order-route
+    service: order-service
+    paths: [/api/orders]
+    plugins:
+      - name: request-transformer
+        config:
+          add:
+            headers: ["x-from-route:orders"]
+      - name: request-size-limiting
+        config:
+          allowed_payload_size: 10
+          size_unit: bytes
+plugins:
+  - name: response-transformer
+    config:
+      add:
+        headers: ["x-gateway:micro"]
+"#,
+        users = users.addr,
+        orders_port = orders.addr.port(),
+    );
+    let config = DeclarativeConfig::from_yaml(&yaml).unwrap();
+    let (_host, addr) = gateway(config.build().unwrap().into_router()).await;
+
+    let (status, seen) = get_json(addr, "/api/users/7", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["uri"], "/7");
+    assert_eq!(seen["headers"]["x-from-service"], "users");
+
+    let (status, seen) = get_json(addr, "/api/orders/9", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["uri"], "/v1/9");
+    // The route's request-transformer replaced the service's one.
+    assert_eq!(seen["headers"]["x-from-route"], "orders");
+    assert!(seen["headers"].get("x-from-service").is_none());
+
+    let request = http::Request::post("/api/orders")
+        .header("host", "g")
+        .body(axum::body::Body::from("more than ten bytes"))
+        .unwrap();
+    let (status, headers, _) = send(addr, request).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        headers["x-gateway"], "micro",
+        "global plugins wrap every route"
+    );
+}
+
+#[test]
+fn errors_name_the_place_in_the_file() {
+    let cases = [
+        (
+            "services:\n  - name: a\n    url: http://x\n    routes:\n      - paths: [/a]\n        methdos: [GET]\n",
+            "services[0].routes[0]",
+            "unknown field `methdos`",
+        ),
+        (
+            "services:\n  - name: a\n    url: http://x\n    routes:\n      - paths: [\"a\"]\n",
+            "services[0].routes[0]",
+            "invalid route pattern `a`",
+        ),
+        (
+            "services:\n  - name: a\n    routes:\n      - paths: [/a]\n",
+            "services[0]",
+            "neither `url` nor `host`",
+        ),
+        (
+            "services:\n  - name: a\n    url: http://x\n    routes:\n      - paths: [/a]\n        plugins:\n          - name: rate-limting\n",
+            "services[0].routes[0].plugins[0].name",
+            "unknown plugin `rate-limting`",
+        ),
+        (
+            "services:\n  - name: a\n    url: http://x\n    routes:\n      - paths: [/a]\n        plugins:\n          - name: ip-restriction\n            config:\n              allow: [\"10.0.0.300\"]\n",
+            "services[0].routes[0].plugins[0].config.allow",
+            "`10.0.0.300`",
+        ),
+        (
+            "routes:\n  - paths: [/a]\n    service: missing\n",
+            "routes[0].service",
+            "no service is named `missing`",
+        ),
+        ("services: [", "services", "did not find expected node content"),
+    ];
+    for (yaml, place, reason) in cases {
+        let error = DeclarativeConfig::from_yaml(yaml)
+            .and_then(|c| c.build().map(|_| ()))
+            .unwrap_err();
+        assert!(error.place().starts_with(place), "{yaml}\n=> {error}");
+        assert!(error.reason().contains(reason), "{yaml}\n=> {error}");
+    }
+    let error = DeclarativeConfig::from_yaml("services:\n  - name: a\n    url: 7\n    bogus: 1\n")
+        .unwrap_err();
+    assert!(error.place().contains("line 4"), "{error}");
+}
