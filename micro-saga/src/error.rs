@@ -1,17 +1,22 @@
 //! The error type of this crate.
 
+use crate::log::LogError;
 use crate::state::SagaStatus;
 
 /// A `Result` whose error defaults to [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Why a saga could not be started, a transition was refused, or a history
-/// could not be replayed.
+/// Why a saga could not be started, driven or queried, a transition was
+/// refused, or a history could not be replayed.
 ///
-/// A refused transition leaves the saga unchanged. These errors come from the
-/// saga's own state, so retrying the same transition fails the same way (see
-/// [`Error::is_retryable`]); a refused transition during replay means the log
-/// does not belong to a saga this state machine could have produced.
+/// A refused transition leaves the saga unchanged. Errors from the saga's own
+/// state are deterministic, so retrying the same transition fails the same way
+/// (see [`Error::is_retryable`]); a refused transition during replay means the
+/// log does not belong to a saga this state machine could have produced. An
+/// error of the saga log ([`Error::Log`]) may be worth a retry.
+///
+/// A step's own failure is not an `Error`: it is recorded in the saga (see
+/// [`StepError`](crate::StepError)), which then compensates.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -98,14 +103,67 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+
+    /// The saga log failed, or refused a write (another orchestrator moved
+    /// the saga first, say).
+    #[error("saga log error")]
+    Log(#[from] LogError),
+
+    /// No definition of this name is registered with the orchestrator, so its
+    /// sagas can be neither started nor resumed.
+    #[error("no saga definition named `{name}` is registered")]
+    #[non_exhaustive]
+    UnknownDefinition {
+        /// The definition's name.
+        name: String,
+    },
+
+    /// A saga in the log does not match the registered definition of its
+    /// name: its steps differ.
+    #[error("saga `{saga_id}` does not match definition `{definition}`: {reason}")]
+    #[non_exhaustive]
+    DefinitionMismatch {
+        /// The saga's id.
+        saga_id: String,
+        /// The definition's name.
+        definition: String,
+        /// What differs.
+        reason: String,
+    },
+
+    /// The saga's context could not be written to, or read from, JSON.
+    #[error("saga context could not be encoded or decoded")]
+    Context(#[source] serde_json::Error),
+
+    /// The task driving the saga stopped before the saga finished: it
+    /// panicked, or its runtime shut down. The saga log still holds the saga,
+    /// and [`Orchestrator::recover`](crate::Orchestrator::recover) resumes it.
+    #[error("the task driving saga `{saga_id}` stopped before the saga finished")]
+    #[non_exhaustive]
+    Interrupted {
+        /// The saga's id.
+        saga_id: String,
+    },
 }
 
 impl Error {
     /// Whether trying the same operation again could succeed.
     ///
-    /// Always `false`: the saga state machine is deterministic, so a refused
-    /// transition is refused again.
+    /// `false` for errors of the saga state machine, which is deterministic,
+    /// so a refused transition is refused again; the saga log's answer for
+    /// [`Error::Log`] (see [`LogError::is_retryable`]); `true` for
+    /// [`Error::Interrupted`], since the saga can be resumed.
     pub fn is_retryable(&self) -> bool {
-        false
+        match self {
+            Error::Log(err) => err.is_retryable(),
+            Error::Interrupted { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+impl micro_core::error::Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
     }
 }

@@ -6,74 +6,159 @@
 //! step fails, the steps that completed are compensated in reverse order (the
 //! stock reservation fails, so the payment is refunded).
 //!
-//! This version of the crate is the saga state machine, as pure logic:
-//!
-//! - [`SagaInstance`] is one saga: its steps ([`StepState`]), its status
-//!   ([`SagaStatus`]: running, compensating, completed, compensated, or failed
-//!   and needing attention) and the history of its transitions.
-//! - [`Transition`] is one change, a serde value carrying its time and, for
-//!   failures, the error. The state changes only by applying transitions, and
-//!   illegal ones are refused with an [`Error`], so a saga log of transitions
-//!   is the saga: [`SagaInstance::replay`] rebuilds it.
-//! - [`SagaInstance::next_action`] tells what to do next: run a step, or
-//!   compensate the latest completed step not yet compensated.
-//!
-//! The orchestrator that runs typed steps with timeouts, retries and
-//! idempotency keys, the durable saga log it writes each transition to before
-//! acting, recovery of unfinished sagas on restart, the query API and the test
-//! kit come next, built on this state machine.
+//! - A [`SagaDefinition`] is a typed context `C` and an ordered list of steps.
+//!   Its builder cannot declare a step that may need undoing without its
+//!   compensation; only the pivot and the steps after it have none (see
+//!   [`SagaDefinition`]). Steps are async closures that receive a
+//!   [`StepContext`] (saga id, step, attempt, [idempotency key](idempotency_key),
+//!   context) and return a [`StepOutput`] or a [`StepError`] that says
+//!   whether to retry. Each step has a [`StepPolicy`]: a timeout, and retries
+//!   with exponential backoff.
+//! - The [`Orchestrator`] runs many sagas concurrently. Before each move it
+//!   checks the [`Transition`] against the saga's state machine
+//!   ([`SagaInstance`]), appends it to the durable [`SagaLog`], and only then
+//!   acts. On a failure it compensates the completed steps in reverse order,
+//!   retrying each compensation up to a bound; then the saga is
+//!   [`Failed`](SagaStatus::Failed) and needs attention, with the error in its
+//!   history. [`Orchestrator::recover`] resumes every unfinished saga after a
+//!   crash: the step in doubt runs again with the same idempotency key.
+//! - Queries: [`Orchestrator::saga`] (state, context, history) and
+//!   [`Orchestrator::sagas_by_status`]. Metrics: see [`metrics`]. Every step
+//!   attempt runs in a `saga_step` span and inside the saga's W3C trace
+//!   ([`TraceContext::scope`](micro_core::trace::TraceContext::scope)), which
+//!   the log keeps so that recovered steps stay in the same trace.
+//! - The saga log has a memory backend and, behind features, PostgreSQL and an
+//!   embedded one on local disk ([`log`]).
+//! - [`testkit`] (feature `testkit`) drives a definition step by step in a
+//!   unit test, injects failures and timeouts, and records the commands.
 //!
 //! # Example
 //!
+//! An order saga whose reservation fails, so the payment is refunded:
+//!
 //! ```
-//! use micro_saga::{NextAction, SagaInstance, SagaStatus, Transition};
-//! use time::OffsetDateTime;
+//! use std::sync::{Arc, Mutex};
 //!
-//! let now = OffsetDateTime::now_utc();
-//! let mut saga = SagaInstance::start(
-//!     "order-42",
-//!     "place-order",
-//!     ["charge-payment", "reserve-inventory", "confirm-order"],
-//!     now,
-//! )?;
+//! use micro_saga::{
+//!     MemorySagaLog, Orchestrator, SagaDefinition, SagaStatus, StepError, StepOutput,
+//! };
+//! use serde::{Deserialize, Serialize};
 //!
-//! // The payment goes through; the reservation fails.
-//! assert_eq!(saga.next_action(), NextAction::RunStep(0));
-//! saga.step_started(now)?;
-//! saga.step_succeeded(Some(serde_json::json!({"payment_id": "p-7"})), now)?;
-//! saga.step_started(now)?;
-//! saga.step_failed("sku-13 is out of stock", now)?;
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Order {
+//!     id: String,
+//!     cents: u64,
+//!     sku: String,
+//! }
 //!
-//! // So the payment, the only completed step, is compensated.
-//! assert_eq!(saga.status(), SagaStatus::Compensating);
-//! assert_eq!(saga.next_action(), NextAction::CompensateStep(0));
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), micro_saga::Error> {
+//! // What the "services" did, in order.
+//! let ledger = Arc::new(Mutex::new(Vec::<String>::new()));
+//! let (charges, refunds) = (ledger.clone(), ledger.clone());
 //!
-//! // An orchestrator checks a transition and writes it to its log before
-//! // acting on it.
-//! let refund = Transition::CompensationStarted { step: 0, at: now };
-//! saga.check(&refund)?;
-//! let log_record = serde_json::to_string(&refund).unwrap();
-//! saga.apply(serde_json::from_str(&log_record).unwrap())?;
-//! saga.compensation_succeeded(now)?;
+//! let place_order = SagaDefinition::<Order>::builder("place-order")
+//!     .step(
+//!         "charge-payment",
+//!         move |cx| {
+//!             let ledger = charges.clone();
+//!             async move {
+//!                 // A real step sends `cx.idempotency_key()` with its command.
+//!                 let payment = format!("payment-for-{}", cx.data().id);
+//!                 ledger.lock().unwrap().push(format!("charge {}", cx.data().cents));
+//!                 StepOutput::json(&payment)
+//!             }
+//!         },
+//!         move |cx| {
+//!             let ledger = refunds.clone();
+//!             async move {
+//!                 let payment: String = cx.output_as()?;
+//!                 ledger.lock().unwrap().push(format!("refund {payment}"));
+//!                 Ok(())
+//!             }
+//!         },
+//!     )
+//!     .step(
+//!         "reserve-inventory",
+//!         |cx| async move {
+//!             Err(StepError::permanent(format!("{} is out of stock", cx.data().sku)))
+//!         },
+//!         |_cx| async { Ok(()) },
+//!     )
+//!     .pivot("confirm-order", |_cx| async { Ok(StepOutput::empty()) })
+//!     .build()?;
+//!
+//! let orchestrator = Orchestrator::builder(Arc::new(MemorySagaLog::new()))
+//!     .definition(&place_order)
+//!     .build()?;
+//! orchestrator.recover().await?; // nothing to resume in a new memory log
+//!
+//! let order = Order { id: "order-42".into(), cents: 1999, sku: "sku-13".into() };
+//! let saga = orchestrator.run(&place_order, "order-42", order).await?;
+//!
 //! assert_eq!(saga.status(), SagaStatus::Compensated);
+//! assert_eq!(saga.steps()[1].error(), Some("sku-13 is out of stock"));
+//! assert_eq!(
+//!     *ledger.lock().unwrap(),
+//!     ["charge 1999", "refund payment-for-order-42"]
+//! );
 //!
-//! // A finished saga accepts nothing, and its history rebuilds it.
-//! assert!(saga.step_started(now).is_err());
-//! let replayed = SagaInstance::replay(saga.history().to_vec())?;
-//! assert_eq!(replayed, saga);
-//! # Ok::<(), micro_saga::Error>(())
+//! // The log answers queries: the saga's state and history by id.
+//! let record = orchestrator.saga("order-42").await?.unwrap();
+//! assert_eq!(record.status, SagaStatus::Compensated);
+//! assert_eq!(record.transitions.last().unwrap().name(), "compensation_succeeded");
+//! # Ok(())
+//! # }
 //! ```
+//!
+//! # Semantics worth knowing
+//!
+//! - **At least once, one effect.** A step may run more than once: after a
+//!   retryable failure, a timeout, or a crash between the log's
+//!   `step_started` and its outcome. Each run carries the same idempotency
+//!   key, so the service it calls must honour it (micro-core's client sends
+//!   it as the `Idempotency-Key` header).
+//! - **Timeouts are retried.** A timed-out attempt's outcome is unknown, so
+//!   it is retried like a retryable failure. When the attempts run out the
+//!   step is recorded as failed and only the *completed* steps are
+//!   compensated: a step whose service might still act after the timeout
+//!   should have enough attempts to get a definite answer.
+//! - **Attempts are counted over the saga's life.** The log records every
+//!   attempt, so a crash does not reset the count; a step in doubt after a
+//!   crash is always run once more.
 //!
 //! # Feature flags
 //!
 //! | feature | default | what it enables |
 //! |---|---|---|
-//! | *(none yet)* | | the state machine is always available; durable log backends such as `postgres` arrive with the saga log |
+//! | `postgres` | no | `PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
+//! | `embedded` | no | `EmbeddedSagaLog`, the saga log in a redb file on local disk |
+//! | `testkit` | no | [`testkit`], to drive a saga step by step in tests and inject faults |
+//!
+//! The memory log ([`MemorySagaLog`]) and the saga state machine are always
+//! available.
 
+mod definition;
+mod driver;
 mod error;
+pub mod log;
+pub mod metrics;
+mod orchestrator;
+mod policy;
 mod state;
+mod step;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod transition;
 
+pub use definition::{
+    BoxFuture, Compensatable, Pivoted, SagaBuilder, SagaContext, SagaDefinition, StepKind,
+};
+pub use driver::{Move, MoveOutcome};
 pub use error::{Error, Result};
+pub use log::{LogError, MemorySagaLog, SagaLog, SagaRecord, SagaSummary};
+pub use orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, SagaHandle};
+pub use policy::StepPolicy;
 pub use state::{NextAction, SagaInstance, SagaStatus, StepState, StepStatus};
+pub use step::{idempotency_key, Phase, StepContext, StepError, StepOutput, StepTimedOut};
 pub use transition::Transition;

@@ -1,0 +1,393 @@
+//! The orchestrator: runs sagas concurrently, recovers them after a crash, and
+//! answers queries about them.
+
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use micro_core::trace::TraceContext;
+use tokio::task::JoinHandle;
+
+use crate::definition::{SagaContext, SagaDefinition};
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::log::{SagaLog, SagaRecord, SagaSummary};
+use crate::metrics;
+use crate::state::{SagaInstance, SagaStatus};
+
+/// Runs sagas: each in its own task, every transition written to the
+/// [`SagaLog`] before it is acted on.
+///
+/// Register every definition whose sagas this orchestrator may start or
+/// resume with [`OrchestratorBuilder::definition`]. Call
+/// [`recover`](Self::recover) when the process starts, to resume the sagas a
+/// crash left unfinished: a step whose outcome was never recorded runs again
+/// with the same idempotency key, and a saga that was compensating carries
+/// on compensating.
+///
+/// Cheap to clone; clones share the log and the definitions. Sagas keep
+/// running when their [`SagaHandle`] is dropped. When the runtime stops, a
+/// saga stops between two writes to the log and is resumed by the next
+/// [`recover`](Self::recover).
+///
+/// Two orchestrators may share one durable log: the log's optimistic
+/// concurrency lets only one of them advance a saga, and the other stops
+/// driving it with a [`LogError::Conflict`](crate::log::LogError::Conflict).
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Arc<dyn SagaLog>,
+    definitions: HashMap<String, Arc<dyn ErasedDefinition>>,
+    running: Mutex<HashSet<Arc<str>>>,
+}
+
+impl Inner {
+    fn running(&self) -> MutexGuard<'_, HashSet<Arc<str>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A definition whose context type is erased, so that one orchestrator can
+/// resume sagas of many context types.
+trait ErasedDefinition: Send + Sync {
+    fn step_names(&self) -> Vec<&str>;
+    fn as_any(&self) -> &dyn Any;
+    fn resume(&self, orchestrator: &Orchestrator, record: SagaRecord) -> Result<SagaHandle>;
+}
+
+impl<C: SagaContext> ErasedDefinition for SagaDefinition<C> {
+    fn step_names(&self) -> Vec<&str> {
+        SagaDefinition::step_names(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn resume(&self, orchestrator: &Orchestrator, record: SagaRecord) -> Result<SagaHandle> {
+        let driver = Driver::resume(self.clone(), orchestrator.inner.log.clone(), record)?;
+        Ok(orchestrator.spawn(driver))
+    }
+}
+
+impl Orchestrator {
+    /// Starts building an orchestrator that records sagas in `log`.
+    pub fn builder(log: Arc<dyn SagaLog>) -> OrchestratorBuilder {
+        OrchestratorBuilder {
+            log,
+            definitions: HashMap::new(),
+            duplicate: None,
+        }
+    }
+
+    /// The saga log.
+    pub fn log(&self) -> &Arc<dyn SagaLog> {
+        &self.inner.log
+    }
+
+    /// Starts a saga of `definition` with id `saga_id`: records it in the log
+    /// and drives it in a new task. The saga joins the current trace
+    /// ([`TraceContext::current`]) or starts one, and records it so that its
+    /// steps, recovered ones included, run in that trace.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::UnknownDefinition`] or [`Error::DefinitionMismatch`] when
+    ///   `definition` is not the one registered under its name;
+    /// - [`Error::InvalidDefinition`] for an empty id;
+    /// - [`Error::Log`] with [`LogError::AlreadyExists`](crate::log::LogError::AlreadyExists)
+    ///   when a saga with this id exists (starting is idempotent by id), or
+    ///   another log failure;
+    /// - [`Error::Context`] when the context does not encode.
+    pub async fn start<C: SagaContext>(
+        &self,
+        definition: &SagaDefinition<C>,
+        saga_id: impl Into<String>,
+        context: C,
+    ) -> Result<SagaHandle> {
+        self.check_registered(definition)?;
+        let trace = TraceContext::current()
+            .map(|t| t.child())
+            .unwrap_or_else(TraceContext::new_root);
+        let driver = Driver::create(
+            definition.clone(),
+            self.inner.log.clone(),
+            saga_id.into(),
+            context,
+            trace,
+        )
+        .await?;
+        Ok(self.spawn(driver))
+    }
+
+    /// Starts a saga and waits for it to finish; see [`start`](Self::start)
+    /// and [`SagaHandle::finished`].
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start) and [`SagaHandle::finished`].
+    pub async fn run<C: SagaContext>(
+        &self,
+        definition: &SagaDefinition<C>,
+        saga_id: impl Into<String>,
+        context: C,
+    ) -> Result<SagaInstance> {
+        self.start(definition, saga_id, context)
+            .await?
+            .finished()
+            .await
+    }
+
+    fn check_registered<C: SagaContext>(&self, definition: &SagaDefinition<C>) -> Result<()> {
+        let registered = self
+            .inner
+            .definitions
+            .get(definition.name())
+            .ok_or_else(|| Error::UnknownDefinition {
+                name: definition.name().to_owned(),
+            })?;
+        let same_type = registered
+            .as_any()
+            .downcast_ref::<SagaDefinition<C>>()
+            .is_some();
+        if !same_type || registered.step_names() != definition.step_names() {
+            return Err(Error::DefinitionMismatch {
+                saga_id: String::new(),
+                definition: definition.name().to_owned(),
+                reason: "it is not the definition registered under this name".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn<C: SagaContext>(&self, driver: Driver<C>) -> SagaHandle {
+        let saga_id = driver.saga_id().clone();
+        let definition = driver.definition().clone();
+        self.inner.running().insert(saga_id.clone());
+        let guard = Running {
+            inner: self.inner.clone(),
+            saga_id: saga_id.clone(),
+            definition,
+        };
+        metrics::in_flight(&guard.definition, 1.0);
+        let join = tokio::spawn(async move {
+            let _guard = guard;
+            driver.run().await
+        });
+        SagaHandle { saga_id, join }
+    }
+
+    /// Resumes every unfinished saga in the log that this orchestrator is not
+    /// already driving, each in its own task.
+    ///
+    /// A saga that cannot be resumed (its definition is not registered, or
+    /// no longer matches) is left in the log as it is and reported in
+    /// [`Recovery::skipped`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Log`] when the log cannot be listed or read.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let mut recovery = Recovery {
+            resumed: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for summary in self.inner.log.unfinished().await? {
+            if self.inner.running().contains(summary.saga_id.as_str()) {
+                continue;
+            }
+            let Some(record) = self.inner.log.load(&summary.saga_id).await? else {
+                continue;
+            };
+            if record.status.is_terminal() {
+                continue;
+            }
+            let resumed = match self.inner.definitions.get(&record.definition) {
+                Some(definition) => definition.resume(self, record),
+                None => Err(Error::UnknownDefinition {
+                    name: record.definition.clone(),
+                }),
+            };
+            match resumed {
+                Ok(handle) => {
+                    tracing::info!(saga.id = %summary.saga_id, "resuming saga");
+                    recovery.resumed.push(handle);
+                }
+                Err(err) => {
+                    tracing::error!(saga.id = %summary.saga_id, error = %err, "cannot resume saga");
+                    recovery.skipped.push((summary.saga_id, err));
+                }
+            }
+        }
+        Ok(recovery)
+    }
+
+    /// The saga with this id, as the log holds it: status, context, trace
+    /// and history ([`SagaRecord::instance`] rebuilds its full state).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Log`] when the log fails.
+    pub async fn saga(&self, saga_id: &str) -> Result<Option<SagaRecord>> {
+        Ok(self.inner.log.load(saga_id).await?)
+    }
+
+    /// The sagas with this status, oldest first; `Failed` lists the sagas
+    /// that need attention.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Log`] when the log fails.
+    pub async fn sagas_by_status(&self, status: SagaStatus) -> Result<Vec<SagaSummary>> {
+        Ok(self.inner.log.by_status(status).await?)
+    }
+
+    /// The sagas that have not finished, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Log`] when the log fails.
+    pub async fn unfinished(&self) -> Result<Vec<SagaSummary>> {
+        Ok(self.inner.log.unfinished().await?)
+    }
+
+    /// How many sagas this orchestrator is driving now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.running().len()
+    }
+}
+
+impl fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.inner.definitions.keys().collect();
+        names.sort();
+        f.debug_struct("Orchestrator")
+            .field("definitions", &names)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// Marks a saga as driven by this process while its task lives, even if the
+/// task panics or is cancelled.
+struct Running {
+    inner: Arc<Inner>,
+    saga_id: Arc<str>,
+    definition: Arc<str>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.inner.running().remove(&self.saga_id);
+        metrics::in_flight(&self.definition, -1.0);
+    }
+}
+
+/// Builds an [`Orchestrator`].
+pub struct OrchestratorBuilder {
+    log: Arc<dyn SagaLog>,
+    definitions: HashMap<String, Arc<dyn ErasedDefinition>>,
+    duplicate: Option<String>,
+}
+
+impl OrchestratorBuilder {
+    /// Registers a definition, so that its sagas can be started and resumed.
+    pub fn definition<C: SagaContext>(mut self, definition: &SagaDefinition<C>) -> Self {
+        let name = definition.name().to_owned();
+        if self
+            .definitions
+            .insert(name.clone(), Arc::new(definition.clone()))
+            .is_some()
+        {
+            self.duplicate.get_or_insert(name);
+        }
+        self
+    }
+
+    /// Builds the orchestrator.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidDefinition`] when two definitions have the same name.
+    pub fn build(self) -> Result<Orchestrator> {
+        if let Some(name) = self.duplicate {
+            return Err(Error::InvalidDefinition {
+                reason: format!("two definitions are named `{name}`"),
+            });
+        }
+        Ok(Orchestrator {
+            inner: Arc::new(Inner {
+                log: self.log,
+                definitions: self.definitions,
+                running: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for OrchestratorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrchestratorBuilder")
+            .field("definitions", &self.definitions.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A saga being driven by an [`Orchestrator`]. Dropping it does not stop the
+/// saga.
+#[derive(Debug)]
+pub struct SagaHandle {
+    saga_id: Arc<str>,
+    join: JoinHandle<Result<SagaInstance>>,
+}
+
+impl SagaHandle {
+    /// The saga's id.
+    pub fn saga_id(&self) -> &str {
+        &self.saga_id
+    }
+
+    /// Waits for the saga to finish and returns its final state: completed,
+    /// compensated, or failed and needing attention.
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the orchestrator from driving the saga (the
+    /// log failed, or another orchestrator took the saga over; the saga
+    /// stays in the log for [`Orchestrator::recover`]), or
+    /// [`Error::Interrupted`] when its task panicked or was cancelled.
+    pub async fn finished(self) -> Result<SagaInstance> {
+        match self.join.await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Interrupted {
+                saga_id: self.saga_id.to_string(),
+            }),
+        }
+    }
+}
+
+/// What [`Orchestrator::recover`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// The sagas resumed, each running in its own task.
+    pub resumed: Vec<SagaHandle>,
+    /// The sagas that could not be resumed, and why.
+    pub skipped: Vec<(String, Error)>,
+}
+
+impl Recovery {
+    /// Waits for every resumed saga to finish; returns each one's result, in
+    /// the order of [`resumed`](Self::resumed).
+    pub async fn finished(self) -> Vec<Result<SagaInstance>> {
+        let mut results = Vec::with_capacity(self.resumed.len());
+        for handle in self.resumed {
+            results.push(handle.finished().await);
+        }
+        results
+    }
+}

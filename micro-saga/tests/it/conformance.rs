@@ -1,0 +1,343 @@
+//! One conformance suite for every `SagaLog` backend.
+
+use std::sync::Arc;
+
+use micro_saga::log::{Append, LogError, NewSaga};
+use micro_saga::{SagaInstance, SagaLog, SagaStatus, Transition};
+use serde_json::json;
+use time::macros::datetime;
+use time::OffsetDateTime;
+
+const T0: OffsetDateTime = datetime!(2024-05-01 10:00:00.123456789 UTC);
+const TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn at(seconds: i64) -> OffsetDateTime {
+    T0 + time::Duration::seconds(seconds)
+}
+
+fn new_saga(id: &str) -> (NewSaga, SagaInstance) {
+    let saga = SagaInstance::start(id, "place-order", ["charge", "reserve"], T0).unwrap();
+    let new = NewSaga::new(
+        saga.history()[0].clone(),
+        json!({"order": id, "cents": 4200}),
+        Some(TRACE.to_owned()),
+    )
+    .unwrap();
+    (new, saga)
+}
+
+/// Applies `transitions` to `saga` and appends them to the log.
+async fn advance(
+    log: &dyn SagaLog,
+    saga: &mut SagaInstance,
+    transitions: Vec<Transition>,
+) -> Result<u64, LogError> {
+    let version = saga.history().len() as u64;
+    let mut next = saga.clone();
+    for t in &transitions {
+        next.apply(t.clone()).unwrap();
+    }
+    let append = Append::new(
+        saga.id(),
+        version,
+        transitions,
+        next.status(),
+        json!({"version": next.history().len()}),
+    );
+    let new_version = log.append(&append).await?;
+    *saga = next;
+    Ok(new_version)
+}
+
+pub(crate) async fn create_then_load(log: Arc<dyn SagaLog>) {
+    let (new, saga) = new_saga("s-1");
+    log.create(&new).await.unwrap();
+    let record = log
+        .load("s-1")
+        .await
+        .unwrap()
+        .expect("the saga was created");
+    assert_eq!(record.saga_id, "s-1");
+    assert_eq!(record.definition, "place-order");
+    assert_eq!(record.status, SagaStatus::Running);
+    assert_eq!(record.context, json!({"order": "s-1", "cents": 4200}));
+    assert_eq!(record.trace_parent.as_deref(), Some(TRACE));
+    assert_eq!(record.version(), 1);
+    assert_eq!(record.transitions, saga.history());
+    assert_eq!(record.instance().unwrap(), saga);
+    assert!(log.load("s-2").await.unwrap().is_none());
+}
+
+pub(crate) async fn create_is_unique_by_id(log: Arc<dyn SagaLog>) {
+    let (new, _) = new_saga("s-1");
+    log.create(&new).await.unwrap();
+    let err = log.create(&new).await.unwrap_err();
+    assert!(
+        matches!(&err, LogError::AlreadyExists { saga_id, .. } if saga_id == "s-1"),
+        "{err:?}"
+    );
+    assert_eq!(log.load("s-1").await.unwrap().unwrap().version(), 1);
+}
+
+pub(crate) async fn append_extends_history_context_and_status(log: Arc<dyn SagaLog>) {
+    let (new, mut saga) = new_saga("s-1");
+    log.create(&new).await.unwrap();
+    let v = advance(
+        &*log,
+        &mut saga,
+        vec![Transition::StepStarted { step: 0, at: at(1) }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(v, 2);
+    let v = advance(
+        &*log,
+        &mut saga,
+        vec![
+            Transition::StepSucceeded {
+                step: 0,
+                output: Some(json!({"payment_id": "p-1"})),
+                at: at(2),
+            },
+            Transition::StepStarted { step: 1, at: at(3) },
+            Transition::StepFailed {
+                step: 1,
+                error: "out of stock".into(),
+                at: at(4),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(v, 5);
+    let record = log.load("s-1").await.unwrap().unwrap();
+    assert_eq!(record.version(), 5);
+    assert_eq!(record.status, SagaStatus::Compensating);
+    assert_eq!(record.context, json!({"version": 5}));
+    assert_eq!(record.transitions, saga.history());
+    assert_eq!(record.instance().unwrap(), saga);
+    assert_eq!(record.trace_parent.as_deref(), Some(TRACE));
+}
+
+pub(crate) async fn stale_writes_conflict_and_change_nothing(log: Arc<dyn SagaLog>) {
+    let (new, mut saga) = new_saga("s-1");
+    log.create(&new).await.unwrap();
+    advance(
+        &*log,
+        &mut saga,
+        vec![Transition::StepStarted { step: 0, at: at(1) }],
+    )
+    .await
+    .unwrap();
+    for expected in [0, 1, 3] {
+        let stale = Append::new(
+            "s-1",
+            expected,
+            vec![Transition::StepStarted { step: 0, at: at(9) }],
+            SagaStatus::Running,
+            json!("stale"),
+        );
+        let err = log.append(&stale).await.unwrap_err();
+        assert!(
+            matches!(err, LogError::Conflict { expected: e, actual: 2, .. } if e == expected),
+            "{err:?}"
+        );
+        assert!(err.is_conflict() && !err.is_retryable());
+    }
+    let record = log.load("s-1").await.unwrap().unwrap();
+    assert_eq!(record.transitions, saga.history());
+    assert_eq!(record.context, json!({"version": 2}));
+}
+
+pub(crate) async fn bad_writes_are_refused(log: Arc<dyn SagaLog>) {
+    let unknown = Append::new(
+        "nobody",
+        1,
+        vec![Transition::StepStarted { step: 0, at: at(1) }],
+        SagaStatus::Running,
+        json!(null),
+    );
+    let err = log.append(&unknown).await.unwrap_err();
+    assert!(matches!(err, LogError::NotFound { .. }), "{err:?}");
+
+    let (new, saga) = new_saga("s-1");
+    log.create(&new).await.unwrap();
+    let empty = Append::new("s-1", 1, vec![], SagaStatus::Running, json!(null));
+    let err = log.append(&empty).await.unwrap_err();
+    assert!(matches!(err, LogError::InvalidWrite { .. }), "{err:?}");
+    let restart = Append::new(
+        "s-1",
+        1,
+        vec![saga.history()[0].clone()],
+        SagaStatus::Running,
+        json!(null),
+    );
+    let err = log.append(&restart).await.unwrap_err();
+    assert!(matches!(err, LogError::InvalidWrite { .. }), "{err:?}");
+    assert_eq!(log.load("s-1").await.unwrap().unwrap().version(), 1);
+}
+
+pub(crate) async fn one_of_two_racing_writers_wins(log: Arc<dyn SagaLog>) {
+    let (new, _) = new_saga("s-1");
+    log.create(&new).await.unwrap();
+    let writes = (0..8).map(|i| {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let append = Append::new(
+                "s-1",
+                1,
+                vec![Transition::StepStarted { step: 0, at: at(i) }],
+                SagaStatus::Running,
+                json!({"writer": i}),
+            );
+            log.append(&append).await
+        })
+    });
+    let mut won = Vec::new();
+    for (i, write) in writes.enumerate() {
+        match write.await.unwrap() {
+            Ok(version) => {
+                assert_eq!(version, 2);
+                won.push(i as i64);
+            }
+            Err(err) => assert!(err.is_conflict(), "{err:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one writer wins: {won:?}");
+    let record = log.load("s-1").await.unwrap().unwrap();
+    assert_eq!(record.version(), 2);
+    assert_eq!(record.context, json!({"writer": won[0]}));
+    assert_eq!(record.transitions[1].at(), at(won[0]));
+}
+
+pub(crate) async fn lists_by_status_oldest_first(log: Arc<dyn SagaLog>) {
+    let mut sagas = Vec::new();
+    for id in ["a", "b", "c", "d"] {
+        let (new, saga) = new_saga(id);
+        log.create(&new).await.unwrap();
+        sagas.push(saga);
+    }
+    let ids = |list: Vec<micro_saga::SagaSummary>| {
+        list.into_iter().map(|s| s.saga_id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(log.unfinished().await.unwrap()), ["a", "b", "c", "d"]);
+
+    // b completes its two steps, c fails with nothing to undo, d compensates.
+    let [_, b, c, d] = &mut sagas[..] else {
+        unreachable!()
+    };
+    for step in 0..2 {
+        advance(
+            &*log,
+            b,
+            vec![
+                Transition::StepStarted { step, at: at(1) },
+                Transition::StepSucceeded {
+                    step,
+                    output: None,
+                    at: at(2),
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    }
+    advance(
+        &*log,
+        c,
+        vec![
+            Transition::StepStarted { step: 0, at: at(1) },
+            Transition::StepFailed {
+                step: 0,
+                error: "declined".into(),
+                at: at(2),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    advance(
+        &*log,
+        d,
+        vec![
+            Transition::StepStarted { step: 0, at: at(1) },
+            Transition::StepSucceeded {
+                step: 0,
+                output: None,
+                at: at(2),
+            },
+            Transition::Aborted {
+                reason: "cancelled".into(),
+                at: at(3),
+            },
+        ],
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(ids(log.unfinished().await.unwrap()), ["a", "d"]);
+    let running = log.by_status(SagaStatus::Running).await.unwrap();
+    assert_eq!(ids(running.clone()), ["a"]);
+    assert_eq!(running[0].definition, "place-order");
+    assert_eq!(running[0].version, 1);
+    assert_eq!(
+        ids(log.by_status(SagaStatus::Completed).await.unwrap()),
+        ["b"]
+    );
+    let compensated = log.by_status(SagaStatus::Compensated).await.unwrap();
+    assert_eq!(ids(compensated.clone()), ["c"]);
+    assert_eq!(compensated[0].version, 3);
+    assert_eq!(
+        ids(log.by_status(SagaStatus::Compensating).await.unwrap()),
+        ["d"]
+    );
+    assert!(log.by_status(SagaStatus::Failed).await.unwrap().is_empty());
+}
+
+/// Generates one test per suite case for a backend; `$fixture` is an async
+/// fn returning a value with a `log` field and an async `finish` method.
+macro_rules! conformance {
+    ($fixture:path) => {
+        conformance!(@cases $fixture;
+            create_then_load,
+            create_is_unique_by_id,
+            append_extends_history_context_and_status,
+            stale_writes_conflict_and_change_nothing,
+            bad_writes_are_refused,
+            one_of_two_racing_writers_wins,
+            lists_by_status_oldest_first,
+        );
+    };
+    (@cases $fixture:path; $($case:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $fixture().await;
+                $crate::conformance::$case(fixture.log.clone()).await;
+                fixture.finish().await;
+            }
+        )*
+    };
+}
+
+mod memory {
+    use std::sync::Arc;
+
+    use micro_saga::{MemorySagaLog, SagaLog};
+
+    pub(crate) struct Fixture {
+        pub(crate) log: Arc<dyn SagaLog>,
+    }
+
+    impl Fixture {
+        pub(crate) async fn finish(self) {}
+    }
+
+    pub(crate) async fn fixture() -> Fixture {
+        Fixture {
+            log: Arc::new(MemorySagaLog::new()),
+        }
+    }
+
+    conformance!(fixture);
+}

@@ -1,0 +1,136 @@
+//! Fixtures shared by the tests: an order saga whose steps write what they do
+//! to a journal.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use micro_saga::{SagaDefinition, StepError, StepOutput, StepPolicy};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Order {
+    pub(crate) id: String,
+    pub(crate) cents: u64,
+    pub(crate) sku: String,
+    pub(crate) payment_id: Option<String>,
+}
+
+pub(crate) fn order(id: &str, sku: &str) -> Order {
+    Order {
+        id: id.to_owned(),
+        cents: 4200,
+        sku: sku.to_owned(),
+        payment_id: None,
+    }
+}
+
+/// What the steps did, as `"<step>:<phase>:<key>"` lines.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Journal(Arc<Mutex<Vec<String>>>);
+
+impl Journal {
+    pub(crate) fn push(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+
+    pub(crate) fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+pub(crate) fn fast_policy() -> StepPolicy {
+    StepPolicy::new()
+        .timeout(Duration::from_secs(1))
+        .max_attempts(3)
+        .compensation_max_attempts(4)
+        .initial_backoff(Duration::from_millis(10))
+        .randomization_factor(0.0)
+}
+
+/// charge (refund) → reserve (release; fails for the SKU `out-of-stock`) →
+/// confirm (pivot) → notify (final).
+pub(crate) fn order_saga(journal: &Journal) -> SagaDefinition<Order> {
+    let j = journal.clone();
+    let charge = move |cx: micro_saga::StepContext<Order>| {
+        let j = j.clone();
+        async move {
+            j.push(format!("charge:{}", cx.idempotency_key()));
+            let payment = format!("pay-{}", cx.data().id);
+            let mut order = cx.data().clone();
+            order.payment_id = Some(payment.clone());
+            Ok(StepOutput::json(&payment)?.with_context(order))
+        }
+    };
+    let j = journal.clone();
+    let refund = move |cx: micro_saga::StepContext<Order>| {
+        let j = j.clone();
+        async move {
+            let payment: String = cx.output_as()?;
+            j.push(format!("refund:{payment}:{}", cx.idempotency_key()));
+            Ok(())
+        }
+    };
+    let j = journal.clone();
+    let reserve = move |cx: micro_saga::StepContext<Order>| {
+        let j = j.clone();
+        async move {
+            if cx.data().sku == "out-of-stock" {
+                return Err(StepError::permanent(format!(
+                    "{} is out of stock",
+                    cx.data().sku
+                )));
+            }
+            j.push(format!("reserve:{}", cx.idempotency_key()));
+            Ok(StepOutput::empty())
+        }
+    };
+    let j = journal.clone();
+    let release = move |cx: micro_saga::StepContext<Order>| {
+        let j = j.clone();
+        async move {
+            j.push(format!("release:{}", cx.idempotency_key()));
+            Ok(())
+        }
+    };
+    let j = journal.clone();
+    let confirm = move |cx: micro_saga::StepContext<Order>| {
+        let j = j.clone();
+        async move {
+            j.push(format!(
+                "confirm:{}:{}",
+                cx.data().payment_id.as_deref().unwrap_or("unpaid"),
+                cx.idempotency_key()
+            ));
+            Ok(StepOutput::empty())
+        }
+    };
+    let j = journal.clone();
+    let notify = move |cx: micro_saga::StepContext<Order>| {
+        let j = j.clone();
+        async move {
+            j.push(format!("notify:{}", cx.idempotency_key()));
+            Ok(StepOutput::empty())
+        }
+    };
+    SagaDefinition::builder("place-order")
+        .policy(fast_policy())
+        .step("charge-payment", charge, refund)
+        .step("reserve-inventory", reserve, release)
+        .pivot("confirm-order", confirm)
+        .final_step("notify", notify)
+        .build()
+        .unwrap()
+}
+
+/// Polls `check` every millisecond of (possibly paused) tokio time until it
+/// holds, for at most `limit`.
+pub(crate) async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
