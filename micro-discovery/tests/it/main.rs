@@ -1,0 +1,10 @@
+//! Integration tests of micro-discovery: one binary, a module per area.
+//!
+//! `conformance` is the suite every backend passes; the backend modules run it.
+
+mod balance;
+mod conformance;
+mod host;
+mod memory;
+mod static_list;
+mod support;
