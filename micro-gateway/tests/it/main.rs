@@ -2,6 +2,7 @@
 
 mod binary;
 mod config;
+mod discovered;
 mod gateway;
 mod plugins;
 mod proxy;
