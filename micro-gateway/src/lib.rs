@@ -44,6 +44,7 @@
 //!
 //! None yet: everything above is always built.
 
+pub mod compose;
 pub mod config;
 pub mod error;
 pub mod gateway;

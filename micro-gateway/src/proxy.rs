@@ -283,8 +283,21 @@ impl Proxy {
         }
     }
 
+    /// This proxy with [`ProxyConfig::preserve_host`] set, sharing its connection pool,
+    /// balancer and circuit breaker: for routes to the same upstream that differ only there.
+    pub fn with_preserve_host(mut self, preserve: bool) -> Self {
+        if self.config.preserve_host != preserve {
+            Arc::make_mut(&mut self.config).preserve_host = preserve;
+        }
+        self
+    }
+
     async fn forward(self, request: Request<Body>) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
+        let route: Arc<str> = parts
+            .extensions
+            .get::<crate::gateway::MatchedRoute>()
+            .map_or_else(|| Arc::from(""), |matched| matched.name.clone());
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -344,6 +357,7 @@ impl Proxy {
         parts.extensions.insert(Attempts::new());
         let mut body = Some(body);
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         let outcome = loop {
             attempt += 1;
             let this_body = if attempt == attempts {
@@ -360,13 +374,36 @@ impl Proxy {
                 Err(error) => break Err(error),
             }
         };
+        metrics::histogram!(
+            "micro_gateway_upstream_duration_seconds",
+            "route" => route.to_string(),
+            "upstream" => self.target(),
+        )
+        .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Body::new(body))
             }
-            Err(error) => self.failure(&*error),
+            Err(error) => {
+                let response = self.failure(&*error);
+                let reason = response
+                    .extensions()
+                    .get::<crate::error::ErrorCode>()
+                    .map_or_else(
+                        || "upstream_failed".to_owned(),
+                        |code| code.as_str().to_owned(),
+                    );
+                metrics::counter!(
+                    "micro_gateway_upstream_errors_total",
+                    "route" => route.to_string(),
+                    "upstream" => self.target(),
+                    "reason" => reason,
+                )
+                .increment(1);
+                response
+            }
         }
     }
 
