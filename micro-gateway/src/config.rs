@@ -317,6 +317,15 @@ impl ConfigError {
         }
     }
 
+    pub(crate) fn unreadable(path: &std::path::Path, error: impl fmt::Display) -> Self {
+        Self::at(path.display().to_string(), format!("cannot read: {error}"))
+    }
+
+    pub(crate) fn in_file(mut self, path: &std::path::Path) -> Self {
+        self.place = format!("{}: {}", path.display(), self.place);
+        self
+    }
+
     /// Where in the file: a path such as `services[0].routes[1].paths[0]`, with the line
     /// and column when known.
     pub fn place(&self) -> &str {
@@ -466,13 +475,8 @@ impl DeclarativeConfig {
     ///
     /// When the file cannot be read, or as [`from_yaml`](Self::from_yaml).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::at(path.display().to_string(), format!("cannot read: {e}"))
-        })?;
-        Self::from_yaml(&text).map_err(|mut e| {
-            e.place = format!("{}: {}", path.display(), e.place);
-            e
-        })
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, e))?;
+        Self::from_yaml(&text).map_err(|e| e.in_file(path))
     }
 
     /// Checks everything and builds the gateway, for services with fixed URLs only.
@@ -534,16 +538,17 @@ impl DeclarativeConfig {
         }
 
         // One proxy per service, so that its routes share connections, balancer and breaker.
-        let mut proxies: Vec<Option<Proxy>> = vec![None; self.services.len()];
-        let mut proxy_of = |index: usize| -> Result<Proxy, ConfigError> {
-            if let Some(proxy) = &proxies[index] {
-                return Ok(proxy.clone());
-            }
-            let proxy = proxy(&self.services[index], resources)
-                .map_err(|reason| ConfigError::at(format!("services[{index}]"), reason))?;
-            proxies[index] = Some(proxy.clone());
-            Ok(proxy)
-        };
+        // Every service is checked, whether a route uses it yet or not.
+        let proxies = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(index, service)| {
+                proxy(service, resources)
+                    .map_err(|reason| ConfigError::at(format!("services[{index}]"), reason))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let proxy_of = |index: usize| -> Result<Proxy, ConfigError> { Ok(proxies[index].clone()) };
 
         for (place, route, service_index) in routes {
             let service = &self.services[service_index];
