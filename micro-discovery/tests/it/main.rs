@@ -4,6 +4,7 @@
 
 mod balance;
 mod conformance;
+mod etcd;
 mod host;
 mod memory;
 mod static_list;
