@@ -51,7 +51,7 @@
 //! | [`memory`] | always | yes | yes | the embedded default; TTLs on Tokio time, HTTP checks run in-process |
 //! | [`static_list`] | always | — | yes | a fixed list from configuration |
 //! | [`etcd`] | `etcd` | yes | yes | etcd v3: leases with keep-alive, watch on a key prefix; needs `protoc` to build |
-//! | `consul` | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
+//! | [`consul`] | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
 //!
 //! Every backend passes one conformance suite (`tests/it/conformance.rs`): the etcd
 //! backend against a real etcd server (Debian's etcd-server, started by
@@ -89,6 +89,8 @@ mod registry;
 
 pub mod balance;
 pub mod client;
+#[cfg(feature = "consul")]
+pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod host;

@@ -140,7 +140,12 @@ pub(crate) async fn kill_one_of_three(
         .configure(|client| client.timeout(Duration::from_secs(2)))
         .build()
         .unwrap();
-    assert_eq!(client.balancer().ready().await.unwrap(), 3);
+    client.balancer().ready().await.unwrap();
+    // Where checks start critical (Consul), instances join after their first check.
+    eventually(Duration::from_secs(5), "three instances", || async {
+        client.balancer().endpoints().len() == 3
+    })
+    .await;
 
     // Four callers, bounded in count, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
