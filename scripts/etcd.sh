@@ -3,8 +3,9 @@
 #
 # Idempotent: an etcd already answering on the port is reused. The port is fixed but
 # unusual (23790, or MICRO_ETCD_PORT), so it never meets a system etcd on 2379; its peer
-# port is the next one. Data and log live in $MICRO_SERVERS_DIR/etcd
-# (default /var/tmp/micro-servers/etcd); remove that directory for a fresh store.
+# port is the next one. Data, log and pid file live in $MICRO_SERVERS_DIR/etcd
+# (default /var/tmp/micro-servers/etcd). It is a test server: a newly started etcd
+# begins with an empty store.
 
 etcd_up() {
     local port="${MICRO_ETCD_PORT:-23790}"
@@ -18,6 +19,7 @@ etcd_up() {
     mkdir -p "$dir"
 
     if ! etcd_answers "$endpoint"; then
+        rm -rf "$dir/data"
         echo "etcd.sh: starting etcd on $endpoint (log: $dir/etcd.log)" >&2
         # Debian's package starts a system etcd through systemd; this one is ours alone.
         nohup etcd \
@@ -31,17 +33,22 @@ etcd_up() {
             --auto-compaction-retention 1h \
             >>"$dir/etcd.log" 2>&1 &
         echo $! >"$dir/etcd.pid"
-        local deadline=$((SECONDS + 30))
-        until etcd_answers "$endpoint"; do
-            if ((SECONDS >= deadline)); then
-                echo "error: etcd did not answer on $endpoint; see $dir/etcd.log" >&2
-                tail -n 20 "$dir/etcd.log" >&2
-                return 1
-            fi
-            sleep 0.2
-        done
+        etcd_wait "$endpoint" "$dir" || return 1
     fi
     export MICRO_TEST_ETCD_ENDPOINT="$endpoint"
+}
+
+# Waits up to 30 s for the etcd at $1 (logging to $2/etcd.log) to answer.
+etcd_wait() {
+    local deadline=$((SECONDS + 30))
+    until etcd_answers "$1"; do
+        if ((SECONDS >= deadline)); then
+            echo "error: etcd did not answer on $1; see $2/etcd.log" >&2
+            tail -n 20 "$2/etcd.log" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
 }
 
 # Whether an etcd answers its health endpoint at $1.

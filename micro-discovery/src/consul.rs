@@ -797,9 +797,15 @@ impl WatchState {
                 tokio::time::sleep(backoff).await;
             }
             let inner = self.inner.upgrade()?;
+            let started = tokio::time::Instant::now();
             match inner.health(&self.service, self.index).await {
                 Ok((set, index)) => {
                     self.backoff = None;
+                    if self.index > 0 && index == self.index && started.elapsed() < inner.wait / 2 {
+                        // Nothing changed, yet the query did not block: an agent that
+                        // ignores the index. Do not spin.
+                        tokio::time::sleep(FIRST_BACKOFF).await;
+                    }
                     // Consul's rules: an index that goes backwards starts over, and one
                     // below 1 must not be blocked on.
                     self.index = if index < self.index { 0 } else { index.max(1) };

@@ -213,6 +213,10 @@ impl Record {
 impl EtcdRegistry {
     /// Connects to the endpoints in `config`.
     ///
+    /// Without credentials the connection is made lazily: an etcd that is down does not
+    /// fail this call, and calls fail with [`Error::Unavailable`] until it is up. With
+    /// credentials, the token is fetched here, so etcd must answer.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidRegistration`] for an empty endpoint list or prefix, and

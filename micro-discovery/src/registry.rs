@@ -132,8 +132,8 @@ impl Registration {
 ///
 /// Backends: [`MemoryRegistry`](crate::memory::MemoryRegistry), and behind features
 /// [`EtcdRegistry`](crate::etcd::EtcdRegistry) (feature `etcd`) and
-/// [`ConsulRegistry`](crate::consul::ConsulRegistry) (feature `consul`). The trait is dyn-compatible:
-/// services hold an `Arc<dyn Registry>` chosen by configuration.
+/// [`ConsulRegistry`](crate::consul::ConsulRegistry) (feature `consul`). The trait is
+/// dyn-compatible: services hold an `Arc<dyn Registry>` chosen by configuration.
 ///
 /// Instances are named by service and id. Calls on an instance that is not registered
 /// (its TTL lapsed, say) fail with [`Error::NotRegistered`]; registering again is the

@@ -173,6 +173,22 @@ impl Shared {
     }
 }
 
+/// Counts a blocked query for as long as it lives, even when its client goes away.
+struct Blocked<'a>(&'a Shared);
+
+impl<'a> Blocked<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.lock().blocked += 1;
+        Self(shared)
+    }
+}
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        self.0.lock().blocked -= 1;
+    }
+}
+
 fn forbidden() -> Response {
     (StatusCode::FORBIDDEN, "Permission denied: token not found").into_response()
 }
@@ -520,9 +536,8 @@ async fn health(
             Some(Err(_)) => return bad_request("Invalid wait"),
         };
         let mut receiver = shared.index.subscribe();
-        shared.lock().blocked += 1;
+        let _blocked = Blocked::new(&shared);
         let _ = tokio::time::timeout(wait, receiver.wait_for(|current| *current > index)).await;
-        shared.lock().blocked -= 1;
     }
     let passing_only = query.contains_key("passing");
     let index = *shared.index.borrow();
