@@ -131,8 +131,8 @@
 //!
 //! | feature | default | what it enables |
 //! |---|---|---|
-//! | `postgres` | no | `PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
-//! | `embedded` | no | `EmbeddedSagaLog`, the saga log in a redb file on local disk |
+//! | `postgres` | no | `log::PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
+//! | `embedded` | no | `log::EmbeddedSagaLog`, the saga log in a redb file on local disk |
 //! | `testkit` | no | [`testkit`], to drive a saga step by step in tests and inject faults |
 //!
 //! The memory log ([`MemorySagaLog`]) and the saga state machine are always
@@ -162,3 +162,14 @@ pub use policy::StepPolicy;
 pub use state::{NextAction, SagaInstance, SagaStatus, StepState, StepStatus};
 pub use step::{idempotency_key, Phase, StepContext, StepError, StepOutput, StepTimedOut};
 pub use transition::Transition;
+
+/// The guide's chapter on sagas (`docs/src/sagas.md`), whose examples run as
+/// doctests here.
+#[cfg(all(
+    doctest,
+    feature = "postgres",
+    feature = "embedded",
+    feature = "testkit"
+))]
+#[doc = include_str!("../../docs/src/sagas.md")]
+pub struct Guide;
