@@ -29,6 +29,10 @@
 //!   the log keeps so that recovered steps stay in the same trace.
 //! - The saga log has a memory backend and, behind features, PostgreSQL and an
 //!   embedded one on local disk ([`log`]).
+//! - A step may call a service over HTTP (micro-core's client, which sends
+//!   the idempotency key), or send a command event and wait for the reply
+//!   event with a timeout ([`reply::RequestReply`], which works over any
+//!   publisher and subscriber).
 //! - [`testkit`] (feature `testkit`) drives a definition step by step in a
 //!   unit test, injects failures and timeouts, and records the commands.
 //!
@@ -145,6 +149,7 @@ pub mod log;
 pub mod metrics;
 mod orchestrator;
 mod policy;
+pub mod reply;
 mod state;
 mod step;
 #[cfg(feature = "testkit")]

@@ -7,5 +7,6 @@ mod crash;
 mod durable;
 mod orchestrator;
 mod properties;
+mod reply;
 mod support;
 mod testkit;
