@@ -2,7 +2,7 @@
 //! the memory, embedded (redb) and PostgreSQL logs, side by side in one run.
 //!
 //! - `saga_throughput`: 32 sagas of 4 steps started at once and awaited (the
-//!   figure is per saga);
+//!   figure is per saga); PostgreSQL with one connection and with four;
 //! - `saga_steps`: one saga of 1 and of 9 steps at a time; the difference
 //!   over 8 is the overhead of one step (two log writes: started, succeeded).
 //!
@@ -37,14 +37,21 @@ struct Backend {
     orchestrator: Orchestrator,
 }
 
-async fn postgres(schema: &str) -> Arc<PostgresSagaLog> {
+async fn connect() -> Arc<tokio_postgres::Client> {
     let url = std::env::var("MICRO_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
     tokio::spawn(connection);
-    let log = PostgresSagaLog::with_schema(Arc::new(client), schema).expect("schema");
+    Arc::new(client)
+}
+
+async fn postgres(schema: &str, connections: usize) -> Arc<PostgresSagaLog> {
+    let mut log = PostgresSagaLog::with_schema(connect().await, schema).expect("schema");
+    for _ in 1..connections {
+        log = log.with_client(connect().await);
+    }
     log.install().await.expect("install");
     Arc::new(log)
 }
@@ -57,15 +64,17 @@ fn sagas(c: &mut Criterion) {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let schema = format!("saga_bench_{}", std::process::id());
-    let pg = runtime.block_on(postgres(&schema));
+    let pg = runtime.block_on(postgres(&schema, 1));
+    let pg4 = runtime.block_on(postgres(&schema, 4));
     let definitions = [saga(1), saga(4), saga(9)];
-    let logs: [(&'static str, Arc<dyn SagaLog>); 3] = [
+    let logs: [(&'static str, Arc<dyn SagaLog>); 4] = [
         ("memory", Arc::new(MemorySagaLog::new())),
         (
             "embedded",
             Arc::new(EmbeddedSagaLog::open(dir.path().join("sagas.redb")).expect("redb")),
         ),
         ("postgres", pg.clone()),
+        ("postgres_4_connections", pg4),
     ];
     let backends: Vec<Backend> = logs
         .into_iter()
@@ -108,7 +117,10 @@ fn sagas(c: &mut Criterion) {
     let mut group = c.benchmark_group("saga_steps");
     group.measurement_time(Duration::from_secs(5));
     group.sample_size(10);
-    for backend in &backends {
+    for backend in backends
+        .iter()
+        .filter(|b| b.name != "postgres_4_connections")
+    {
         for def in [&definitions[0], &definitions[2]] {
             let steps = def.step_names().len();
             group.bench_function(BenchmarkId::new(backend.name, steps), |b| {

@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -23,7 +24,10 @@ use crate::transition::Transition;
 ///
 /// Every write is a single SQL statement, so it is atomic without an explicit
 /// transaction, and many sagas can share one [`Client`], whose requests are
-/// pipelined. An append updates the saga row only `WHERE version =` the
+/// pipelined. One connection commits one write after the other, though, each
+/// waiting for its WAL flush; give the log more connections with
+/// [`with_client`](Self::with_client) and it spreads the writes over them, so
+/// that PostgreSQL flushes the commits of concurrent sagas together. An append updates the saga row only `WHERE version =` the
 /// expected one: of two orchestrators racing to advance a saga, PostgreSQL
 /// lets exactly one update match, and the other gets
 /// [`LogError::Conflict`]. The primary key on `(saga_id, seq)` backs this up.
@@ -46,9 +50,24 @@ use crate::transition::Transition;
 /// # }
 /// ```
 pub struct PostgresSagaLog {
-    client: Arc<Client>,
+    connections: Vec<Connection>,
+    next: AtomicUsize,
     schema: String,
+}
+
+/// A client, and the log's statements prepared on its connection.
+struct Connection {
+    client: Arc<Client>,
     statements: OnceCell<Statements>,
+}
+
+impl Connection {
+    fn new(client: Arc<Client>) -> Self {
+        Connection {
+            client,
+            statements: OnceCell::new(),
+        }
+    }
 }
 
 struct Statements {
@@ -67,9 +86,9 @@ impl PostgresSagaLog {
     /// `client`.
     pub fn new(client: Arc<Client>) -> Self {
         PostgresSagaLog {
-            client,
+            connections: vec![Connection::new(client)],
+            next: AtomicUsize::new(0),
             schema: Self::DEFAULT_SCHEMA.to_owned(),
-            statements: OnceCell::new(),
         }
     }
 
@@ -91,10 +110,17 @@ impl PostgresSagaLog {
             return Err(LogError::InvalidSchema { schema });
         }
         Ok(PostgresSagaLog {
-            client,
+            connections: vec![Connection::new(client)],
+            next: AtomicUsize::new(0),
             schema,
-            statements: OnceCell::new(),
         })
+    }
+
+    /// Adds a client (on its own connection) for the log to spread its
+    /// reads and writes over.
+    pub fn with_client(mut self, client: Arc<Client>) -> Self {
+        self.connections.push(Connection::new(client));
+        self
     }
 
     /// The schema the tables are in.
@@ -102,9 +128,9 @@ impl PostgresSagaLog {
         &self.schema
     }
 
-    /// The client.
+    /// The first client, the one [`install`](Self::install) uses.
     pub fn client(&self) -> &Arc<Client> {
-        &self.client
+        &self.connections[0].client
     }
 
     /// Creates the schema and its tables and indexes if they do not exist.
@@ -143,20 +169,25 @@ impl PostgresSagaLog {
              );
              COMMIT;"
         );
-        let result = self.client.batch_execute(&ddl).await;
+        let client = self.client();
+        let result = client.batch_execute(&ddl).await;
         if result.is_err() {
             // The failed statement left the transaction aborted; end it so the
             // shared connection stays usable.
-            let _ = self.client.batch_execute("ROLLBACK").await;
+            let _ = client.batch_execute("ROLLBACK").await;
         }
         Ok(result?)
     }
 
-    async fn statements(&self) -> Result<&Statements, LogError> {
-        self.statements
+    /// The next connection in turn, with its statements.
+    async fn connection(&self) -> Result<(&Client, &Statements), LogError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let conn = &self.connections[i];
+        let statements = conn
+            .statements
             .get_or_try_init(|| async {
                 let s = &self.schema;
-                let c = &self.client;
+                let c = &conn.client;
                 Ok::<_, LogError>(Statements {
                     create: c
                         .prepare(&format!(
@@ -204,12 +235,13 @@ impl PostgresSagaLog {
                         .await?,
                 })
             })
-            .await
+            .await?;
+        Ok((&conn.client, statements))
     }
 
     async fn list(&self, statuses: &[&str]) -> Result<Vec<SagaSummary>, LogError> {
-        let st = self.statements().await?;
-        let rows = self.client.query(&st.by_status, &[&statuses]).await?;
+        let (client, st) = self.connection().await?;
+        let rows = client.query(&st.by_status, &[&statuses]).await?;
         rows.iter()
             .map(|row| {
                 let saga_id: String = row.try_get(0)?;
@@ -244,6 +276,7 @@ impl fmt::Debug for PostgresSagaLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresSagaLog")
             .field("schema", &self.schema)
+            .field("connections", &self.connections.len())
             .finish_non_exhaustive()
     }
 }
@@ -251,10 +284,9 @@ impl fmt::Debug for PostgresSagaLog {
 impl SagaLog for PostgresSagaLog {
     fn create<'a>(&'a self, saga: &'a NewSaga) -> BoxFuture<'a, Result<(), LogError>> {
         Box::pin(async move {
-            let st = self.statements().await?;
+            let (client, st) = self.connection().await?;
             let started = to_json(&saga.saga_id, &saga.started)?;
-            let inserted = self
-                .client
+            let inserted = client
                 .execute(
                     &st.create,
                     &[
@@ -279,12 +311,11 @@ impl SagaLog for PostgresSagaLog {
     fn append<'a>(&'a self, append: &'a Append) -> BoxFuture<'a, Result<u64, LogError>> {
         Box::pin(async move {
             validate_append(append)?;
-            let st = self.statements().await?;
+            let (client, st) = self.connection().await?;
             let transitions = to_json(&append.saga_id, &append.transitions)?;
             let expected = append.expected_version as i64;
             let new_version = append.new_version() as i64;
-            let inserted = self
-                .client
+            let inserted = client
                 .execute(
                     &st.append,
                     &[
@@ -300,8 +331,7 @@ impl SagaLog for PostgresSagaLog {
             if inserted == append.transitions.len() as u64 {
                 return Ok(append.new_version());
             }
-            let actual: Option<i64> = self
-                .client
+            let actual: Option<i64> = client
                 .query_opt(&st.version, &[&append.saga_id])
                 .await?
                 .map(|row| row.try_get(0))
@@ -321,8 +351,8 @@ impl SagaLog for PostgresSagaLog {
 
     fn load<'a>(&'a self, saga_id: &'a str) -> BoxFuture<'a, Result<Option<SagaRecord>, LogError>> {
         Box::pin(async move {
-            let st = self.statements().await?;
-            let Some(row) = self.client.query_opt(&st.load, &[&saga_id]).await? else {
+            let (client, st) = self.connection().await?;
+            let Some(row) = client.query_opt(&st.load, &[&saga_id]).await? else {
                 return Ok(None);
             };
             let corrupt = |source| LogError::Corrupt {

@@ -362,7 +362,10 @@ mod postgres {
 
     pub(crate) async fn fixture() -> Fixture {
         let db = crate::support::pg::TestSchema::new().await;
-        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema).unwrap();
+        // Two connections, so that racing writers race in PostgreSQL itself.
+        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema)
+            .unwrap()
+            .with_client(crate::support::pg::connect().await);
         log.install().await.unwrap();
         // Installing again changes nothing.
         log.install().await.unwrap();
