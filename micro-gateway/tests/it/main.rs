@@ -3,6 +3,7 @@
 mod binary;
 mod config;
 mod gateway;
+mod jwt;
 mod plugins;
 mod proxy;
 mod support;
