@@ -13,6 +13,7 @@ pub mod body_limit;
 pub mod cors;
 pub mod ip_restriction;
 pub mod jwt;
+pub mod rate_limit;
 pub mod transform;
 
 mod rejections;

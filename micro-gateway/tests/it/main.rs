@@ -6,4 +6,6 @@ mod gateway;
 mod jwt;
 mod plugins;
 mod proxy;
+mod rate_limit;
+mod rate_limit_redis;
 mod support;
