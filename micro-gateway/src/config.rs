@@ -20,12 +20,13 @@
 //!       origins: ["https://shop.example"]
 //! ```
 //!
-//! Supported plugins: `cors`, `ip-restriction`, `request-size-limiting`,
-//! `request-transformer`, `response-transformer` and `access-log`. As in Kong, a plugin
-//! configured on a route overrides the same plugin on its service, which overrides a global
-//! one. They run in a fixed order, outermost first: `access-log`, `response-transformer`
-//! (so it edits the gateway's own rejections too), `cors`, `ip-restriction`,
-//! `request-size-limiting`, `request-transformer`.
+//! Supported plugins: `cors`, `jwt`, `ip-restriction`, `request-size-limiting`,
+//! `rate-limiting`, `request-transformer`, `response-transformer` and `access-log`. As in
+//! Kong, a plugin configured on a route overrides the same plugin on its service, which
+//! overrides a global one. They run in a fixed order, outermost first: `access-log`, `response-transformer`
+//! (so it edits the gateway's own rejections too), `cors`, `jwt`, `ip-restriction`,
+//! `request-size-limiting`, `rate-limiting` (after `jwt`, so it can count by the token's
+//! subject), `request-transformer`.
 //!
 //! Every error names the place in the file: `services[0].routes[1].paths[0]: invalid route
 //! pattern ...`, with the line and column where the YAML parser can tell them.
@@ -46,6 +47,8 @@ use crate::plugins::access_log::AccessLogLayer;
 use crate::plugins::body_limit::{BodyLimitConfig, BodyLimitLayer};
 use crate::plugins::cors::CorsConfig;
 use crate::plugins::ip_restriction::{IpRestrictionConfig, IpRestrictionLayer};
+use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
+use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
 use crate::plugins::transform::{HeaderTransform, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
 
@@ -71,6 +74,9 @@ pub struct DeclarativeConfig {
     /// Plugins for every route.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
+    /// Kong's consumers; their `jwt_secrets` are keys of every `jwt` plugin.
+    #[serde(default)]
+    pub consumers: Vec<JwtConsumer>,
 }
 
 /// An upstream service: where it is and how to talk to it.
@@ -237,8 +243,10 @@ const PLUGINS: &[&str] = &[
     "access-log",
     "response-transformer",
     "cors",
+    "jwt",
     "ip-restriction",
     "request-size-limiting",
+    "rate-limiting",
     "request-transformer",
 ];
 
@@ -250,10 +258,16 @@ enum Plugin {
     BodyLimit(BodyLimitLayer),
     RequestTransform(TransformLayer),
     ResponseTransform(TransformLayer),
+    Jwt(JwtAuthLayer),
+    RateLimit(RateLimitLayer),
 }
 
 impl Plugin {
-    fn resolve(spec: &PluginSpec, place: &str) -> Result<Self, ConfigError> {
+    fn resolve(
+        spec: &PluginSpec,
+        place: &str,
+        consumers: &[JwtConsumer],
+    ) -> Result<Self, ConfigError> {
         fn typed<T: serde::de::DeserializeOwned>(
             spec: &PluginSpec,
             place: &str,
@@ -300,6 +314,26 @@ impl Plugin {
                     spec, place,
                 )?))
             }
+            "jwt" => Self::Jwt(
+                typed::<JwtConfig>(spec, place)?
+                    .with_consumers(consumers)
+                    .layer()
+                    .map_err(|e| {
+                        let at = if e.field().starts_with("consumers[") {
+                            e.field().to_owned()
+                        } else {
+                            format!("{place}.config.{}", e.field())
+                        };
+                        ConfigError::at(at, e.reason())
+                    })?,
+            ),
+            "rate-limiting" => Self::RateLimit(
+                typed::<RateLimitConfig>(spec, place)?
+                    .layer()
+                    .map_err(|e| {
+                        ConfigError::at(format!("{place}.config.{}", e.field()), e.reason())
+                    })?,
+            ),
             other => {
                 return Err(ConfigError::at(
                     format!("{place}.name"),
@@ -321,6 +355,8 @@ impl Plugin {
             Self::RequestTransform(layer) | Self::ResponseTransform(layer) => {
                 BoxCloneSyncService::new(layer.layer(inner))
             }
+            Self::Jwt(layer) => BoxCloneSyncService::new(layer.layer(inner)),
+            Self::RateLimit(layer) => BoxCloneSyncService::new(layer.layer(inner)),
         }
     }
 }
@@ -463,7 +499,7 @@ impl DeclarativeConfig {
             }
             let mut plugins = Vec::new();
             for (plugin_place, spec) in chosen.values() {
-                let plugin = Plugin::resolve(spec, plugin_place)?;
+                let plugin = Plugin::resolve(spec, plugin_place, &self.consumers)?;
                 if spec.enabled {
                     let rank = PLUGINS
                         .iter()

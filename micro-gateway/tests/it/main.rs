@@ -2,6 +2,7 @@
 
 mod binary;
 mod config;
+mod config_auth;
 mod gateway;
 mod jwt;
 mod plugins;

@@ -84,6 +84,31 @@ pub struct JwtConfig {
     pub max_token_size: usize,
     /// Kong's anonymous consumer; not supported, accepted only when empty.
     pub anonymous: Option<String>,
+    /// Consumers whose `jwt_secrets` are keys too (from the declarative file's
+    /// `consumers`).
+    #[serde(skip)]
+    pub consumers: Vec<JwtConsumer>,
+}
+
+/// A Kong consumer and its JWT credentials (`consumers[].jwt_secrets` in a declarative
+/// file). A token verified with one of its keys names it upstream in
+/// `X-Consumer-Username`, and the rate limiter counts it by that name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct JwtConsumer {
+    /// The consumer's name.
+    pub username: Option<String>,
+    /// Kong's `custom_id`, used when there is no `username`.
+    pub custom_id: Option<String>,
+    /// Kong's id; accepted and ignored.
+    pub id: Option<String>,
+    /// Kong's tags; accepted and ignored.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Its keys, each selected by `key` against the token's `key_claim_name` claim.
+    #[serde(default)]
+    pub jwt_secrets: Vec<KeyConfig>,
 }
 
 impl Default for JwtConfig {
@@ -109,6 +134,7 @@ impl Default for JwtConfig {
             required_scopes: Vec::new(),
             max_token_size: 8192,
             anonymous: None,
+            consumers: Vec::new(),
         }
     }
 }
@@ -133,6 +159,12 @@ pub struct KeyConfig {
     /// The public key PEM, for `RS*`, `ES*` and `EdDSA` (Kong's name; `public_key` too).
     #[serde(default, alias = "public_key")]
     pub rsa_public_key: Option<String>,
+    /// Kong's credential id; accepted and ignored.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Kong's tags; accepted and ignored.
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 fn hs256() -> String {
@@ -148,6 +180,8 @@ impl KeyConfig {
             algorithm: algorithm.to_owned(),
             secret: Some(secret.into()),
             rsa_public_key: None,
+            id: None,
+            tags: Vec::new(),
         }
     }
 
@@ -159,6 +193,8 @@ impl KeyConfig {
             algorithm: algorithm.to_owned(),
             secret: None,
             rsa_public_key: Some(pem.into()),
+            id: None,
+            tags: Vec::new(),
         }
     }
 
@@ -201,6 +237,12 @@ pub(super) fn parse_algorithm(name: &str) -> Option<Algorithm> {
 }
 
 impl JwtConfig {
+    /// Adds the keys of these consumers.
+    pub fn with_consumers(mut self, consumers: &[JwtConsumer]) -> Self {
+        self.consumers.extend_from_slice(consumers);
+        self
+    }
+
     /// A configuration with Kong's defaults and these keys.
     pub fn with_keys(keys: impl IntoIterator<Item = KeyConfig>) -> Self {
         Self {
@@ -232,10 +274,15 @@ impl JwtConfig {
                 "anonymous consumers are not supported",
             ));
         }
-        if self.keys.is_empty() && self.jwks_url.is_none() {
+        let consumer_keys = self
+            .consumers
+            .iter()
+            .map(|c| c.jwt_secrets.len())
+            .sum::<usize>();
+        if self.keys.is_empty() && self.jwks_url.is_none() && consumer_keys == 0 {
             return Err(JwtConfigError::new(
                 "keys",
-                "give `keys`, a `jwks_url`, or both",
+                "no key: give `keys`, a `jwks_url`, or consumers with `jwt_secrets`",
             ));
         }
         for (i, claim) in self.claims_to_verify.iter().enumerate() {
@@ -261,9 +308,17 @@ impl JwtConfig {
         }
         let mut keys = Vec::with_capacity(self.keys.len());
         for (i, key) in self.keys.iter().enumerate() {
-            keys.push(self.static_key(key).map_err(|(field, reason)| {
+            keys.push(self.static_key(key, None).map_err(|(field, reason)| {
                 JwtConfigError::new(format!("keys[{i}]{field}"), reason)
             })?);
+        }
+        for (c, consumer) in self.consumers.iter().enumerate() {
+            let name = consumer.username.as_ref().or(consumer.custom_id.as_ref());
+            for (i, key) in consumer.jwt_secrets.iter().enumerate() {
+                keys.push(self.static_key(key, name).map_err(|(field, reason)| {
+                    JwtConfigError::new(format!("consumers[{c}].jwt_secrets[{i}]{field}"), reason)
+                })?);
+            }
         }
         let jwks = match &self.jwks_url {
             None => None,
@@ -316,7 +371,11 @@ impl JwtConfig {
         validation
     }
 
-    fn static_key(&self, key: &KeyConfig) -> Result<StaticKey, (&'static str, String)> {
+    fn static_key(
+        &self,
+        key: &KeyConfig,
+        consumer: Option<&String>,
+    ) -> Result<StaticKey, (&'static str, String)> {
         let algorithm = parse_algorithm(&key.algorithm).ok_or_else(|| {
             (
                 ".algorithm",
@@ -370,6 +429,7 @@ impl JwtConfig {
         Ok(StaticKey {
             kid: key.kid.clone(),
             key: key.key.clone(),
+            consumer: consumer.map(|name| name.as_str().into()),
             resolved: std::sync::Arc::new(ResolvedKey {
                 algorithms: vec![algorithm],
                 decoding,

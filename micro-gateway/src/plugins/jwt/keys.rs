@@ -27,6 +27,7 @@ pub(crate) struct ResolvedKey {
 pub(crate) struct StaticKey {
     pub(crate) kid: Option<String>,
     pub(crate) key: Option<String>,
+    pub(crate) consumer: Option<Arc<str>>,
     pub(crate) resolved: Arc<ResolvedKey>,
 }
 

@@ -53,36 +53,50 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
 
-pub use self::config::{JwtConfig, KeyConfig};
+pub use self::config::{JwtConfig, JwtConsumer, KeyConfig};
 pub use self::error::{JwksError, JwtConfigError, JwtError};
 use self::keys::{JwksCache, ResolvedKey, StaticKey};
 use super::rejections::count_rejection;
 use super::HttpService;
 use crate::error::error_response;
 
+/// The header naming the consumer whose key verified the token, as Kong sends it.
+const CONSUMER_USERNAME: &str = "x-consumer-username";
+
 /// The claims of a verified token, put in the request's extensions by [`JwtAuth`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct VerifiedClaims(Arc<Map<String, Value>>);
+pub struct VerifiedClaims {
+    claims: Arc<Map<String, Value>>,
+    consumer: Option<Arc<str>>,
+}
 
 impl VerifiedClaims {
     /// Wraps claims that were verified.
     pub fn new(claims: Map<String, Value>) -> Self {
-        Self(Arc::new(claims))
+        Self {
+            claims: Arc::new(claims),
+            consumer: None,
+        }
+    }
+
+    /// The consumer whose key verified the token, for keys from Kong's `consumers`.
+    pub fn consumer(&self) -> Option<&str> {
+        self.consumer.as_deref()
     }
 
     /// The `sub` claim, when it is a string.
     pub fn subject(&self) -> Option<&str> {
-        self.0.get("sub").and_then(Value::as_str)
+        self.claims.get("sub").and_then(Value::as_str)
     }
 
     /// A claim by name.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.0.get(name)
+        self.claims.get(name)
     }
 
     /// Every claim.
     pub fn as_map(&self) -> &Map<String, Value> {
-        &self.0
+        &self.claims
     }
 
     /// The scopes and roles the token holds: the words of `scope` (or of `scp` when it is
@@ -90,7 +104,7 @@ impl VerifiedClaims {
     pub fn scopes(&self) -> impl Iterator<Item = &str> {
         ["scope", "scp", "roles"]
             .into_iter()
-            .filter_map(|name| self.0.get(name))
+            .filter_map(|name| self.claims.get(name))
             .flat_map(|value| -> Box<dyn Iterator<Item = &str> + '_> {
                 match value {
                     Value::String(words) => Box::new(words.split_whitespace()),
@@ -144,7 +158,7 @@ impl JwtVerifier {
             return Err(JwtError::TooLarge(inner.max_token_size));
         }
         let header = jsonwebtoken::decode_header(token).map_err(JwtError::Malformed)?;
-        let key = self.find_key(token, &header).await?;
+        let (key, consumer) = self.find_key(token, &header).await?;
         if !key.algorithms.contains(&header.alg) {
             return Err(JwtError::Algorithm);
         }
@@ -158,21 +172,25 @@ impl JwtVerifier {
                 return Err(JwtError::LifetimeTooLong(inner.maximum_expiration));
             }
         }
-        Ok(VerifiedClaims::new(data.claims))
+        Ok(VerifiedClaims {
+            claims: Arc::new(data.claims),
+            consumer,
+        })
     }
 
     async fn find_key(
         &self,
         token: &str,
         header: &jsonwebtoken::Header,
-    ) -> Result<Arc<ResolvedKey>, JwtError> {
+    ) -> Result<(Arc<ResolvedKey>, Option<Arc<str>>), JwtError> {
         let inner = &*self.inner;
+        let found = |key: &StaticKey| (key.resolved.clone(), key.consumer.clone());
         if let Some(kid) = &header.kid {
             if let Some(key) = inner.keys.iter().find(|k| k.kid.as_ref() == Some(kid)) {
-                return Ok(key.resolved.clone());
+                return Ok(found(key));
             }
             if let Some(jwks) = &inner.jwks {
-                return jwks.key(kid, &inner.template).await;
+                return Ok((jwks.key(kid, &inner.template).await?, None));
             }
             // A `kid` is only ignored where no key is named by one.
             if inner.keys.iter().any(|k| k.kid.is_some()) {
@@ -197,7 +215,7 @@ impl JwtVerifier {
                 });
             if let Some(named) = named {
                 if let Some(key) = inner.keys.iter().find(|k| k.key.as_ref() == Some(&named)) {
-                    return Ok(key.resolved.clone());
+                    return Ok(found(key));
                 }
             }
         }
@@ -212,7 +230,7 @@ impl JwtVerifier {
         }
         anonymous
             .find(|k| k.resolved.algorithms.contains(&header.alg))
-            .map(|k| k.resolved.clone())
+            .map(found)
             .ok_or(JwtError::Algorithm)
     }
 }
@@ -391,6 +409,12 @@ impl Policy {
     }
 
     fn forward(&self, request: &mut Request<Body>, claims: &VerifiedClaims) {
+        if let Some(value) = claims
+            .consumer()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            request.headers_mut().insert(CONSUMER_USERNAME, value);
+        }
         for (claim, name) in &self.forward {
             let text = match claims.get(claim) {
                 None | Some(Value::Null) => continue,
@@ -429,6 +453,7 @@ impl<S: HttpService> Service<Request<Body>> for JwtAuth<S> {
         for (_, name) in &policy.forward {
             request.headers_mut().remove(name);
         }
+        request.headers_mut().remove(CONSUMER_USERNAME);
         if request.method() == Method::OPTIONS && !policy.run_on_preflight {
             return Box::pin(inner.call(request));
         }

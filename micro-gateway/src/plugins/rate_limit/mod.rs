@@ -142,12 +142,13 @@ impl Limiter {
             Identity::Subject => request
                 .extensions()
                 .get::<VerifiedClaims>()
-                .and_then(VerifiedClaims::subject)
-                .map(|sub| {
-                    format!(
-                        "sub:{}",
-                        sub.chars().take(MAX_IDENTIFIER).collect::<String>()
-                    )
+                .and_then(|claims| {
+                    let (kind, name) = match claims.consumer() {
+                        Some(consumer) => ("consumer", consumer),
+                        None => ("sub", claims.subject()?),
+                    };
+                    let name: String = name.chars().take(MAX_IDENTIFIER).collect();
+                    Some(format!("{kind}:{name}"))
                 }),
             Identity::ApiKey(name) => header(name).map(|key| format!("key:{key}")),
             Identity::Header(name) => header(name).map(|value| format!("hdr:{value}")),
