@@ -22,9 +22,11 @@
 //! `specversion` other than `1.0`, non-JSON data or a malformed attribute is an
 //! [`Error`] that names the attribute.
 //!
-//! Publishers and subscribers, the in-memory and Kafka buses, the
-//! transactional outbox and the inbox come in later versions of this crate;
-//! they all carry this envelope.
+//! Events travel on a bus: a [`Publisher`] stores them in topics
+//! ([`PublisherExt::publish`]), a [`Subscriber`] hands them to a [`Handler`]
+//! as a member of a consumer group ([`SubscriberExt::subscribe`]), at least
+//! once, in order per key, with retries and a dead-letter topic. The
+//! [`MemoryBus`] is the embedded default.
 //!
 //! [CloudEvents 1.0]: https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/spec.md
 //!
@@ -75,13 +77,20 @@
 //!
 //! | feature | default | what it enables |
 //! |---|---|---|
-//! | *(none yet)* | | the envelope and both encodings are always available; backend features such as `kafka` arrive with the buses |
+//! | *(always)* | | the envelope, both encodings, the publish/subscribe API and the [`MemoryBus`] |
+//! | `kafka` | no | the Kafka backend (rdkafka with a bundled librdkafka; building it needs cmake) |
+//! | `postgres` | no | the PostgreSQL inbox and transactional outbox (tokio-postgres) |
 
 mod binary;
 mod error;
 mod event;
+pub mod memory;
+pub mod metrics;
+mod publish;
 mod raw;
+mod record;
 mod structured;
+mod subscribe;
 
 #[cfg(test)]
 mod test_support;
@@ -89,7 +98,14 @@ mod test_support;
 pub use binary::{CONTENT_TYPE_HEADER, HEADER_PREFIX};
 pub use error::{Error, Result};
 pub use event::{Event, EventBuilder, DATA_CONTENT_TYPE, SPEC_VERSION};
+pub use memory::MemoryBus;
+pub use publish::{Publisher, PublisherExt};
+pub use record::{Delivery, Headers, ReceivedRecord, Record};
 pub use structured::STRUCTURED_CONTENT_TYPE;
+pub use subscribe::{
+    dead_letter_headers, Handler, Received, Source, SubscribeOptions, Subscriber, SubscriberExt,
+    Subscription,
+};
 
 /// The CloudEvents names of the attributes this crate reads and writes.
 mod attr {
