@@ -102,6 +102,15 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A table name for the inbox or the outbox is not one or two lowercase
+    /// SQL identifiers (`outbox`, `orders.outbox`).
+    #[error("invalid table name `{table}`: use lowercase letters, digits and `_`, optionally `schema.table`")]
+    #[non_exhaustive]
+    InvalidTableName {
+        /// The name given.
+        table: String,
+    },
+
     /// A consumer's task ended abnormally (it panicked or was aborted).
     #[error("consumer task failed")]
     Task(#[source] tokio::task::JoinError),

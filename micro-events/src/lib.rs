@@ -84,8 +84,12 @@
 mod binary;
 mod error;
 mod event;
+pub mod inbox;
 pub mod memory;
 pub mod metrics;
+pub mod outbox;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod publish;
 mod raw;
 mod record;
@@ -98,7 +102,9 @@ mod test_support;
 pub use binary::{CONTENT_TYPE_HEADER, HEADER_PREFIX};
 pub use error::{Error, Result};
 pub use event::{Event, EventBuilder, DATA_CONTENT_TYPE, SPEC_VERSION};
+pub use inbox::{Inbox, MemoryInbox};
 pub use memory::MemoryBus;
+pub use outbox::MemoryOutbox;
 pub use publish::{Publisher, PublisherExt};
 pub use record::{Delivery, Headers, ReceivedRecord, Record};
 pub use structured::STRUCTURED_CONTENT_TYPE;

@@ -5,4 +5,6 @@
 
 mod conformance;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod support;
