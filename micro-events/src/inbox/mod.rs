@@ -7,13 +7,13 @@
 //!
 //! - When the handler's effects live in PostgreSQL, mark the event in the same
 //!   transaction as the effects with
-//!   [`PgInbox::claim`](crate::postgres::PgInbox::claim) (feature `postgres`):
+//!   `postgres::PgInbox::claim` (feature `postgres`):
 //!   the effect and the mark commit together or not at all, exactly once.
 //! - Otherwise wrap the handler with [`Inbox::deduplicate`]: the event is
 //!   marked after the handler succeeded, so a crash between the two still
 //!   repeats the effect; the window is small, not closed. The store is a
 //!   [`MemoryInbox`] or, with feature `postgres`,
-//!   [`PgInboxStore`](crate::postgres::PgInboxStore).
+//!   `postgres::PgInboxStore`.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;

@@ -8,7 +8,7 @@
 //! committed, marks it sent, and after a crash publishes again what it had not
 //! marked (downstream, the [inbox](crate::inbox) absorbs the duplicate).
 //!
-//! - [`PgOutbox`](crate::postgres::PgOutbox) (feature `postgres`) is the
+//! - `postgres::PgOutbox` (feature `postgres`) is the
 //!   transactional outbox in PostgreSQL, with a relay that several processes
 //!   can run at once.
 //! - [`MemoryOutbox`] is the embedded equivalent for the one-process default.
