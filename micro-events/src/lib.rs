@@ -89,6 +89,7 @@
 mod binary;
 mod error;
 mod event;
+pub mod host;
 pub mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -344,12 +344,10 @@ async fn dead_letter(
 }
 
 fn finished(shared: &Shared, record: &ReceivedRecord) {
-    let commit = shared
-        .tracker
-        .lock()
-        .expect("tracker lock")
-        .finished(record.partition, record.offset);
-    if let Some(next_offset) = commit {
+    // Commit under the tracker's lock, so that two lanes finishing at once
+    // cannot hand the source their offsets in the wrong order.
+    let mut tracker = shared.tracker.lock().expect("tracker lock");
+    if let Some(next_offset) = tracker.finished(record.partition, record.offset) {
         if let Err(e) = shared.source.commit(record.partition, next_offset) {
             tracing::warn!(
                 topic = %shared.ctx.topic, group = %shared.ctx.group,

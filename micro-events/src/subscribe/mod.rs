@@ -73,8 +73,9 @@ pub trait Source: Send + Sync {
     fn next(&self) -> BoxFuture<'_, Result<ReceivedRecord>>;
 
     /// Records that every record of `partition` before `next_offset` is
-    /// done: the group resumes at `next_offset`. Backends may send commits in
-    /// the background; [`close`](Source::close) flushes them.
+    /// done: the group resumes at `next_offset`. Called in order for each
+    /// partition, and must not block: backends send commits in the
+    /// background, and [`close`](Source::close) flushes them.
     fn commit(&self, partition: i32, next_offset: i64) -> Result<()>;
 
     /// Flushes pending commits and leaves the group; called once, when the
@@ -357,13 +358,8 @@ impl Subscription {
     /// and leaves the group. Events not handled yet are delivered again to
     /// the group later.
     ///
-    /// Fits micro-core's `ServiceHost` `before_drain` hook:
-    ///
-    /// ```ignore
-    /// host.before_drain("orders consumer", move || async move {
-    ///     subscription.shutdown().await.map_err(Into::into)
-    /// })
-    /// ```
+    /// [`ServiceHostBuilderExt::subscription`](crate::host::ServiceHostBuilderExt::subscription)
+    /// calls it in micro-core's `ServiceHost` shutdown sequence.
     ///
     /// # Errors
     ///

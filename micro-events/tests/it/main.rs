@@ -4,6 +4,7 @@
 //! modules (`memory`, `kafka`) run it.
 
 mod conformance;
+mod host;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
