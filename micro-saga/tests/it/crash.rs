@@ -52,10 +52,26 @@ async fn setup(client: &Client, s: &str) {
         .unwrap();
 }
 
-fn worker(schema: &str, halt_at: Option<u64>) -> Command {
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The sagas one after the other: each boundary number is one point.
+    Sequential,
+    /// The sagas all at once: the others are anywhere when one halts.
+    Concurrent,
+}
+
+fn worker(schema: &str, mode: Mode, halt_at: Option<u64>) -> Command {
     let mut cmd = Command::new(WORKER);
     cmd.env("MICRO_SAGA_CRASH_PG_URL", pg::url())
         .env("MICRO_SAGA_CRASH_SCHEMA", schema)
+        .env(
+            "MICRO_SAGA_CRASH_CONCURRENT",
+            if matches!(mode, Mode::Concurrent) {
+                "1"
+            } else {
+                "0"
+            },
+        )
         .env_remove("MICRO_SAGA_CRASH_HALT_AT")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -66,8 +82,8 @@ fn worker(schema: &str, halt_at: Option<u64>) -> Command {
 }
 
 /// Runs the worker to the end; returns how many boundaries it passed.
-async fn run_to_the_end(schema: &str) -> u64 {
-    let out = worker(schema, None).output().await.unwrap();
+async fn run_to_the_end(schema: &str, mode: Mode) -> u64 {
+    let out = worker(schema, mode, None).output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -83,8 +99,8 @@ async fn run_to_the_end(schema: &str) -> u64 {
 }
 
 /// Runs the worker until it halts at boundary `n`, and kills it there.
-async fn kill_at(schema: &str, n: u64) -> String {
-    let mut child = worker(schema, Some(n))
+async fn kill_at(schema: &str, mode: Mode, n: u64) -> String {
+    let mut child = worker(schema, mode, Some(n))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -220,20 +236,20 @@ async fn check_invariants(client: &Arc<Client>, s: &str, context: &str) {
     );
 }
 
-async fn scenario(halt_at: Option<u64>) -> u64 {
+async fn scenario(mode: Mode, halt_at: Option<u64>) -> u64 {
     let client = pg::connect().await;
     let schema = pg::fresh_schema("saga_crash");
     setup(&client, &schema).await;
     let context = match halt_at {
         Some(n) => {
-            let halted = kill_at(&schema, n).await;
-            run_to_the_end(&schema).await;
-            format!("killed at `{halted}`, then restarted")
+            let halted = kill_at(&schema, mode, n).await;
+            run_to_the_end(&schema, mode).await;
+            format!("{mode:?}: killed at `{halted}`, then restarted")
         }
-        None => "no crash".to_owned(),
+        None => format!("{mode:?}: no crash"),
     };
     let boundaries = if halt_at.is_none() {
-        run_to_the_end(&schema).await
+        run_to_the_end(&schema, mode).await
     } else {
         0
     };
@@ -245,9 +261,8 @@ async fn scenario(halt_at: Option<u64>) -> u64 {
     boundaries
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_at_every_step_boundary_finishes_every_saga_after_a_restart() {
-    assert_eq!(scenario(None).await, BOUNDARIES);
+async fn kill_at_every_boundary(mode: Mode) {
+    assert_eq!(scenario(mode, None).await, BOUNDARIES);
 
     let limit = Arc::new(tokio::sync::Semaphore::new(4));
     let mut runs = tokio::task::JoinSet::new();
@@ -255,10 +270,20 @@ async fn a_worker_killed_at_every_step_boundary_finishes_every_saga_after_a_rest
         let limit = limit.clone();
         runs.spawn(async move {
             let _permit = limit.acquire_owned().await.unwrap();
-            scenario(Some(n)).await
+            scenario(mode, Some(n)).await
         });
     }
     while let Some(run) = runs.join_next().await {
         run.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_at_every_step_boundary_finishes_every_saga_after_a_restart() {
+    kill_at_every_boundary(Mode::Sequential).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_running_sagas_concurrently_killed_at_every_boundary_recovers_them_all() {
+    kill_at_every_boundary(Mode::Concurrent).await;
 }
