@@ -13,7 +13,9 @@
 //! schema holding both the saga log and the business tables, which the test
 //! creates), `MICRO_SAGA_CRASH_HALT_AT` (optional), and
 //! `MICRO_SAGA_CRASH_CONCURRENT=1` to start the sagas all at once instead of
-//! one after the other.
+//! one after the other. With `MICRO_SAGA_CRASH_EMBEDDED_LOG=<file>` (and the
+//! `embedded` feature) the saga log is an embedded one in that file; the
+//! steps' effects stay in PostgreSQL.
 
 use std::error::Error as StdError;
 use std::io::Write;
@@ -304,8 +306,17 @@ async fn run() -> Result<(), BoxError> {
     let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(connection);
     let client = Arc::new(client);
-    let log = Arc::new(PostgresSagaLog::with_schema(client.clone(), &schema)?);
-    log.install().await?;
+    let log: Arc<dyn SagaLog> = match std::env::var_os("MICRO_SAGA_CRASH_EMBEDDED_LOG") {
+        #[cfg(feature = "embedded")]
+        Some(path) => Arc::new(micro_saga::log::EmbeddedSagaLog::open(path)?),
+        #[cfg(not(feature = "embedded"))]
+        Some(_) => return Err("built without the `embedded` feature".into()),
+        None => {
+            let log = PostgresSagaLog::with_schema(client.clone(), &schema)?;
+            log.install().await?;
+            Arc::new(log)
+        }
+    };
 
     let world = World {
         client,
