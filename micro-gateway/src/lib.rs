@@ -7,8 +7,10 @@
 //!   keep-alive connections (HTTP/1.1 or h2c), hop-by-hop headers removed,
 //!   `X-Forwarded-*` and `Forwarded` set, `traceparent` and `x-request-id` carried on;
 //!   `502` when the upstream cannot be reached, `504` when it does not answer in time.
-//! - [`plugins`] are tower layers for any route: IP allow and deny lists, request and
-//!   response header transforms, a body size limit (`413`), CORS and an access log.
+//! - [`plugins`] are tower layers for any route: JWT authentication
+//!   ([`plugins::jwt`]: `401`/`403`), rate limiting ([`plugins::rate_limit`]: `429`), IP
+//!   allow and deny lists, request and response header transforms, a body size limit
+//!   (`413`), CORS and an access log.
 //! - [`config::DeclarativeConfig`] reads Kong's declarative YAML (services, routes,
 //!   plugins) and builds the gateway; errors name the place in the file.
 //! - The `micro-gateway` binary runs a config file behind micro-core's host:
@@ -37,12 +39,16 @@
 //! # }
 //! ```
 //!
-//! JWT authentication, rate limiting, discovery-name upstreams with load balancing and
-//! retries, composition routes and reloading the file on change come next.
+//! Discovery-name upstreams with load balancing and retries, composition routes and
+//! reloading the file on change come next.
 //!
 //! # Features
 //!
-//! None yet: everything above is always built.
+//! | feature | what it adds |
+//! |---|---|
+//! | `redis` | `RedisStore`: rate limits held in Redis, shared by several gateways (`policy: redis`) |
+//!
+//! Everything else is always built.
 
 pub mod config;
 pub mod error;
