@@ -541,8 +541,10 @@ mod tests {
 
     #[test]
     fn a_jwks_verifier_builds_outside_a_runtime() {
-        let mut config = JwtConfig::default();
-        config.jwks_url = Some("http://127.0.0.1:9/jwks.json".to_owned());
+        let config = JwtConfig {
+            jwks_url: Some("http://127.0.0.1:9/jwks.json".to_owned()),
+            ..JwtConfig::default()
+        };
         assert!(config.layer().is_ok());
     }
 }
