@@ -220,36 +220,59 @@ pub struct Lookup {
     pub path: &'static str,
     /// Its headers.
     pub headers: HeaderMap,
+    /// The name of the route it should find, `None` for a miss.
+    pub expected: Option<&'static str>,
 }
 
 /// Requests to look up in a table of [`realistic_routes`]: hits of each kind of route
 /// (all of the first resource, present in every table of eight routes or more) and a
 /// miss that every route has to reject.
 pub fn lookups() -> Vec<Lookup> {
-    let plain = |label, method, host, path| Lookup {
+    let plain = |label, method, host, path, expected| Lookup {
         label,
         method,
         host,
         path,
         headers: HeaderMap::new(),
+        expected,
     };
     let mut canary = HeaderMap::new();
     canary.insert("x-canary", HeaderValue::from_static("1"));
     vec![
-        plain("prefix", Method::GET, "shop.example.com", "/api/users"),
-        plain("template", Method::GET, "shop.example.com", "/api/users/42"),
+        plain(
+            "prefix",
+            Method::GET,
+            "shop.example.com",
+            "/api/users",
+            Some("users-list"),
+        ),
+        plain(
+            "template",
+            Method::GET,
+            "shop.example.com",
+            "/api/users/42",
+            Some("users-item"),
+        ),
         plain(
             "nested_template",
             Method::POST,
             "shop.example.com",
             "/api/users/42/history/7",
+            Some("users-nested"),
         ),
-        plain("exact", Method::GET, "shop.example.com", "/health/users"),
+        plain(
+            "exact",
+            Method::GET,
+            "shop.example.com",
+            "/health/users",
+            Some("users-health"),
+        ),
         plain(
             "host",
             Method::GET,
             "users.api.example.com:8080",
             "/v2/users/42",
+            Some("users-v2"),
         ),
         Lookup {
             label: "header",
@@ -257,12 +280,14 @@ pub fn lookups() -> Vec<Lookup> {
             host: "shop.example.com",
             path: "/api/users",
             headers: canary,
+            expected: Some("users-canary"),
         },
         plain(
             "miss",
             Method::GET,
             "shop.example.com",
             "/nowhere/to/be/found",
+            None,
         ),
     ]
 }
@@ -429,4 +454,102 @@ pub async fn call(service: RouteService, request: Request<Body>) -> Response<Bod
     let response = service.oneshot(request).await.expect("infallible");
     assert_eq!(response.status(), 200, "the stack rejected the request");
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn tables_have_the_size_asked_and_unique_names() {
+        for count in [10, 50, 100, 1000] {
+            let routes = realistic_routes(count);
+            assert_eq!(routes.len(), count);
+            let names: HashSet<_> = routes.iter().map(|r| r.name.as_str()).collect();
+            assert_eq!(names.len(), count);
+        }
+    }
+
+    #[test]
+    fn each_lookup_finds_its_route_at_every_size() {
+        for count in [10, 50, 100, 1000] {
+            let routes = realistic_routes(count);
+            let table = route_table(&routes);
+            for lookup in lookups() {
+                let found = table
+                    .find(
+                        &lookup.method,
+                        Some(lookup.host),
+                        lookup.path,
+                        &lookup.headers,
+                    )
+                    .map(|m| routes[m.route].name.as_str());
+                assert_eq!(found, lookup.expected, "{} in {count}", lookup.label);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_full_chain_runs_every_plugin_and_reaches_the_upstream() {
+        let service = BoxCloneSyncService::new(gateway(50, Plugins::FullChain));
+        let response = call(service, request()).await;
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        assert_eq!(
+            response.headers()["access-control-allow-origin"],
+            "https://shop.example.com"
+        );
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], UPSTREAM_BODY);
+    }
+
+    #[tokio::test]
+    async fn an_address_outside_the_allow_list_is_refused() {
+        let service = BoxCloneSyncService::new(gateway(50, Plugins::IpRestriction));
+        let mut refused = request();
+        refused
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([203, 0, 113, 9], 4000))));
+        let response = service.oneshot(refused).await.unwrap();
+        assert_eq!(response.status(), 403);
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_access_log_formats_a_line_under_a_fmt_subscriber() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let service = BoxCloneSyncService::new(gateway(50, Plugins::AccessLog));
+            runtime.block_on(call(service, request()));
+        });
+        let logged = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("/api/users/42") && logged.contains("200"),
+            "{logged}"
+        );
+    }
 }
