@@ -20,12 +20,13 @@
 //!       origins: ["https://shop.example"]
 //! ```
 //!
-//! Supported plugins: `cors`, `ip-restriction`, `request-size-limiting`,
-//! `request-transformer`, `response-transformer` and `access-log`. As in Kong, a plugin
-//! configured on a route overrides the same plugin on its service, which overrides a global
-//! one. They run in a fixed order, outermost first: `access-log`, `response-transformer`
-//! (so it edits the gateway's own rejections too), `cors`, `ip-restriction`,
-//! `request-size-limiting`, `request-transformer`.
+//! Supported plugins: `cors`, `jwt`, `ip-restriction`, `request-size-limiting`,
+//! `rate-limiting`, `request-transformer`, `response-transformer` and `access-log`. As in
+//! Kong, a plugin configured on a route overrides the same plugin on its service, which
+//! overrides a global one. They run in a fixed order, outermost first: `access-log`, `response-transformer`
+//! (so it edits the gateway's own rejections too), `cors`, `jwt`, `ip-restriction`,
+//! `request-size-limiting`, `rate-limiting` (after `jwt`, so it can count by the token's
+//! subject), `request-transformer`.
 //!
 //! Every error names the place in the file: `services[0].routes[1].paths[0]: invalid route
 //! pattern ...`, with the line and column where the YAML parser can tell them.
@@ -51,6 +52,8 @@ use crate::plugins::access_log::AccessLogLayer;
 use crate::plugins::body_limit::{BodyLimitConfig, BodyLimitLayer};
 use crate::plugins::cors::CorsConfig;
 use crate::plugins::ip_restriction::{IpRestrictionConfig, IpRestrictionLayer};
+use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
+use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
 use crate::plugins::transform::{HeaderTransform, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
 
@@ -79,6 +82,9 @@ pub struct DeclarativeConfig {
     /// Routes answered by calling several services and merging their JSON (our addition).
     #[serde(default)]
     pub compositions: Vec<CompositionSpec>,
+    /// Kong's consumers; their `jwt_secrets` are keys of every `jwt` plugin.
+    #[serde(default)]
+    pub consumers: Vec<JwtConsumer>,
 }
 
 /// A composition route (our addition): matched like a route, answered by calling each
@@ -345,8 +351,10 @@ const PLUGINS: &[&str] = &[
     "access-log",
     "response-transformer",
     "cors",
+    "jwt",
     "ip-restriction",
     "request-size-limiting",
+    "rate-limiting",
     "request-transformer",
 ];
 
@@ -358,10 +366,16 @@ enum Plugin {
     BodyLimit(BodyLimitLayer),
     RequestTransform(TransformLayer),
     ResponseTransform(TransformLayer),
+    Jwt(JwtAuthLayer),
+    RateLimit(RateLimitLayer),
 }
 
 impl Plugin {
-    fn resolve(spec: &PluginSpec, place: &str) -> Result<Self, ConfigError> {
+    fn resolve(
+        spec: &PluginSpec,
+        place: &str,
+        consumers: &[JwtConsumer],
+    ) -> Result<Self, ConfigError> {
         fn typed<T: serde::de::DeserializeOwned>(
             spec: &PluginSpec,
             place: &str,
@@ -408,6 +422,26 @@ impl Plugin {
                     spec, place,
                 )?))
             }
+            "jwt" => Self::Jwt(
+                typed::<JwtConfig>(spec, place)?
+                    .with_consumers(consumers)
+                    .layer()
+                    .map_err(|e| {
+                        let at = if e.field().starts_with("consumers[") {
+                            e.field().to_owned()
+                        } else {
+                            format!("{place}.config.{}", e.field())
+                        };
+                        ConfigError::at(at, e.reason())
+                    })?,
+            ),
+            "rate-limiting" => Self::RateLimit(
+                typed::<RateLimitConfig>(spec, place)?
+                    .layer()
+                    .map_err(|e| {
+                        ConfigError::at(format!("{place}.config.{}", e.field()), e.reason())
+                    })?,
+            ),
             other => {
                 return Err(ConfigError::at(
                     format!("{place}.name"),
@@ -429,6 +463,8 @@ impl Plugin {
             Self::RequestTransform(layer) | Self::ResponseTransform(layer) => {
                 BoxCloneSyncService::new(layer.layer(inner))
             }
+            Self::Jwt(layer) => BoxCloneSyncService::new(layer.layer(inner)),
+            Self::RateLimit(layer) => BoxCloneSyncService::new(layer.layer(inner)),
         }
     }
 }
@@ -559,6 +595,7 @@ impl DeclarativeConfig {
                 &global,
                 Some((&service_place, &service.plugins)),
                 (&place, &route.plugins),
+                &self.consumers,
             )?;
 
             let name = route.name.clone().unwrap_or_else(|| {
@@ -615,6 +652,7 @@ impl DeclarativeConfig {
                 &global,
                 None,
                 (&place, &composition.plugins),
+                &self.consumers,
             )?;
             let mut built = Route::new(&composition.name)
                 .method("GET")
@@ -660,6 +698,7 @@ fn with_plugins(
     global: &[(String, &PluginSpec)],
     service: Option<(&str, &[PluginSpec])>,
     route: (&str, &[PluginSpec]),
+    consumers: &[JwtConsumer],
 ) -> Result<RouteService, ConfigError> {
     let mut chosen: BTreeMap<&str, (String, &PluginSpec)> = BTreeMap::new();
     let service_plugins = service.into_iter().flat_map(|(place, specs)| {
@@ -683,7 +722,7 @@ fn with_plugins(
     }
     let mut plugins = Vec::new();
     for (plugin_place, spec) in chosen.values() {
-        let plugin = Plugin::resolve(spec, plugin_place)?;
+        let plugin = Plugin::resolve(spec, plugin_place, consumers)?;
         if spec.enabled {
             let rank = PLUGINS
                 .iter()

@@ -179,8 +179,7 @@ impl Upstream {
 
     /// The URI of `path_and_query` on this upstream.
     fn join(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
-        let path = format!("{}{tail}", self.prefix);
+        let path = join_path(&self.prefix, path_and_query, false);
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -323,11 +322,28 @@ impl Proxy {
                 id.header_value().clone(),
             );
         }
+        let whole = parts
+            .extensions
+            .get::<crate::gateway::WholePathStripped>()
+            .is_some();
         parts.uri = match &self.target {
-            Target::Fixed(upstream) => upstream.join(parts.uri.path_and_query()),
+            Target::Fixed(upstream) => {
+                let path = join_path(&upstream.prefix, parts.uri.path_and_query(), whole);
+                let mut uri = upstream.join(None).into_parts();
+                match PathAndQuery::try_from(path) {
+                    Ok(pq) => uri.path_and_query = Some(pq),
+                    Err(_) => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            "bad_path",
+                            "the request path is invalid",
+                        )
+                    }
+                }
+                Uri::from_parts(uri).expect("parts taken from valid uris make a valid uri")
+            }
             Target::Discovered { prefix, .. } => {
-                let tail = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-                match Uri::try_from(format!("{prefix}{tail}")) {
+                match Uri::try_from(join_path(prefix, parts.uri.path_and_query(), whole)) {
                     Ok(uri) => uri,
                     Err(_) => {
                         return error_response(
@@ -475,6 +491,20 @@ impl Service<Request<Body>> for Proxy {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(request).await) })
     }
+}
+
+/// The upstream path: the service's prefix, then the request's path and query. When the
+/// route stripped the whole path, a prefix stands alone (`/orders?x=1`, not `/orders/?x=1`).
+fn join_path(prefix: &str, path_and_query: Option<&PathAndQuery>, whole: bool) -> String {
+    let tail = path_and_query.map_or("/", PathAndQuery::as_str);
+    if whole && !prefix.is_empty() {
+        if let Some(rest) = tail.strip_prefix('/') {
+            if rest.is_empty() || rest.starts_with('?') {
+                return format!("{prefix}{rest}");
+            }
+        }
+    }
+    format!("{prefix}{tail}")
 }
 
 /// Sends one request on the pooled connections, bounded by the response timeout.
@@ -693,6 +723,19 @@ mod tests {
         assert!(Upstream::parse("https://secure").is_err());
         assert!(Upstream::parse("orders:8003").is_err());
         assert!(Upstream::parse("http://orders/?q=1").is_err());
+    }
+
+    #[test]
+    fn a_wholly_stripped_path_leaves_the_prefix_alone() {
+        let pq = |s: &str| -> PathAndQuery { s.parse().unwrap() };
+        assert_eq!(join_path("/orders", Some(&pq("/")), true), "/orders");
+        assert_eq!(
+            join_path("/orders", Some(&pq("/?status=PAID")), true),
+            "/orders?status=PAID"
+        );
+        assert_eq!(join_path("/orders", Some(&pq("/")), false), "/orders/");
+        assert_eq!(join_path("/orders", Some(&pq("/7")), true), "/orders/7");
+        assert_eq!(join_path("", Some(&pq("/")), true), "/");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`payment`], [`inventory`] and [`notification`], fed by the order [`events`].
 
 pub mod api;
+pub mod app;
 pub mod cart;
 pub mod catalog;
 pub mod events;
