@@ -3,11 +3,11 @@
 /// A `Result` whose error defaults to [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Why an event could not be built, encoded or decoded.
+/// Why an event could not be built, encoded, decoded, published or consumed.
 ///
-/// Every variant describes a malformed event or payload, so none of them is
-/// cured by retrying: a consumer should send such a message to its dead-letter
-/// topic instead (see [`Error::is_retryable`]).
+/// The variants about a malformed event or payload are not cured by retrying:
+/// a consumer sends such a message to its dead-letter topic instead. Backend
+/// failures (the broker, the database) may be; see [`Error::is_retryable`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -79,6 +79,61 @@ pub enum Error {
     /// The payload could not be encoded as JSON.
     #[error("failed to encode event data as json")]
     Encode(#[source] serde_json::Error),
+
+    /// The bus, the subscription or the relay was shut down.
+    #[error("closed")]
+    Closed,
+
+    /// The topic does not exist on the bus.
+    #[error("topic `{topic}` does not exist")]
+    #[non_exhaustive]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+
+    /// A topic name or a partition count was rejected.
+    #[error("invalid topic `{topic}`: {reason}")]
+    #[non_exhaustive]
+    InvalidTopic {
+        /// The topic.
+        topic: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A table name for the inbox or the outbox is not one or two lowercase
+    /// SQL identifiers (`outbox`, `orders.outbox`).
+    #[error("invalid table name `{table}`: use lowercase letters, digits and `_`, optionally `schema.table`")]
+    #[non_exhaustive]
+    InvalidTableName {
+        /// The name given.
+        table: String,
+    },
+
+    /// A consumer's task ended abnormally (it panicked or was aborted).
+    #[error("consumer task failed")]
+    Task(#[source] tokio::task::JoinError),
+
+    /// An outbox row could not be turned back into a record.
+    #[error("outbox row {id} is invalid: {reason}")]
+    #[non_exhaustive]
+    InvalidOutboxRow {
+        /// The row's id.
+        id: i64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The Kafka client failed.
+    #[cfg(feature = "kafka")]
+    #[error("kafka failed")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+
+    /// PostgreSQL failed.
+    #[cfg(feature = "postgres")]
+    #[error("postgresql failed")]
+    Postgres(#[source] tokio_postgres::Error),
 }
 
 impl Error {
@@ -91,16 +146,33 @@ impl Error {
             | Error::DuplicateAttribute { attribute } => Some(attribute),
             Error::UnsupportedSpecVersion { .. } => Some(crate::attr::SPECVERSION),
             Error::UnsupportedContentType { .. } => Some(crate::attr::DATACONTENTTYPE),
-            Error::Base64Data | Error::MissingData | Error::Decode(_) | Error::Encode(_) => None,
+            _ => None,
         }
     }
 
     /// Whether trying the same operation again could succeed.
     ///
-    /// Always `false` today: every error is about the event itself, which does
-    /// not change between attempts.
+    /// Errors about the event itself (its attributes, its data) are not: the
+    /// event does not change between attempts. Broker and database failures
+    /// are, as is a failed consumer task.
     pub fn is_retryable(&self) -> bool {
-        false
+        match self {
+            Error::Task(_) => true,
+            #[cfg(feature = "kafka")]
+            Error::Kafka(_) => true,
+            #[cfg(feature = "postgres")]
+            Error::Postgres(e) => e.code().is_none_or(|code| {
+                use tokio_postgres::error::SqlState;
+                [
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                ]
+                .contains(code)
+            }),
+            _ => false,
+        }
     }
 
     pub(crate) fn invalid(attribute: &'static str, reason: impl Into<String>) -> Self {
@@ -108,5 +180,25 @@ impl Error {
             attribute,
             reason: reason.into(),
         }
+    }
+}
+
+impl micro_core::error::Retryable for Error {
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+#[cfg(feature = "kafka")]
+impl From<rdkafka::error::KafkaError> for Error {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka(e)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::Postgres(e)
     }
 }

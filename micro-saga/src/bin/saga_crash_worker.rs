@@ -11,7 +11,11 @@
 //!
 //! Environment: `MICRO_SAGA_CRASH_PG_URL`, `MICRO_SAGA_CRASH_SCHEMA` (the
 //! schema holding both the saga log and the business tables, which the test
-//! creates), `MICRO_SAGA_CRASH_HALT_AT` (optional).
+//! creates), `MICRO_SAGA_CRASH_HALT_AT` (optional), and
+//! `MICRO_SAGA_CRASH_CONCURRENT=1` to start the sagas all at once instead of
+//! one after the other. With `MICRO_SAGA_CRASH_EMBEDDED_LOG=<file>` (and the
+//! `embedded` feature) the saga log is an embedded one in that file; the
+//! steps' effects stay in PostgreSQL.
 
 use std::error::Error as StdError;
 use std::io::Write;
@@ -294,6 +298,7 @@ fn place_order(world: &World) -> Result<SagaDefinition<Order>, micro_saga::Error
 async fn run() -> Result<(), BoxError> {
     let url = std::env::var("MICRO_SAGA_CRASH_PG_URL")?;
     let schema = std::env::var("MICRO_SAGA_CRASH_SCHEMA")?;
+    let concurrent = std::env::var("MICRO_SAGA_CRASH_CONCURRENT").is_ok_and(|v| v == "1");
     let halt_at = match std::env::var("MICRO_SAGA_CRASH_HALT_AT") {
         Ok(n) => Some(n.parse()?),
         Err(_) => None,
@@ -301,8 +306,17 @@ async fn run() -> Result<(), BoxError> {
     let (client, connection) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(connection);
     let client = Arc::new(client);
-    let log = Arc::new(PostgresSagaLog::with_schema(client.clone(), &schema)?);
-    log.install().await?;
+    let log: Arc<dyn SagaLog> = match std::env::var_os("MICRO_SAGA_CRASH_EMBEDDED_LOG") {
+        #[cfg(feature = "embedded")]
+        Some(path) => Arc::new(micro_saga::log::EmbeddedSagaLog::open(path)?),
+        #[cfg(not(feature = "embedded"))]
+        Some(_) => return Err("built without the `embedded` feature".into()),
+        None => {
+            let log = PostgresSagaLog::with_schema(client.clone(), &schema)?;
+            log.install().await?;
+            Arc::new(log)
+        }
+    };
 
     let world = World {
         client,
@@ -324,6 +338,7 @@ async fn run() -> Result<(), BoxError> {
     for finished in recovery.finished().await {
         finished?;
     }
+    let mut running = Vec::new();
     for &(id, sku, quantity, cents) in ORDERS {
         if log.load(id).await?.is_some() {
             continue;
@@ -334,7 +349,15 @@ async fn run() -> Result<(), BoxError> {
             quantity,
             cents,
         };
-        orchestrator.run(&saga, id, order).await?;
+        let handle = orchestrator.start(&saga, id, order).await?;
+        if concurrent {
+            running.push(handle);
+        } else {
+            handle.finished().await?;
+        }
+    }
+    for handle in running {
+        handle.finished().await?;
     }
     let unfinished = log.unfinished().await?;
     if !unfinished.is_empty() {

@@ -1,6 +1,8 @@
 //! A real worker process running order sagas against PostgreSQL, killed with
 //! SIGKILL at each step boundary and restarted: every saga finishes, and the
-//! money and the stock add up.
+//! money and the stock add up. The saga log is in PostgreSQL, or in a redb
+//! file with the `embedded` feature; the steps' effects are always in
+//! PostgreSQL.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
@@ -52,22 +54,76 @@ async fn setup(client: &Client, s: &str) {
         .unwrap();
 }
 
-fn worker(schema: &str, halt_at: Option<u64>) -> Command {
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The sagas one after the other: each boundary number is one point.
+    Sequential,
+    /// The sagas all at once: the others are anywhere when one halts.
+    Concurrent,
+    /// One after the other, with the saga log in a redb file.
+    #[cfg(feature = "embedded")]
+    EmbeddedLog,
+}
+
+/// Where one scenario keeps its data.
+struct Target {
+    mode: Mode,
+    schema: String,
+    /// The embedded log's file, for [`Mode::EmbeddedLog`].
+    log_file: Option<std::path::PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Target {
+    fn new(mode: Mode) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log_file = match mode {
+            #[cfg(feature = "embedded")]
+            Mode::EmbeddedLog => Some(dir.path().join("sagas.redb")),
+            _ => None,
+        };
+        Target {
+            mode,
+            schema: pg::fresh_schema("saga_crash"),
+            log_file,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self, client: &Arc<Client>) -> Arc<dyn SagaLog> {
+        match &self.log_file {
+            #[cfg(feature = "embedded")]
+            Some(path) => Arc::new(micro_saga::log::EmbeddedSagaLog::open(path).unwrap()),
+            _ => Arc::new(PostgresSagaLog::with_schema(client.clone(), &self.schema).unwrap()),
+        }
+    }
+}
+
+fn worker(target: &Target, halt_at: Option<u64>) -> Command {
+    let concurrent = matches!(target.mode, Mode::Concurrent);
     let mut cmd = Command::new(WORKER);
     cmd.env("MICRO_SAGA_CRASH_PG_URL", pg::url())
-        .env("MICRO_SAGA_CRASH_SCHEMA", schema)
+        .env("MICRO_SAGA_CRASH_SCHEMA", &target.schema)
+        .env(
+            "MICRO_SAGA_CRASH_CONCURRENT",
+            if concurrent { "1" } else { "0" },
+        )
         .env_remove("MICRO_SAGA_CRASH_HALT_AT")
+        .env_remove("MICRO_SAGA_CRASH_EMBEDDED_LOG")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if let Some(n) = halt_at {
         cmd.env("MICRO_SAGA_CRASH_HALT_AT", n.to_string());
     }
+    if let Some(path) = &target.log_file {
+        cmd.env("MICRO_SAGA_CRASH_EMBEDDED_LOG", path);
+    }
     cmd
 }
 
 /// Runs the worker to the end; returns how many boundaries it passed.
-async fn run_to_the_end(schema: &str) -> u64 {
-    let out = worker(schema, None).output().await.unwrap();
+async fn run_to_the_end(target: &Target) -> u64 {
+    let out = worker(target, None).output().await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -83,8 +139,8 @@ async fn run_to_the_end(schema: &str) -> u64 {
 }
 
 /// Runs the worker until it halts at boundary `n`, and kills it there.
-async fn kill_at(schema: &str, n: u64) -> String {
-    let mut child = worker(schema, Some(n))
+async fn kill_at(target: &Target, n: u64) -> String {
+    let mut child = worker(target, Some(n))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -120,8 +176,7 @@ async fn ids(client: &Client, sql: &str) -> Vec<String> {
 }
 
 /// Every saga finished as it must, and the money and the stock add up.
-async fn check_invariants(client: &Arc<Client>, s: &str, context: &str) {
-    let log = PostgresSagaLog::with_schema(client.clone(), s).unwrap();
+async fn check_invariants(client: &Arc<Client>, log: &dyn SagaLog, s: &str, context: &str) {
     assert!(log.unfinished().await.unwrap().is_empty(), "{context}");
     for (id, status) in OUTCOMES {
         let record = log.load(id).await.unwrap().unwrap_or_else(|| {
@@ -220,34 +275,47 @@ async fn check_invariants(client: &Arc<Client>, s: &str, context: &str) {
     );
 }
 
-async fn scenario(halt_at: Option<u64>) -> u64 {
+async fn scenario(mode: Mode, halt_at: Option<u64>) -> u64 {
     let client = pg::connect().await;
-    let schema = pg::fresh_schema("saga_crash");
-    setup(&client, &schema).await;
+    let target = Target::new(mode);
+    setup(&client, &target.schema).await;
     let context = match halt_at {
         Some(n) => {
-            let halted = kill_at(&schema, n).await;
-            run_to_the_end(&schema).await;
-            format!("killed at `{halted}`, then restarted")
+            let halted = kill_at(&target, n).await;
+            run_to_the_end(&target).await;
+            format!("{mode:?}: killed at `{halted}`, then restarted")
         }
-        None => "no crash".to_owned(),
+        None => format!("{mode:?}: no crash"),
     };
     let boundaries = if halt_at.is_none() {
-        run_to_the_end(&schema).await
+        run_to_the_end(&target).await
     } else {
         0
     };
-    check_invariants(&client, &schema, &context).await;
+    let pg_log: Option<String> = client
+        .query_one(
+            &format!("SELECT to_regclass('{}.saga')::text", target.schema),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        pg_log.is_some(),
+        target.log_file.is_none(),
+        "{context}: which log"
+    );
+    let log = target.log(&client);
+    check_invariants(&client, &*log, &target.schema, &context).await;
     client
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .batch_execute(&format!("DROP SCHEMA {} CASCADE", target.schema))
         .await
         .unwrap();
     boundaries
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_at_every_step_boundary_finishes_every_saga_after_a_restart() {
-    assert_eq!(scenario(None).await, BOUNDARIES);
+async fn kill_at_every_boundary(mode: Mode) {
+    assert_eq!(scenario(mode, None).await, BOUNDARIES);
 
     let limit = Arc::new(tokio::sync::Semaphore::new(4));
     let mut runs = tokio::task::JoinSet::new();
@@ -255,10 +323,26 @@ async fn a_worker_killed_at_every_step_boundary_finishes_every_saga_after_a_rest
         let limit = limit.clone();
         runs.spawn(async move {
             let _permit = limit.acquire_owned().await.unwrap();
-            scenario(Some(n)).await
+            scenario(mode, Some(n)).await
         });
     }
     while let Some(run) = runs.join_next().await {
         run.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_at_every_step_boundary_finishes_every_saga_after_a_restart() {
+    kill_at_every_boundary(Mode::Sequential).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_running_sagas_concurrently_killed_at_every_boundary_recovers_them_all() {
+    kill_at_every_boundary(Mode::Concurrent).await;
+}
+
+#[cfg(feature = "embedded")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_an_embedded_log_killed_at_every_boundary_recovers_from_the_file() {
+    kill_at_every_boundary(Mode::EmbeddedLog).await;
 }

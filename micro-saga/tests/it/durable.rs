@@ -129,6 +129,63 @@ mod postgres {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_orchestrators_recovering_the_same_sagas_finish_each_once() {
+        use micro_saga::{Error, Orchestrator, SagaLog, SagaStatus};
+
+        use crate::support::{order_saga, Journal};
+
+        let db = pg::TestSchema::new().await;
+        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema).unwrap();
+        log.install().await.unwrap();
+        let log = Arc::new(log);
+        super::run_one_and_leave_one_in_doubt(log.clone()).await;
+
+        let mut orchestrators = Vec::new();
+        for _ in 0..2 {
+            let journal = Journal::default();
+            let saga = order_saga(&journal);
+            let log = PostgresSagaLog::with_schema(pg::connect().await, &db.schema).unwrap();
+            let orch = Orchestrator::builder(Arc::new(log))
+                .definition(&saga)
+                .build()
+                .unwrap();
+            orchestrators.push((orch, journal));
+        }
+        let recoveries = orchestrators.iter().map(|(orch, _)| {
+            let orch = orch.clone();
+            tokio::spawn(async move { orch.recover().await.unwrap().finished().await })
+        });
+        let mut completed = 0;
+        for recovery in recoveries {
+            for result in recovery.await.unwrap() {
+                match result {
+                    Ok(saga) => {
+                        assert_eq!(saga.status(), SagaStatus::Completed);
+                        completed += 1;
+                    }
+                    Err(Error::Log(err)) => assert!(err.is_conflict(), "{err:?}"),
+                    Err(err) => panic!("{err:?}"),
+                }
+            }
+        }
+        assert_eq!(completed, 1, "one orchestrator finished the saga");
+        let record = log.load("o-2").await.unwrap().unwrap();
+        assert_eq!(record.status, SagaStatus::Completed);
+        let saga = record.instance().expect("a valid history");
+        assert!(saga.is_finished());
+        // Between them, every step ran (a step may run twice, when the loser
+        // read the saga while the winner was acting: idempotency keys cover it).
+        let lines: Vec<String> = orchestrators.iter().flat_map(|(_, j)| j.lines()).collect();
+        for step in ["charge:", "reserve:", "confirm:", "notify:"] {
+            assert!(
+                lines.iter().any(|l| l.starts_with(step)),
+                "{step} {lines:?}"
+            );
+        }
+        db.drop_schema().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_installs_all_succeed() {
         let db = pg::TestSchema::new().await;
         let installs = (0..4).map(|_| {

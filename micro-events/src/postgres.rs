@@ -1,0 +1,502 @@
+//! PostgreSQL: the transactional inbox and outbox (feature `postgres`).
+//!
+//! Both work on the caller's [`tokio_postgres`] connection and transaction,
+//! so that marking an event processed, or writing an event, commits together
+//! with the state change it belongs to. Table names are given by the caller
+//! (optionally schema-qualified) and created by `create_table`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use micro_core::service::BoxFuture;
+use serde::Serialize;
+use tokio_postgres::{Client, Transaction};
+
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::inbox::InboxStore;
+use crate::outbox::publish_in_order;
+use crate::publish::{to_record, with_current_trace, Publisher};
+use crate::record::Record;
+
+/// A table name: one or two (schema-qualified) lowercase SQL identifiers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Table {
+    qualified: String,
+    name: String,
+}
+
+impl Table {
+    fn parse(table: &str) -> Result<Self> {
+        let parts: Vec<&str> = table.split('.').collect();
+        let valid = |p: &str| {
+            let mut chars = p.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && p.len() <= 48
+        };
+        if parts.is_empty() || parts.len() > 2 || !parts.iter().all(|p| valid(p)) {
+            return Err(Error::InvalidTableName {
+                table: table.to_owned(),
+            });
+        }
+        Ok(Self {
+            qualified: table.to_owned(),
+            name: parts[parts.len() - 1].to_owned(),
+        })
+    }
+}
+
+/// The inbox in a PostgreSQL table: one row per (consumer, event id).
+///
+/// Use [`claim`](Self::claim) inside the transaction that applies the
+/// handler's effects: the claim and the effects commit together, so a
+/// redelivered event finds its claim and does nothing, and a rolled-back
+/// attempt leaves no claim behind. A concurrent delivery of the same event
+/// waits on the first one's row lock and then sees the claim.
+///
+/// ```no_run
+/// # async fn handle(client: &mut tokio_postgres::Client, event_id: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// use micro_events::postgres::PgInbox;
+///
+/// let inbox = PgInbox::new("billing.inbox")?;
+/// let tx = client.transaction().await?;
+/// if inbox.claim(&tx, "billing", event_id).await? {
+///     tx.execute("UPDATE billing.accounts SET balance = balance - 10 WHERE id = 1", &[]).await?;
+/// }
+/// tx.commit().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgInbox {
+    table: Table,
+}
+
+impl PgInbox {
+    /// The inbox in `table` (such as `inbox` or `billing.inbox`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTableName`] when `table` is not a plain lowercase name.
+    pub fn new(table: &str) -> Result<Self> {
+        Ok(Self {
+            table: Table::parse(table)?,
+        })
+    }
+
+    /// Creates the table if it does not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn create_table(&self, client: &Client) -> Result<()> {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    consumer text NOT NULL,
+                    event_id text NOT NULL,
+                    processed_at timestamptz NOT NULL DEFAULT now(),
+                    PRIMARY KEY (consumer, event_id)
+                )",
+                self.table.qualified
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Claims `event_id` for `consumer` in `tx`: `true` the first time, when
+    /// the caller applies its effects in `tx` and commits; `false` when the
+    /// event was processed before.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn claim(
+        &self,
+        tx: &Transaction<'_>,
+        consumer: &str,
+        event_id: &str,
+    ) -> Result<bool> {
+        let inserted = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {} (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    self.table.qualified
+                ),
+                &[&consumer, &event_id],
+            )
+            .await?;
+        Ok(inserted == 1)
+    }
+
+    /// Whether `consumer` processed `event_id` (committed claims only).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn is_processed(
+        &self,
+        client: &Client,
+        consumer: &str,
+        event_id: &str,
+    ) -> Result<bool> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT 1 FROM {} WHERE consumer = $1 AND event_id = $2",
+                    self.table.qualified
+                ),
+                &[&consumer, &event_id],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn mark(&self, client: &Client, consumer: &str, event_id: &str) -> Result<bool> {
+        let inserted = client
+            .execute(
+                &format!(
+                    "INSERT INTO {} (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    self.table.qualified
+                ),
+                &[&consumer, &event_id],
+            )
+            .await?;
+        Ok(inserted == 1)
+    }
+}
+
+/// A [`PgInbox`] on its own connection, as an [`InboxStore`] for
+/// [`Inbox::deduplicate`](crate::inbox::Inbox::deduplicate), when the
+/// handler's effects are not in this database.
+#[derive(Debug, Clone)]
+pub struct PgInboxStore {
+    client: Arc<Client>,
+    inbox: PgInbox,
+}
+
+impl PgInboxStore {
+    /// The store over `inbox`, using `client`.
+    pub fn new(client: Arc<Client>, inbox: PgInbox) -> Self {
+        Self { client, inbox }
+    }
+}
+
+impl InboxStore for PgInboxStore {
+    fn is_processed<'a>(
+        &'a self,
+        consumer: &'a str,
+        event_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(self.inbox.is_processed(&self.client, consumer, event_id))
+    }
+
+    fn mark_processed<'a>(
+        &'a self,
+        consumer: &'a str,
+        event_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(self.inbox.mark(&self.client, consumer, event_id))
+    }
+}
+
+/// The transactional outbox in a PostgreSQL table.
+///
+/// [`write`](Self::write) inserts an event in the caller's transaction; a
+/// [`PgRelay`] publishes committed rows in id order and marks them sent.
+///
+/// ```no_run
+/// # async fn place(client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use micro_events::{postgres::PgOutbox, Event};
+///
+/// let outbox = PgOutbox::new("orders.outbox")?;
+/// let tx = client.transaction().await?;
+/// tx.execute("INSERT INTO orders.orders (id, status) VALUES ('o-1', 'PENDING')", &[]).await?;
+/// let created = Event::new("/order-service", "shop.order.created", "o-1")?;
+/// outbox.write(&tx, "order-events", "o-1", &created).await?;
+/// tx.commit().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PgOutbox {
+    table: Table,
+}
+
+impl PgOutbox {
+    /// The outbox in `table` (such as `outbox` or `orders.outbox`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTableName`] when `table` is not a plain lowercase name.
+    pub fn new(table: &str) -> Result<Self> {
+        Ok(Self {
+            table: Table::parse(table)?,
+        })
+    }
+
+    /// Creates the table and its index of unsent rows if they do not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn create_table(&self, client: &Client) -> Result<()> {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    id bigserial PRIMARY KEY,
+                    topic text NOT NULL,
+                    key bytea,
+                    header_names text[] NOT NULL,
+                    header_values bytea[] NOT NULL,
+                    payload bytea NOT NULL,
+                    created_at timestamptz NOT NULL DEFAULT now(),
+                    sent_at timestamptz
+                );
+                CREATE INDEX IF NOT EXISTS {n}_unsent ON {t} (topic, key, id) WHERE sent_at IS NULL;",
+                t = self.table.qualified,
+                n = self.table.name,
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Writes `event` for `topic` under `key` in `tx`; it is published once
+    /// `tx` commits. Returns the row id. An event without a `traceparent`
+    /// carries a child of the current trace context.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] or [`Error::Postgres`].
+    pub async fn write<T: Serialize>(
+        &self,
+        tx: &Transaction<'_>,
+        topic: &str,
+        key: &str,
+        event: &Event<T>,
+    ) -> Result<i64> {
+        let record = with_current_trace(to_record(key, event)?);
+        self.write_record(tx, topic, record).await
+    }
+
+    /// Writes a raw record for `topic` in `tx`; returns the row id.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn write_record(
+        &self,
+        tx: &Transaction<'_>,
+        topic: &str,
+        record: Record,
+    ) -> Result<i64> {
+        let (names, values): (Vec<String>, Vec<Vec<u8>>) = record.headers.into_iter().unzip();
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO {} (topic, key, header_names, header_values, payload)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                    self.table.qualified
+                ),
+                &[&topic, &record.key, &names, &values, &record.payload],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// How many rows wait to be published.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn unsent(&self, client: &Client) -> Result<i64> {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE sent_at IS NULL",
+                    self.table.qualified
+                ),
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Deletes rows sent more than `age` ago; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`].
+    pub async fn purge_sent(&self, client: &Client, age: Duration) -> Result<u64> {
+        let deleted = client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE sent_at < now() - make_interval(secs => $1)",
+                    self.table.qualified
+                ),
+                &[&age.as_secs_f64()],
+            )
+            .await?;
+        Ok(deleted)
+    }
+
+    /// A relay publishing this outbox's rows with `publisher`, on its own
+    /// connection `client`.
+    pub fn relay<P: Publisher>(&self, client: Client, publisher: P) -> PgRelay<P> {
+        PgRelay {
+            client,
+            outbox: self.clone(),
+            publisher,
+            batch_size: 256,
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Publishes the rows of a [`PgOutbox`]; made by [`PgOutbox::relay`].
+///
+/// Each round claims the oldest unsent rows with `FOR UPDATE SKIP LOCKED`,
+/// so several relays (in several processes) share the work without
+/// publishing a row twice, publishes them in id order, marks them sent and
+/// commits. A relay that dies before its commit leaves its rows unmarked and
+/// unlocked: they are published again, and the inbox downstream absorbs the
+/// duplicate.
+///
+/// Order per key: a round skips any row with an older unsent row of the same
+/// topic and key that it did not claim itself (another relay holds it), so a
+/// key's rows are published in id order even with several relays.
+#[derive(Debug)]
+pub struct PgRelay<P> {
+    client: Client,
+    outbox: PgOutbox,
+    publisher: P,
+    batch_size: i64,
+    poll_interval: Duration,
+}
+
+impl<P: Publisher> PgRelay<P> {
+    /// How many rows one round claims at most (default 256).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = i64::try_from(n.max(1)).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// How long [`run`](Self::run) waits when there is nothing to publish,
+    /// or after a failure (default 200 ms).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Publishes one batch of unsent rows and marks them sent; returns how
+    /// many rows were published.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Postgres`], a row that cannot be read back
+    /// ([`Error::InvalidOutboxRow`]), or the publisher's error; the rows stay
+    /// unsent.
+    pub async fn relay_once(&mut self) -> Result<usize> {
+        let t = &self.outbox.table.qualified;
+        let tx = self.client.transaction().await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "WITH claimed AS MATERIALIZED (
+                        SELECT id FROM {t} WHERE sent_at IS NULL
+                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                    )
+                    SELECT o.id, o.topic, o.key, o.header_names, o.header_values, o.payload
+                    FROM {t} o JOIN claimed c ON c.id = o.id
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM {t} p
+                        WHERE p.sent_at IS NULL AND p.topic = o.topic
+                          AND p.key IS NOT DISTINCT FROM o.key AND p.id < o.id
+                          AND p.id NOT IN (SELECT id FROM claimed)
+                    )
+                    ORDER BY o.id"
+                ),
+                &[&self.batch_size],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.get(0);
+            let names: Vec<String> = row.get(3);
+            let values: Vec<Vec<u8>> = row.get(4);
+            if names.len() != values.len() {
+                return Err(Error::InvalidOutboxRow {
+                    id,
+                    reason: "header names and values differ in number".into(),
+                });
+            }
+            ids.push(id);
+            records.push((
+                row.get::<_, String>(1),
+                Record {
+                    key: row.get(2),
+                    headers: names.into_iter().zip(values).collect(),
+                    payload: row.get(5),
+                },
+            ));
+        }
+        publish_in_order(&self.publisher, records).await?;
+        tx.execute(
+            &format!("UPDATE {t} SET sent_at = now() WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(ids.len())
+    }
+
+    /// Publishes rows until `shutdown` resolves, polling when idle; then
+    /// publishes what is left once.
+    ///
+    /// # Errors
+    ///
+    /// The error of the final round.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let wait = match self.relay_once().await {
+                Ok(n) if n > 0 => continue,
+                Ok(_) => self.poll_interval,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay round failed; trying again");
+                    self.poll_interval
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        while self.relay_once().await? > 0 {}
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_checked() {
+        assert_eq!(Table::parse("outbox").unwrap().name, "outbox");
+        let t = Table::parse("orders.outbox_2").unwrap();
+        assert_eq!(
+            (t.qualified.as_str(), t.name.as_str()),
+            ("orders.outbox_2", "outbox_2")
+        );
+        for bad in ["", "a.b.c", "Outbox", "x; drop table y", "1x", "a."] {
+            assert!(Table::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

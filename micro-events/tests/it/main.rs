@@ -1,0 +1,11 @@
+//! Integration tests of micro-events: one binary, a module per area.
+//!
+//! `conformance` is the publish/subscribe suite every bus passes; the backend
+//! modules (`memory`, `kafka`) run it.
+
+mod conformance;
+mod host;
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod support;
