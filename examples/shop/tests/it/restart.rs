@@ -82,10 +82,26 @@ async fn send(
 
 async fn checkout(client: &HttpClient, token: &str, key: &str, sku: &str, card: &str) -> String {
     let item = json!({"sku": sku, "quantity": 1});
-    let (status, body) = send(client, Method::POST, "/api/carts/me/items", Some(token), None, Some(item)).await;
+    let (status, body) = send(
+        client,
+        Method::POST,
+        "/api/carts/me/items",
+        Some(token),
+        None,
+        Some(item),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let card = json!({"card_number": card});
-    let (status, order) = send(client, Method::POST, "/api/orders", Some(token), Some(key), Some(card)).await;
+    let (status, order) = send(
+        client,
+        Method::POST,
+        "/api/orders",
+        Some(token),
+        Some(key),
+        Some(card),
+    )
+    .await;
     assert_eq!(status, 202, "{order}");
     order["id"].as_str().unwrap().to_owned()
 }
@@ -93,12 +109,23 @@ async fn checkout(client: &HttpClient, token: &str, key: &str, sku: &str, card: 
 async fn settled(client: &HttpClient, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (status, order) = send(client, Method::GET, &format!("/api/orders/{id}"), Some(token), None, None).await;
+        let (status, order) = send(
+            client,
+            Method::GET,
+            &format!("/api/orders/{id}"),
+            Some(token),
+            None,
+            None,
+        )
+        .await;
         assert_eq!(status, 200, "{order}");
         if !["PENDING", "PAID"].contains(&order["status"].as_str().unwrap_or("")) {
             return order;
         }
-        assert!(Instant::now() < deadline, "the order never settled: {order}");
+        assert!(
+            Instant::now() < deadline,
+            "the order never settled: {order}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -109,14 +136,33 @@ async fn a_killed_shop_finishes_its_orders_after_a_restart() {
     let (mut shop, client) = start(data.path());
 
     let account = json!({"email": "kim@shop.test", "password": "a long password", "name": "Kim"});
-    let (status, body) = send(&client, Method::POST, "/api/users/register", None, None, Some(account)).await;
+    let (status, body) = send(
+        &client,
+        Method::POST,
+        "/api/users/register",
+        None,
+        None,
+        Some(account),
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     let login = json!({"email": "kim@shop.test", "password": "a long password"});
-    let (_, token) = send(&client, Method::POST, "/api/users/login", None, None, Some(login)).await;
+    let (_, token) = send(
+        &client,
+        Method::POST,
+        "/api/users/login",
+        None,
+        None,
+        Some(login),
+    )
+    .await;
     let token = token["token"].as_str().unwrap().to_owned();
 
     let confirmed = checkout(&client, &token, "first", "SKU-1002", "4242424242424242").await;
-    assert_eq!(settled(&client, &token, &confirmed).await["status"], "CONFIRMED");
+    assert_eq!(
+        settled(&client, &token, &confirmed).await["status"],
+        "CONFIRMED"
+    );
     // This one's charge hangs: its saga is mid-flight when the process dies.
     let in_flight = checkout(&client, &token, "second", "SKU-1003", "4000000000000119").await;
     shop.kill().unwrap();
@@ -126,14 +172,41 @@ async fn a_killed_shop_finishes_its_orders_after_a_restart() {
     let order = settled(&client, &token, &in_flight).await;
     assert_eq!(order["status"], "CANCELLED", "{order}");
     let order = settled(&client, &token, &confirmed).await;
-    assert_eq!(order["status"], "CONFIRMED", "the first order survived: {order}");
-    let (_, stock) = send(&client, Method::GET, "/api/inventory/SKU-1002", Some(&token), None, None).await;
+    assert_eq!(
+        order["status"], "CONFIRMED",
+        "the first order survived: {order}"
+    );
+    let (_, stock) = send(
+        &client,
+        Method::GET,
+        "/api/inventory/SKU-1002",
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(stock["committed"], 1, "{stock}");
-    let (_, stock) = send(&client, Method::GET, "/api/inventory/SKU-1003", Some(&token), None, None).await;
-    assert_eq!((&stock["reserved"], &stock["committed"]), (&json!(0), &json!(0)), "{stock}");
+    let (_, stock) = send(
+        &client,
+        Method::GET,
+        "/api/inventory/SKU-1003",
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&stock["reserved"], &stock["committed"]),
+        (&json!(0), &json!(0)),
+        "{stock}"
+    );
     let path = format!("/api/payments?order_id={in_flight}");
     let (_, payments) = send(&client, Method::GET, &path, Some(&token), None, None).await;
-    assert_eq!(payments, json!([]), "nothing was charged for the cancelled order");
+    assert_eq!(
+        payments,
+        json!([]),
+        "nothing was charged for the cancelled order"
+    );
     shop.kill().unwrap();
     shop.wait().unwrap();
 }
