@@ -16,7 +16,11 @@
 //!   [`KafkaConfig::commit_interval`]; a graceful stop commits synchronously.
 //!   A new group starts at the earliest offset.
 //! - Topics are not created implicitly: create them with
-//!   [`KafkaBus::create_topic`] (some brokers do not auto-create).
+//!   [`KafkaBus::create_topic`] (some brokers do not auto-create), the
+//!   dead-letter topics (`<topic>.dlq`) included; a dead letter that cannot be
+//!   published is retried, and its event not committed, until it can.
+//! - Consumer lag is not reported for this bus: librdkafka knows a
+//!   partition's end only through its statistics, which are not enabled.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
