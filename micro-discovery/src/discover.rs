@@ -27,8 +27,10 @@ pub type Watch = BoxStream<'static, Result<Vec<Instance>, Error>>;
 ///
 /// Backends: [`MemoryRegistry`](crate::memory::MemoryRegistry),
 /// [`StaticDiscover`](crate::static_list::StaticDiscover), and behind features
-/// `EtcdRegistry` and `ConsulRegistry`. The trait is dyn-compatible; a
-/// [`Balancer`](crate::balance::Balancer) follows a [`watch`](Self::watch) stream.
+/// [`EtcdRegistry`](crate::etcd::EtcdRegistry) (feature `etcd`) and
+/// [`ConsulRegistry`](crate::consul::ConsulRegistry) (feature `consul`). The trait is
+/// dyn-compatible; a [`Balancer`](crate::balance::Balancer) follows a
+/// [`watch`](Self::watch) stream.
 ///
 /// # When the registry is unreachable
 ///

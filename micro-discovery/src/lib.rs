@@ -50,14 +50,20 @@
 //! |---|---|---|---|---|
 //! | [`memory`] | always | yes | yes | the embedded default; TTLs on Tokio time, HTTP checks run in-process |
 //! | [`static_list`] | always | — | yes | a fixed list from configuration |
-//! | `etcd` | `etcd` | yes | yes | etcd v3: leases with keep-alive, watch on a key prefix; needs `protoc` to build |
-//! | `consul` | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
+//! | [`etcd`] | `etcd` | yes | yes | etcd v3: leases with keep-alive, watch on a key prefix; needs `protoc` to build |
+//! | [`consul`] | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
 //!
-//! Every backend passes one conformance suite (`tests/it/conformance.rs`): the etcd
-//! backend against a real etcd server (Debian's etcd-server, started by
-//! `scripts/etcd.sh`), the Consul backend against a double of the documented Consul HTTP
-//! endpoints kept inside the test suite, because no Consul agent can be installed where
-//! the tests run.
+//! Every backend passes one conformance suite (`tests/it/conformance.rs`). The etcd
+//! backend runs it against a real etcd server (Debian's etcd-server, started by
+//! `scripts/etcd.sh`). The Consul backend runs it against a double of the documented
+//! Consul agent endpoints kept inside the test suite (`tests/it/consul_double.rs`: it
+//! holds state, runs TTL and HTTP checks, honours blocking queries and ACL tokens),
+//! because no Consul agent can be installed on the machines the tests run on; the etcd
+//! tests are the real-server proof of the same traits.
+//!
+//! HTTP checks run in the registering process for the memory and etcd backends (etcd
+//! has no checker of its own; the outcome is stored beside the instance), and in the
+//! Consul agent for Consul.
 //!
 //! # When the registry is unreachable
 //!
@@ -89,11 +95,21 @@ mod registry;
 
 pub mod balance;
 pub mod client;
+#[cfg(feature = "consul")]
+pub mod consul;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod host;
 pub mod memory;
 pub mod static_list;
 
 pub use self::cache::CachedDiscover;
+
+/// The guide's discovery chapter (`docs/src/discovery.md`), whose examples run as
+/// doctests of this crate with every backend feature on.
+#[cfg(all(doctest, feature = "etcd", feature = "consul"))]
+#[doc = include_str!("../../docs/src/discovery.md")]
+pub struct GuideDiscovery;
 pub use self::discover::{Discover, Watch};
 pub use self::error::{Error, Result};
 pub use self::instance::{HealthStatus, Instance};

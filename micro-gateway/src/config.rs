@@ -20,12 +20,13 @@
 //!       origins: ["https://shop.example"]
 //! ```
 //!
-//! Supported plugins: `cors`, `ip-restriction`, `request-size-limiting`,
-//! `request-transformer`, `response-transformer` and `access-log`. As in Kong, a plugin
-//! configured on a route overrides the same plugin on its service, which overrides a global
-//! one. They run in a fixed order, outermost first: `access-log`, `response-transformer`
-//! (so it edits the gateway's own rejections too), `cors`, `ip-restriction`,
-//! `request-size-limiting`, `request-transformer`.
+//! Supported plugins: `cors`, `jwt`, `ip-restriction`, `request-size-limiting`,
+//! `rate-limiting`, `request-transformer`, `response-transformer` and `access-log`. As in
+//! Kong, a plugin configured on a route overrides the same plugin on its service, which
+//! overrides a global one. They run in a fixed order, outermost first: `access-log`, `response-transformer`
+//! (so it edits the gateway's own rejections too), `cors`, `jwt`, `ip-restriction`,
+//! `request-size-limiting`, `rate-limiting` (after `jwt`, so it can count by the token's
+//! subject), `request-transformer`.
 //!
 //! Every error names the place in the file: `services[0].routes[1].paths[0]: invalid route
 //! pattern ...`, with the line and column where the YAML parser can tell them.
@@ -33,6 +34,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -41,11 +43,17 @@ use serde::Deserialize;
 use tower::util::BoxCloneSyncService;
 use tower_layer::Layer;
 
+use micro_discovery::balance::BalanceConfig;
+use micro_discovery::Discover;
+
+use crate::compose::{Composition, Leg};
 use crate::gateway::{Gateway, GatewayError, Route};
 use crate::plugins::access_log::AccessLogLayer;
 use crate::plugins::body_limit::{BodyLimitConfig, BodyLimitLayer};
 use crate::plugins::cors::CorsConfig;
 use crate::plugins::ip_restriction::{IpRestrictionConfig, IpRestrictionLayer};
+use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
+use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
 use crate::plugins::transform::{HeaderTransform, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
 
@@ -71,6 +79,95 @@ pub struct DeclarativeConfig {
     /// Plugins for every route.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
+    /// Routes answered by calling several services and merging their JSON (our addition).
+    #[serde(default)]
+    pub compositions: Vec<CompositionSpec>,
+    /// Kong's consumers; their `jwt_secrets` are keys of every `jwt` plugin.
+    #[serde(default)]
+    pub consumers: Vec<JwtConsumer>,
+}
+
+/// A composition route (our addition): matched like a route, answered by calling each
+/// leg's service concurrently; see [`compose`](crate::compose).
+///
+/// ```yaml
+/// compositions:
+///   - name: order-summary
+///     paths: ["/api/order-summary/{id}"]
+///     legs:
+///       - name: order
+///         service: order-service
+///         path: /api/orders/{id}
+///       - name: payment
+///         service: payment-service
+///         path: /api/payments/by-order/{id}
+///         timeout: 500ms
+///         optional: true
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CompositionSpec {
+    /// The route's name.
+    pub name: String,
+    /// Path patterns.
+    pub paths: Vec<String>,
+    /// Hosts.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The calls whose answers are merged.
+    pub legs: Vec<LegSpec>,
+    /// Plugins for this route.
+    #[serde(default)]
+    pub plugins: Vec<PluginSpec>,
+}
+
+/// One call of a composition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LegSpec {
+    /// The key of its answer in the merged object.
+    pub name: String,
+    /// The service called, by its name under `services`.
+    pub service: String,
+    /// The path sent to it: a template filled with the route's parameters, put after the
+    /// service's own `path` as a route's path is.
+    pub path: String,
+    /// How long it may take (`"500ms"`, `"2s"`); 5 s when absent.
+    #[serde(default, with = "micro_core::config::duration::option")]
+    pub timeout: Option<Duration>,
+    /// Whether the answer can do without it.
+    #[serde(default)]
+    pub optional: bool,
+}
+
+/// What a configuration may refer to beyond itself, given when it is built.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub struct Resources {
+    discover: Option<Arc<dyn Discover>>,
+}
+
+impl Resources {
+    /// No resources: services must have fixed URLs.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where services named by `discovery:` are looked up.
+    pub fn discover(mut self, discover: Arc<dyn Discover>) -> Self {
+        self.discover = Some(discover);
+        self
+    }
+}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resources")
+            .field("discover", &self.discover)
+            .finish()
+    }
 }
 
 /// An upstream service: where it is and how to talk to it.
@@ -96,11 +193,19 @@ pub struct ServiceSpec {
     pub read_timeout: Option<u64>,
     /// Milliseconds to send the request (accepted; the read timeout bounds the exchange).
     pub write_timeout: Option<u64>,
-    /// Kong's retry count (accepted; retries need a discovery upstream).
+    /// Kong's retry count: how many times a failed request that is safe to repeat is sent
+    /// again, to another instance when there is one. Default 0.
     pub retries: Option<u32>,
     /// Speak h2c to the upstream (our addition).
     #[serde(default)]
     pub http2: bool,
+    /// The service's name in discovery, instead of `url` or `host` (our addition):
+    /// requests go to its healthy instances, balanced. `path` still applies as a prefix.
+    pub discovery: Option<String>,
+    /// How a `discovery` service's instances are balanced (our addition).
+    pub balance: Option<BalanceConfig>,
+    /// A circuit breaker for this service (our addition): `503` at once while it is open.
+    pub circuit_breaker: Option<micro_core::resilience::CircuitBreakerConfig>,
     /// The service's routes.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
@@ -218,6 +323,15 @@ impl ConfigError {
         }
     }
 
+    pub(crate) fn unreadable(path: &std::path::Path, error: impl fmt::Display) -> Self {
+        Self::at(path.display().to_string(), format!("cannot read: {error}"))
+    }
+
+    pub(crate) fn in_file(mut self, path: &std::path::Path) -> Self {
+        self.place = format!("{}: {}", path.display(), self.place);
+        self
+    }
+
     /// Where in the file: a path such as `services[0].routes[1].paths[0]`, with the line
     /// and column when known.
     pub fn place(&self) -> &str {
@@ -237,8 +351,10 @@ const PLUGINS: &[&str] = &[
     "access-log",
     "response-transformer",
     "cors",
+    "jwt",
     "ip-restriction",
     "request-size-limiting",
+    "rate-limiting",
     "request-transformer",
 ];
 
@@ -250,10 +366,16 @@ enum Plugin {
     BodyLimit(BodyLimitLayer),
     RequestTransform(TransformLayer),
     ResponseTransform(TransformLayer),
+    Jwt(JwtAuthLayer),
+    RateLimit(RateLimitLayer),
 }
 
 impl Plugin {
-    fn resolve(spec: &PluginSpec, place: &str) -> Result<Self, ConfigError> {
+    fn resolve(
+        spec: &PluginSpec,
+        place: &str,
+        consumers: &[JwtConsumer],
+    ) -> Result<Self, ConfigError> {
         fn typed<T: serde::de::DeserializeOwned>(
             spec: &PluginSpec,
             place: &str,
@@ -300,6 +422,26 @@ impl Plugin {
                     spec, place,
                 )?))
             }
+            "jwt" => Self::Jwt(
+                typed::<JwtConfig>(spec, place)?
+                    .with_consumers(consumers)
+                    .layer()
+                    .map_err(|e| {
+                        let at = if e.field().starts_with("consumers[") {
+                            e.field().to_owned()
+                        } else {
+                            format!("{place}.config.{}", e.field())
+                        };
+                        ConfigError::at(at, e.reason())
+                    })?,
+            ),
+            "rate-limiting" => Self::RateLimit(
+                typed::<RateLimitConfig>(spec, place)?
+                    .layer()
+                    .map_err(|e| {
+                        ConfigError::at(format!("{place}.config.{}", e.field()), e.reason())
+                    })?,
+            ),
             other => {
                 return Err(ConfigError::at(
                     format!("{place}.name"),
@@ -321,6 +463,8 @@ impl Plugin {
             Self::RequestTransform(layer) | Self::ResponseTransform(layer) => {
                 BoxCloneSyncService::new(layer.layer(inner))
             }
+            Self::Jwt(layer) => BoxCloneSyncService::new(layer.layer(inner)),
+            Self::RateLimit(layer) => BoxCloneSyncService::new(layer.layer(inner)),
         }
     }
 }
@@ -367,23 +511,28 @@ impl DeclarativeConfig {
     ///
     /// When the file cannot be read, or as [`from_yaml`](Self::from_yaml).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::at(path.display().to_string(), format!("cannot read: {e}"))
-        })?;
-        Self::from_yaml(&text).map_err(|mut e| {
-            e.place = format!("{}: {}", path.display(), e.place);
-            e
-        })
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, e))?;
+        Self::from_yaml(&text).map_err(|e| e.in_file(path))
     }
 
-    /// Checks everything and builds the gateway.
+    /// Checks everything and builds the gateway, for services with fixed URLs only.
+    ///
+    /// # Errors
+    ///
+    /// As [`build_with`](Self::build_with); a `discovery:` service is an error.
+    pub fn build(&self) -> Result<Gateway, ConfigError> {
+        self.build_with(&Resources::new())
+    }
+
+    /// Checks everything and builds the gateway, finding `discovery:` services through
+    /// `resources`.
     ///
     /// # Errors
     ///
     /// A [`ConfigError`] naming the place of the first problem: a service without an
     /// address, a route naming a missing service, a bad pattern, an unknown plugin or a
     /// plugin configuration it does not accept.
-    pub fn build(&self) -> Result<Gateway, ConfigError> {
+    pub fn build_with(&self, resources: &Resources) -> Result<Gateway, ConfigError> {
         let global = self
             .plugins
             .iter()
@@ -424,58 +573,30 @@ impl DeclarativeConfig {
             routes.push((place, route, index));
         }
 
+        // One proxy per service, so that its routes share connections, balancer and breaker.
+        // Every service is checked, whether a route uses it yet or not.
+        let proxies = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(index, service)| {
+                proxy(service, resources)
+                    .map_err(|reason| ConfigError::at(format!("services[{index}]"), reason))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let proxy_of = |index: usize| -> Result<Proxy, ConfigError> { Ok(proxies[index].clone()) };
+
         for (place, route, service_index) in routes {
             let service = &self.services[service_index];
             let service_place = format!("services[{service_index}]");
-            let upstream =
-                upstream(service).map_err(|reason| ConfigError::at(&service_place, reason))?;
-            let mut proxy_config = ProxyConfig::new()
-                .http2(service.http2)
-                .preserve_host(route.preserve_host);
-            if let Some(ms) = service.read_timeout {
-                proxy_config = proxy_config.timeout(Duration::from_millis(ms));
-            }
-            if let Some(ms) = service.connect_timeout {
-                proxy_config = proxy_config.connect_timeout(Duration::from_millis(ms));
-            }
-            let mut stack: RouteService =
-                BoxCloneSyncService::new(Proxy::new(upstream, proxy_config));
-
-            // The most specific instance of each plugin wins: route over service over global.
-            let mut chosen: BTreeMap<&str, (String, &PluginSpec)> = BTreeMap::new();
-            let service_plugins = service
-                .plugins
-                .iter()
-                .enumerate()
-                .map(|(i, spec)| (format!("{service_place}.plugins[{i}]"), spec));
-            let route_plugins = route
-                .plugins
-                .iter()
-                .enumerate()
-                .map(|(i, spec)| (format!("{place}.plugins[{i}]"), spec));
-            for (plugin_place, spec) in global
-                .iter()
-                .cloned()
-                .chain(service_plugins)
-                .chain(route_plugins)
-            {
-                chosen.insert(spec.name.as_str(), (plugin_place, spec));
-            }
-            let mut plugins = Vec::new();
-            for (plugin_place, spec) in chosen.values() {
-                let plugin = Plugin::resolve(spec, plugin_place)?;
-                if spec.enabled {
-                    let rank = PLUGINS
-                        .iter()
-                        .position(|p| *p == spec.name)
-                        .unwrap_or(PLUGINS.len());
-                    plugins.push((rank, plugin));
-                }
-            }
-            plugins.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
-            for (_, plugin) in &plugins {
-                stack = plugin.wrap(stack);
-            }
+            let proxy = proxy_of(service_index)?.with_preserve_host(route.preserve_host);
+            let stack = with_plugins(
+                BoxCloneSyncService::new(proxy),
+                &global,
+                Some((&service_place, &service.plugins)),
+                (&place, &route.plugins),
+                &self.consumers,
+            )?;
 
             let name = route.name.clone().unwrap_or_else(|| {
                 format!("{}-{}", service.name, place.replace(['[', ']', '.'], "-"))
@@ -501,6 +622,52 @@ impl DeclarativeConfig {
             builder = builder.route(built);
             places.push((name, place));
         }
+
+        for (index, composition) in self.compositions.iter().enumerate() {
+            let place = format!("compositions[{index}]");
+            if composition.legs.is_empty() {
+                return Err(ConfigError::at(
+                    format!("{place}.legs"),
+                    "a composition needs at least one leg",
+                ));
+            }
+            let mut composed = Composition::new();
+            for (l, leg) in composition.legs.iter().enumerate() {
+                let leg_place = format!("{place}.legs[{l}]");
+                let service_index = *by_name.get(leg.service.as_str()).ok_or_else(|| {
+                    ConfigError::at(
+                        format!("{leg_place}.service"),
+                        format!("no service is named `{}`", leg.service),
+                    )
+                })?;
+                let mut built =
+                    Leg::new(&leg.name, &leg.path, proxy_of(service_index)?).optional(leg.optional);
+                if let Some(timeout) = leg.timeout {
+                    built = built.timeout(timeout);
+                }
+                composed = composed.leg(built);
+            }
+            let stack = with_plugins(
+                BoxCloneSyncService::new(composed),
+                &global,
+                None,
+                (&place, &composition.plugins),
+                &self.consumers,
+            )?;
+            let mut built = Route::new(&composition.name)
+                .method("GET")
+                .method("HEAD")
+                .to(stack);
+            for path in &composition.paths {
+                built = built.path(path);
+            }
+            for host in &composition.hosts {
+                built = built.host(host);
+            }
+            builder = builder.route(built);
+            places.push((composition.name.clone(), place));
+        }
+
         builder.build().map_err(|error| {
             let route = match &error {
                 GatewayError::Pattern { route, .. }
@@ -522,6 +689,103 @@ impl DeclarativeConfig {
             }
         })
     }
+}
+
+/// Wraps `stack` in the plugins that apply: the most specific instance of each plugin
+/// wins (route over service over global), and they run in the fixed order of [`PLUGINS`].
+fn with_plugins(
+    mut stack: RouteService,
+    global: &[(String, &PluginSpec)],
+    service: Option<(&str, &[PluginSpec])>,
+    route: (&str, &[PluginSpec]),
+    consumers: &[JwtConsumer],
+) -> Result<RouteService, ConfigError> {
+    let mut chosen: BTreeMap<&str, (String, &PluginSpec)> = BTreeMap::new();
+    let service_plugins = service.into_iter().flat_map(|(place, specs)| {
+        specs
+            .iter()
+            .enumerate()
+            .map(move |(i, spec)| (format!("{place}.plugins[{i}]"), spec))
+    });
+    let route_plugins = route
+        .1
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| (format!("{}.plugins[{i}]", route.0), spec));
+    for (plugin_place, spec) in global
+        .iter()
+        .cloned()
+        .chain(service_plugins)
+        .chain(route_plugins)
+    {
+        chosen.insert(spec.name.as_str(), (plugin_place, spec));
+    }
+    let mut plugins = Vec::new();
+    // A disabled plugin only switches off the same plugin of a wider scope, so its
+    // configuration (often none) is not resolved.
+    for (plugin_place, spec) in chosen.values() {
+        if !spec.enabled && !PLUGINS.contains(&spec.name.as_str()) {
+            return Err(ConfigError::at(
+                format!("{plugin_place}.name"),
+                format!("unknown plugin `{}`", spec.name),
+            ));
+        }
+        if spec.enabled {
+            let plugin = Plugin::resolve(spec, plugin_place, consumers)?;
+            let rank = PLUGINS
+                .iter()
+                .position(|p| *p == spec.name)
+                .unwrap_or(PLUGINS.len());
+            plugins.push((rank, plugin));
+        }
+    }
+    plugins.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
+    for (_, plugin) in &plugins {
+        stack = plugin.wrap(stack);
+    }
+    Ok(stack)
+}
+
+/// The proxy to a service: its fixed URL, or its instances in discovery.
+fn proxy(service: &ServiceSpec, resources: &Resources) -> Result<Proxy, String> {
+    let mut config = ProxyConfig::new()
+        .http2(service.http2)
+        .retries(service.retries.unwrap_or(0));
+    if let Some(ms) = service.read_timeout {
+        config = config.timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = service.connect_timeout {
+        config = config.connect_timeout(Duration::from_millis(ms));
+    }
+    if let Some(breaker) = &service.circuit_breaker {
+        config = config.circuit_breaker(breaker.clone());
+    }
+    let Some(name) = &service.discovery else {
+        if service.balance.is_some() {
+            return Err("`balance` needs `discovery`".to_owned());
+        }
+        return Ok(Proxy::new(upstream(service)?, config));
+    };
+    if service.url.is_some() || service.host.is_some() {
+        return Err("give either `discovery` or `url`/`host`, not both".to_owned());
+    }
+    let discover = resources.discover.clone().ok_or_else(|| {
+        format!(
+            "service `{}` uses discovery, but the gateway has no registry",
+            service.name
+        )
+    })?;
+    let prefix = service.path.as_deref().unwrap_or("");
+    if !prefix.is_empty() && !prefix.starts_with('/') {
+        return Err(format!("`path` must start with `/`, not `{prefix}`"));
+    }
+    Ok(Proxy::discovered(
+        discover,
+        name,
+        prefix,
+        service.balance.clone().unwrap_or_default(),
+        config,
+    ))
 }
 
 fn upstream(service: &ServiceSpec) -> Result<Upstream, String> {

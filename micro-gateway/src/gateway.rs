@@ -30,6 +30,11 @@ pub struct MatchedRoute {
     pub params: Params,
 }
 
+/// Put in a request's extensions when `strip_path` removed its whole path: the proxy then
+/// sends the service's own path (`/orders`, not `/orders/`), as Kong does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WholePathStripped;
+
 /// One route: what it matches, how it changes the path, and the service that answers.
 pub struct Route {
     name: String,
@@ -315,6 +320,8 @@ impl Gateway {
         };
         let route = &self.inner.routes[found.route];
         let path = request.uri().path();
+        let whole_path_stripped =
+            route.rewrite.is_none() && route.strip_path && found.matched_len >= path.len();
         let new_path = match &route.rewrite {
             Some(template) => found.params.render(template),
             None if route.strip_path => {
@@ -346,6 +353,9 @@ impl Gateway {
             if let Ok(uri) = Uri::from_parts(parts) {
                 *request.uri_mut() = uri;
             }
+        }
+        if whole_path_stripped {
+            request.extensions_mut().insert(WholePathStripped);
         }
         request.extensions_mut().insert(MatchedRoute {
             name: route.name.clone(),

@@ -13,20 +13,28 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use micro_core::error::BoxError;
 use micro_core::middleware::RequestId;
+use micro_core::resilience::{CircuitBreaker, CircuitOpen};
 use micro_core::service::BoxFuture;
 use micro_core::trace::TraceContext;
+use micro_discovery::balance::{Attempts, BalanceConfig, Balancer};
+use micro_discovery::Discover;
 use serde::Deserialize;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
+use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::error_response;
 
 /// How a [`Proxy`] talks to its upstream.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ProxyConfig {
@@ -44,6 +52,13 @@ pub struct ProxyConfig {
     /// How long an idle pooled connection is kept.
     #[serde(with = "micro_core::config::duration")]
     pub pool_idle_timeout: Duration,
+    /// How many times a request that failed to reach an instance (refused, reset, timed
+    /// out) is sent again, each time to another instance. Only requests that are safe to
+    /// repeat and carry no body are retried: `GET`, `HEAD`, `OPTIONS`, `DELETE`.
+    pub retries: u32,
+    /// A circuit breaker for the upstream: while it is open, requests are answered `503`
+    /// at once instead of waiting on an upstream that keeps failing. Off when absent.
+    pub circuit_breaker: Option<micro_core::resilience::CircuitBreakerConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -54,6 +69,8 @@ impl Default for ProxyConfig {
             http2: false,
             preserve_host: false,
             pool_idle_timeout: Duration::from_secs(90),
+            retries: 0,
+            circuit_breaker: None,
         }
     }
 }
@@ -85,6 +102,18 @@ impl ProxyConfig {
     /// Sends the client's `Host` upstream.
     pub fn preserve_host(mut self, preserve: bool) -> Self {
         self.preserve_host = preserve;
+        self
+    }
+
+    /// Sends a failed request that is safe to repeat again, up to `retries` times.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Puts a circuit breaker in front of the upstream.
+    pub fn circuit_breaker(mut self, config: micro_core::resilience::CircuitBreakerConfig) -> Self {
+        self.circuit_breaker = Some(config);
         self
     }
 }
@@ -150,8 +179,7 @@ impl Upstream {
 
     /// The URI of `path_and_query` on this upstream.
     fn join(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
-        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
-        let path = format!("{}{tail}", self.prefix);
+        let path = join_path(&self.prefix, path_and_query, false);
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -167,45 +195,108 @@ impl fmt::Display for Upstream {
     }
 }
 
-/// A tower service that forwards every request to one [`Upstream`].
+/// Where a [`Proxy`] sends requests.
+#[derive(Clone)]
+enum Target {
+    /// One upstream at a fixed address.
+    Fixed(Arc<Upstream>),
+    /// The healthy instances of a service in the registry, chosen per request.
+    Discovered { service: Arc<str>, prefix: Arc<str> },
+}
+
+type Pipeline = BoxCloneSyncService<Request<Body>, Response<Incoming>, BoxError>;
+
+/// A tower service that forwards every request to its upstream: one fixed address
+/// ([`Proxy::new`]) or the healthy instances of a service found through discovery
+/// ([`Proxy::discovered`]), balanced per request.
 ///
 /// It never fails: an upstream that cannot be reached answers `502`, one that does not
-/// answer in time `504`, each with a JSON body; the details go to the log.
+/// answer in time `504`, a service without a healthy instance or behind an open circuit
+/// breaker `503`, each with a JSON body; the details go to the log. A request that is safe
+/// to repeat (`GET`, `HEAD`, `OPTIONS`, `DELETE` without a body) and failed to reach an
+/// instance is sent again up to [`ProxyConfig::retries`] times, to another instance when
+/// there is one.
 ///
 /// The client address comes from axum's [`ConnectInfo<SocketAddr>`] extension, which
 /// micro-core's host sets; it is appended to `X-Forwarded-For` and `Forwarded`.
 #[derive(Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
-    upstream: Arc<Upstream>,
+    pipeline: Pipeline,
+    target: Target,
     config: Arc<ProxyConfig>,
 }
 
 impl Proxy {
     /// A proxy to `upstream`, with its own connection pool.
     pub fn new(upstream: Upstream, config: ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .http2_only(config.http2)
-            .build(connector);
+        let name = upstream.to_string();
+        let sender = Sender::new(&config);
+        Self::assemble(
+            BoxCloneSyncService::new(sender),
+            Target::Fixed(Arc::new(upstream)),
+            &name,
+            config,
+        )
+    }
+
+    /// A proxy to the instances of `service` that `discover` finds, balanced by
+    /// `balance` (power of two choices by default; failing instances are ejected for a
+    /// while). `prefix` is put before every request path (`""` for none).
+    pub fn discovered(
+        discover: Arc<dyn Discover>,
+        service: &str,
+        prefix: &str,
+        balance: BalanceConfig,
+        config: ProxyConfig,
+    ) -> Self {
+        let balancer = Balancer::new(discover, service, balance);
+        let balanced = balancer.layer().layer(Sender::new(&config));
+        let target = Target::Discovered {
+            service: service.into(),
+            prefix: prefix.trim_end_matches('/').into(),
+        };
+        Self::assemble(BoxCloneSyncService::new(balanced), target, service, config)
+    }
+
+    fn assemble(pipeline: Pipeline, target: Target, name: &str, config: ProxyConfig) -> Self {
+        let pipeline = match &config.circuit_breaker {
+            Some(breaker) => BoxCloneSyncService::new(CircuitBreaker::named(
+                pipeline,
+                name.to_owned(),
+                breaker.clone(),
+            )),
+            None => pipeline,
+        };
         Self {
-            client,
-            upstream: Arc::new(upstream),
+            pipeline,
+            target,
             config: Arc::new(config),
         }
     }
 
-    /// The upstream requests go to.
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+    /// Where requests go, for logs: the upstream's URL or `discovery:<service>`.
+    pub fn target(&self) -> String {
+        match &self.target {
+            Target::Fixed(upstream) => upstream.to_string(),
+            Target::Discovered { service, .. } => format!("discovery:{service}"),
+        }
+    }
+
+    /// This proxy with [`ProxyConfig::preserve_host`] set, sharing its connection pool,
+    /// balancer and circuit breaker: for routes to the same upstream that differ only there.
+    pub fn with_preserve_host(mut self, preserve: bool) -> Self {
+        if self.config.preserve_host != preserve {
+            Arc::make_mut(&mut self.config).preserve_host = preserve;
+        }
+        self
     }
 
     async fn forward(self, request: Request<Body>) -> Response<Body> {
         let (mut parts, body) = request.into_parts();
+        let route: Arc<str> = parts
+            .extensions
+            .get::<crate::gateway::MatchedRoute>()
+            .map_or_else(|| Arc::from(""), |matched| matched.name.clone());
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
@@ -231,56 +322,157 @@ impl Proxy {
                 id.header_value().clone(),
             );
         }
-        parts.uri = self.upstream.join(parts.uri.path_and_query());
+        let whole = parts
+            .extensions
+            .get::<crate::gateway::WholePathStripped>()
+            .is_some();
+        parts.uri = match &self.target {
+            Target::Fixed(upstream) => {
+                let path = join_path(&upstream.prefix, parts.uri.path_and_query(), whole);
+                let mut uri = upstream.join(None).into_parts();
+                match PathAndQuery::try_from(path) {
+                    Ok(pq) => uri.path_and_query = Some(pq),
+                    Err(_) => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            "bad_path",
+                            "the request path is invalid",
+                        )
+                    }
+                }
+                Uri::from_parts(uri).expect("parts taken from valid uris make a valid uri")
+            }
+            Target::Discovered { prefix, .. } => {
+                match Uri::try_from(join_path(prefix, parts.uri.path_and_query(), whole)) {
+                    Ok(uri) => uri,
+                    Err(_) => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            "bad_path",
+                            "the request path is invalid",
+                        )
+                    }
+                }
+            }
+        };
         parts.version = if self.config.http2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
 
-        let sent = self.client.request(Request::from_parts(parts, body));
-        let outcome = match self.config.timeout {
-            Some(timeout) => tokio::time::timeout(timeout, sent).await.ok(),
-            None => Some(sent.await),
+        let replayable = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+        ) && http_body::Body::size_hint(&body).exact() == Some(0);
+        let attempts = if replayable {
+            1 + self.config.retries
+        } else {
+            1
         };
+        parts.extensions.insert(Attempts::new());
+        let mut body = Some(body);
+        let mut attempt = 0;
+        let started = std::time::Instant::now();
+        let outcome = loop {
+            attempt += 1;
+            let this_body = if attempt == attempts {
+                body.take().unwrap_or_default()
+            } else {
+                Body::empty()
+            };
+            let request = Request::from_parts(parts.clone(), this_body);
+            match self.pipeline.clone().oneshot(request).await {
+                Ok(response) => break Ok(response),
+                Err(error) if attempt < attempts && is_transport_failure(&*error) => {
+                    tracing::debug!(target = %self.target(), attempt, error = %DisplayChain(&*error), "retrying on another instance");
+                }
+                Err(error) => break Err(error),
+            }
+        };
+        metrics::histogram!(
+            "micro_gateway_upstream_duration_seconds",
+            "route" => route.to_string(),
+            "upstream" => self.target(),
+        )
+        .record(started.elapsed().as_secs_f64());
         match outcome {
-            Some(Ok(response)) => {
+            Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 Response::from_parts(parts, Body::new(body))
             }
-            Some(Err(error)) if caused_by::<http_body_util::LengthLimitError>(&error) => {
-                crate::plugins::body_limit::too_large()
-            }
-            Some(Err(error)) => {
-                let code = if error.is_connect() {
-                    "upstream_unreachable"
-                } else {
-                    "upstream_failed"
-                };
-                tracing::warn!(upstream = %self.upstream, error = %DisplayChain(&error), "upstream request failed");
-                error_response(
-                    StatusCode::BAD_GATEWAY,
-                    code,
-                    "the upstream service failed to answer",
+            Err(error) => {
+                let response = self.failure(&*error);
+                let reason = response
+                    .extensions()
+                    .get::<crate::error::ErrorCode>()
+                    .map_or_else(
+                        || "upstream_failed".to_owned(),
+                        |code| code.as_str().to_owned(),
+                    );
+                metrics::counter!(
+                    "micro_gateway_upstream_errors_total",
+                    "route" => route.to_string(),
+                    "upstream" => self.target(),
+                    "reason" => reason,
                 )
-            }
-            None => {
-                tracing::warn!(upstream = %self.upstream, timeout = ?self.config.timeout, "upstream timed out");
-                error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "the upstream service did not answer in time",
-                )
+                .increment(1);
+                response
             }
         }
+    }
+
+    /// The answer to a request that got no response from the upstream.
+    fn failure(&self, error: &(dyn std::error::Error + 'static)) -> Response<Body> {
+        let target = self.target();
+        if error.is::<CircuitOpen>() {
+            tracing::warn!(%target, "circuit breaker open");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit_open",
+                "the upstream service is failing; try again later",
+            );
+        }
+        if no_instances(error) {
+            tracing::warn!(%target, "no healthy instance");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_instance",
+                "no healthy instance of the upstream service",
+            );
+        }
+        if caused_by::<http_body_util::LengthLimitError>(error) {
+            return crate::plugins::body_limit::too_large();
+        }
+        if caused_by::<UpstreamTimeout>(error) {
+            tracing::warn!(%target, timeout = ?self.config.timeout, "upstream timed out");
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream service did not answer in time",
+            );
+        }
+        let connect =
+            find::<hyper_util::client::legacy::Error>(error).is_some_and(|e| e.is_connect());
+        let code = if connect {
+            "upstream_unreachable"
+        } else {
+            "upstream_failed"
+        };
+        tracing::warn!(%target, error = %DisplayChain(error), "upstream request failed");
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            code,
+            "the upstream service failed to answer",
+        )
     }
 }
 
 impl fmt::Debug for Proxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstream", &self.upstream)
+            .field("target", &self.target())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -299,6 +491,118 @@ impl Service<Request<Body>> for Proxy {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(request).await) })
     }
+}
+
+/// The upstream path: the service's prefix, then the request's path and query. When the
+/// route stripped the whole path, a prefix stands alone (`/orders?x=1`, not `/orders/?x=1`).
+fn join_path(prefix: &str, path_and_query: Option<&PathAndQuery>, whole: bool) -> String {
+    let tail = path_and_query.map_or("/", PathAndQuery::as_str);
+    if whole && !prefix.is_empty() {
+        if let Some(rest) = tail.strip_prefix('/') {
+            if rest.is_empty() || rest.starts_with('?') {
+                return format!("{prefix}{rest}");
+            }
+        }
+    }
+    format!("{prefix}{tail}")
+}
+
+/// Sends one request on the pooled connections, bounded by the response timeout.
+#[derive(Clone)]
+struct Sender {
+    client: Client<HttpConnector, Body>,
+    timeout: Option<Duration>,
+}
+
+impl Sender {
+    fn new(config: &ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .http2_only(config.http2)
+            .build(connector);
+        Self {
+            client,
+            timeout: config.timeout,
+        }
+    }
+}
+
+impl Service<Request<Body>> for Sender {
+    type Response = Response<Incoming>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<Incoming>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let sent = self.client.request(request);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match timeout {
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(_) => Err(UpstreamTimeout::new(limit).into()),
+                },
+                None => sent.await.map_err(Into::into),
+            }
+        })
+    }
+}
+
+/// The upstream did not send response headers within the timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream did not answer within {limit:?}")]
+struct UpstreamTimeout {
+    limit: Duration,
+    // Balancers count an io `TimedOut` in the chain as the instance failing.
+    #[source]
+    source: std::io::Error,
+}
+
+impl UpstreamTimeout {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "upstream response timeout"),
+        }
+    }
+}
+
+/// Whether the request never got an answer from an instance: it may go to another one.
+fn is_transport_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    caused_by::<UpstreamTimeout>(error)
+        || find::<hyper_util::client::legacy::Error>(error).is_some()
+}
+
+/// Whether discovery had no instance to offer. micro-core's retry markers are
+/// transparent, so they are looked through by hand.
+fn no_instances(error: &(dyn std::error::Error + 'static)) -> bool {
+    let inner = error
+        .downcast_ref::<micro_core::error::Transient>()
+        .map(|t| t.get_ref() as &(dyn std::error::Error + 'static))
+        .unwrap_or(error);
+    find::<micro_discovery::Error>(inner)
+        .is_some_and(|e| matches!(e, micro_discovery::Error::NoInstances { .. }))
+}
+
+/// The first error of type `E` in `error`'s chain of causes.
+fn find<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = current.source();
+    }
+    None
 }
 
 /// The headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
@@ -386,14 +690,7 @@ fn is_token_safe(host: &str) -> bool {
 
 /// Whether an error of type `E` is somewhere in `error`'s chain of causes.
 fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(current) = next {
-        if current.is::<E>() {
-            return true;
-        }
-        next = current.source();
-    }
-    false
+    find::<E>(error).is_some()
 }
 
 /// Shows an error with its causes, for the log.
@@ -426,6 +723,19 @@ mod tests {
         assert!(Upstream::parse("https://secure").is_err());
         assert!(Upstream::parse("orders:8003").is_err());
         assert!(Upstream::parse("http://orders/?q=1").is_err());
+    }
+
+    #[test]
+    fn a_wholly_stripped_path_leaves_the_prefix_alone() {
+        let pq = |s: &str| -> PathAndQuery { s.parse().unwrap() };
+        assert_eq!(join_path("/orders", Some(&pq("/")), true), "/orders");
+        assert_eq!(
+            join_path("/orders", Some(&pq("/?status=PAID")), true),
+            "/orders?status=PAID"
+        );
+        assert_eq!(join_path("/orders", Some(&pq("/")), false), "/orders/");
+        assert_eq!(join_path("/orders", Some(&pq("/7")), true), "/orders/7");
+        assert_eq!(join_path("", Some(&pq("/")), true), "/");
     }
 
     #[test]

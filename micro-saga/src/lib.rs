@@ -29,6 +29,10 @@
 //!   the log keeps so that recovered steps stay in the same trace.
 //! - The saga log has a memory backend and, behind features, PostgreSQL and an
 //!   embedded one on local disk ([`log`]).
+//! - A step may call a service over HTTP (micro-core's client, which sends
+//!   the idempotency key), or send a command event and wait for the reply
+//!   event with a timeout ([`reply::RequestReply`], which works over any
+//!   publisher and subscriber).
 //! - [`testkit`] (feature `testkit`) drives a definition step by step in a
 //!   unit test, injects failures and timeouts, and records the commands.
 //!
@@ -131,8 +135,8 @@
 //!
 //! | feature | default | what it enables |
 //! |---|---|---|
-//! | `postgres` | no | `PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
-//! | `embedded` | no | `EmbeddedSagaLog`, the saga log in a redb file on local disk |
+//! | `postgres` | no | `log::PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
+//! | `embedded` | no | `log::EmbeddedSagaLog`, the saga log in a redb file on local disk |
 //! | `testkit` | no | [`testkit`], to drive a saga step by step in tests and inject faults |
 //!
 //! The memory log ([`MemorySagaLog`]) and the saga state machine are always
@@ -145,6 +149,7 @@ pub mod log;
 pub mod metrics;
 mod orchestrator;
 mod policy;
+pub mod reply;
 mod state;
 mod step;
 #[cfg(feature = "testkit")]
@@ -162,3 +167,14 @@ pub use policy::StepPolicy;
 pub use state::{NextAction, SagaInstance, SagaStatus, StepState, StepStatus};
 pub use step::{idempotency_key, Phase, StepContext, StepError, StepOutput, StepTimedOut};
 pub use transition::Transition;
+
+/// The guide's chapter on sagas (`docs/src/sagas.md`), whose examples run as
+/// doctests here.
+#[cfg(all(
+    doctest,
+    feature = "postgres",
+    feature = "embedded",
+    feature = "testkit"
+))]
+#[doc = include_str!("../../docs/src/sagas.md")]
+pub struct Guide;

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
@@ -24,7 +24,7 @@ use crate::transition::Transition;
 /// A failure or abort before any step succeeded goes straight to
 /// `Compensated`: there is nothing to undo. `Completed`, `Compensated` and
 /// `Failed` are terminal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SagaStatus {
     /// Steps are being run forward.

@@ -50,6 +50,11 @@ impl Catalog {
         }
     }
 
+    /// Every product.
+    pub fn products(&self) -> &[Product] {
+        &self.products
+    }
+
     /// The seed catalog the shop starts with.
     pub fn seeded() -> Self {
         let product = |id: &str, name: &str, description: &str, cents: i64| Product {

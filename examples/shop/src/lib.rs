@@ -1,7 +1,17 @@
 //! The micro reference shop, as a library of services that the `shop` binary hosts.
 //!
-//! It grows service by service into the system of the reference architecture (user,
-//! product, cart, order, payment, inventory, notification and a gateway). Today it holds
-//! the product catalog.
+//! The services of the reference architecture, each owning its data in its own
+//! [`store`]: [`catalog`] (product-service), [`cart`], [`order`] (driving the order saga),
+//! [`payment`], [`inventory`] and [`notification`], fed by the order [`events`].
 
+pub mod api;
+pub mod app;
+pub mod cart;
 pub mod catalog;
+pub mod events;
+pub mod inventory;
+pub mod notification;
+pub mod order;
+pub mod payment;
+pub mod store;
+pub mod user;

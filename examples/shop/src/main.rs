@@ -1,45 +1,15 @@
 //! The micro reference shop.
 //!
-//! `cargo run -p shop` starts every service that exists so far in one process, on embedded
-//! defaults, and prints where to send requests. Configuration comes from `shop.toml` in
-//! the working directory and from `SHOP_` environment variables (`SHOP_CATALOG__LISTEN`,
+//! `cargo run -p shop` starts every service and the gateway in one process, on embedded
+//! defaults (each service's data in `target/shop-data/`, the registry in memory), and
+//! prints where to send requests. Configuration comes from `shop.toml` in the working
+//! directory and from `SHOP_` environment variables (`SHOP_LISTEN__GATEWAY=0.0.0.0:8080`,
 //! `SHOP_LOG__FORMAT=json`); `RUST_LOG` sets the log filter.
-
-use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use micro_core::config::ConfigLoader;
-use micro_core::host::{HostConfig, ServiceHost};
-use micro_core::telemetry::{self, TelemetryConfig};
-use serde::{Deserialize, Serialize};
-
-/// Everything the shop reads from configuration.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ShopConfig {
-    log: TelemetryConfig,
-    host: HostConfig,
-    catalog: Listen,
-}
-
-/// Where one service listens.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Listen {
-    listen: SocketAddr,
-}
-
-impl Default for ShopConfig {
-    fn default() -> Self {
-        Self {
-            log: TelemetryConfig::default(),
-            host: HostConfig::default(),
-            catalog: Listen {
-                listen: SocketAddr::from(([127, 0, 0, 1], 8002)),
-            },
-        }
-    }
-}
+use micro_core::telemetry;
+use shop::app::{self, ShopConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -48,32 +18,30 @@ async fn main() -> anyhow::Result<()> {
         .file("shop.toml")
         .env_prefix("SHOP_")
         .load()?;
-    let mut log = config.log;
+    let mut log = config.log.clone();
     if let Ok(filter) = std::env::var("RUST_LOG") {
         log.filter = filter;
     }
     telemetry::init(&log)?;
 
-    let running = ServiceHost::builder()
-        .config(config.host)
-        .service(shop::catalog::Catalog::seeded(), config.catalog.listen)
-        .build()?
-        .start()
+    let shop = app::start(&config)
         .await
         .context("the shop could not start")?;
-
-    for (service, addr) in running.addrs() {
-        println!("{service:<16} http://{addr}");
+    for (service, addr) in shop.host.addrs() {
+        println!("{service:<22} http://{addr}");
     }
-    if let Some(addr) = running.local_addr("product-service") {
-        println!();
-        println!("try:  curl http://{addr}/products?q=coffee");
-        println!("      curl http://{addr}/health/ready");
-        println!("      curl http://{addr}/metrics");
-    }
+    let gateway = shop.gateway();
+    println!();
+    println!("try:  curl http://{gateway}/api/products?q=coffee");
+    println!("      curl -X POST http://{gateway}/api/carts/me/items -H 'x-user-id: alice' \\");
+    println!("           -H 'content-type: application/json' -d '{{\"sku\": \"SKU-1001\", \"quantity\": 2}}'");
+    println!("      curl -X POST http://{gateway}/api/orders -H 'x-user-id: alice' -H 'idempotency-key: 1' \\");
+    println!("           -H 'content-type: application/json' -d '{{\"card_number\": \"4242424242424242\"}}'");
+    println!("      curl http://{gateway}/api/orders -H 'x-user-id: alice'");
+    println!("      curl http://{gateway}/metrics");
     println!("Ctrl-C stops the shop gracefully.");
 
-    let report = running.run_until(micro_core::shutdown::signal()).await;
+    let report = shop.host.run_until(micro_core::shutdown::signal()).await;
     if report.aborted_connections > 0 || !report.failed_hooks.is_empty() {
         tracing::warn!(?report, "the shop did not shut down cleanly");
     }

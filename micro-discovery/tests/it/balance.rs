@@ -48,8 +48,8 @@ async fn instance_server(name: &str, hits: Hits, status: StatusCode) -> Server {
 }
 
 /// Three servers registered as `product-1..3`, each with an HTTP check every `interval`.
-async fn three_instances(
-    registry: &MemoryRegistry,
+pub(crate) async fn three_instances(
+    registry: &dyn Registry,
     hits: &Hits,
     interval: Duration,
 ) -> Vec<(String, Server)> {
@@ -114,16 +114,38 @@ async fn round_robin_spreads_requests_evenly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_instance_loses_no_request_and_it_leaves_the_rotation() {
-    let interval = Duration::from_millis(500);
     let registry = MemoryRegistry::new();
+    kill_one_of_three(
+        Arc::new(registry.clone()),
+        Arc::new(registry),
+        Duration::ZERO,
+    )
+    .await;
+}
+
+/// With three instances behind a client under load, killing one loses no request
+/// beyond those in flight on it, and it leaves the rotation within its health-check
+/// interval (plus the check's timeout and `propagation`, the time the registry takes to
+/// tell watchers).
+pub(crate) async fn kill_one_of_three(
+    registry: Arc<dyn Registry>,
+    discover: Arc<dyn Discover>,
+    propagation: Duration,
+) {
+    let interval = Duration::from_millis(500);
     let hits = Hits::default();
-    let mut servers = three_instances(&registry, &hits, interval).await;
-    let client = ServiceClient::builder(Arc::new(registry.clone()), SERVICE)
+    let mut servers = three_instances(&*registry, &hits, interval).await;
+    let client = ServiceClient::builder(discover, SERVICE)
         .policy(retrying())
         .configure(|client| client.timeout(Duration::from_secs(2)))
         .build()
         .unwrap();
-    assert_eq!(client.balancer().ready().await.unwrap(), 3);
+    client.balancer().ready().await.unwrap();
+    // Where checks start critical (Consul), instances join after their first check.
+    eventually(Duration::from_secs(5), "three instances", || async {
+        client.balancer().endpoints().len() == 3
+    })
+    .await;
 
     // Four callers, bounded in count, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -161,7 +183,7 @@ async fn killing_an_instance_loses_no_request_and_it_leaves_the_rotation() {
     victim.kill().await;
 
     eventually(
-        interval * 2 + Duration::from_secs(1),
+        interval * 2 + Duration::from_secs(1) + propagation,
         "the killed instance to leave the rotation",
         || async {
             client
@@ -190,7 +212,8 @@ async fn killing_an_instance_loses_no_request_and_it_leaves_the_rotation() {
     );
     // The check runs every interval and may take its timeout to fail.
     assert!(
-        left_after <= interval + Duration::from_millis(200) + Duration::from_millis(300),
+        left_after
+            <= interval + Duration::from_millis(200) + Duration::from_millis(300) + propagation,
         "left the rotation after {left_after:?}"
     );
     assert!(ok.load(Ordering::Relaxed) > 100);

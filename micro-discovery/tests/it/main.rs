@@ -4,6 +4,9 @@
 
 mod balance;
 mod conformance;
+mod consul;
+mod consul_double;
+mod etcd;
 mod host;
 mod memory;
 mod static_list;

@@ -63,6 +63,11 @@ pub(crate) struct Server {
 impl Server {
     pub(crate) async fn start(router: axum::Router) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(listener, router)
+    }
+
+    /// Serves `router` on `listener` (to come back on the port of a killed server).
+    pub(crate) fn start_on(listener: tokio::net::TcpListener, router: axum::Router) -> Self {
         let addr = listener.local_addr().unwrap();
         let mut tasks = JoinSet::new();
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();

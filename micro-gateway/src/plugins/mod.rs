@@ -12,7 +12,11 @@ pub mod access_log;
 pub mod body_limit;
 pub mod cors;
 pub mod ip_restriction;
+pub mod jwt;
+pub mod rate_limit;
 pub mod transform;
+
+mod rejections;
 
 use std::convert::Infallible;
 

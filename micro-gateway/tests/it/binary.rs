@@ -4,10 +4,119 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{echo, get_json};
+use crate::support::{echo, get_json, IntoText};
 
 fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_micro-gateway"))
+}
+
+/// Starts the binary on `config` and a free port; returns it and the address it bound.
+fn spawn(config: &std::path::Path, args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = binary()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The host logs the address it bound; port 0 picked a free one.
+    let stdout = child.stdout.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_owned();
+                let _ = addr_tx.send(addr);
+            }
+        }
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the gateway did not report its address")
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+fn echo_config(upstream: std::net::SocketAddr, path: &str) -> String {
+    format!("services:\n  - name: echo\n    url: http://{upstream}\n    routes:\n      - paths: [{path}]\n")
+}
+
+#[tokio::test]
+async fn a_changed_file_is_reloaded_without_dropping_connections() {
+    let upstream = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, echo_config(upstream.addr, "/old")).unwrap();
+    let (mut child, addr) = spawn(&config, &["--reload-interval", "50ms"]);
+    let _kill = KillOnDrop(&mut child);
+
+    // A keep-alive connection opened before the reload.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut kept, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut on_kept = |path: &str| {
+        let request = http::Request::get(path)
+            .header("host", "gateway.test")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let sent = kept.send_request(request);
+        async move { sent.await.unwrap().status() }
+    };
+    assert_eq!(on_kept("/old/a").await, 200);
+
+    std::fs::write(&config, echo_config(upstream.addr, "/new")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get_json(addr, "/new/a", &[]).await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new file was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get_json(addr, "/old/a", &[]).await.0, 404);
+    assert_eq!(
+        on_kept("/new/a").await,
+        200,
+        "the old connection still serves"
+    );
+
+    // A broken file is refused and counted; the running configuration stays.
+    std::fs::write(&config, "services: [{name: broken}]\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let request = http::Request::get("/metrics")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let (_, metrics) = crate::support::send(addr, request).await.into_text();
+        if metrics.contains("micro_gateway_config_reloads_total{result=\"error\"} 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken file was not refused: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(on_kept("/new/a").await, 200);
+}
+
+/// Kills the child when the test ends, passed or not.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test]
@@ -24,34 +133,7 @@ async fn serves_a_config_file_and_stops_on_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = binary()
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    // The host logs the address it bound; port 0 picked a free one.
-    let stdout = child.stdout.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().to_owned();
-                let _ = addr_tx.send(addr);
-            }
-        }
-    });
-    let addr: std::net::SocketAddr = addr_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the gateway did not report its address")
-        .parse()
-        .unwrap();
+    let (mut child, addr) = spawn(&config, &[]);
 
     let (status, seen) = get_json(addr, "/api/hello", &[]).await;
     assert_eq!(status, 200);

@@ -1,8 +1,14 @@
 //! Integration tests of micro-gateway: one binary, a module per area.
 
 mod binary;
+mod compose;
 mod config;
+mod config_auth;
+mod discovered;
 mod gateway;
+mod jwt;
 mod plugins;
 mod proxy;
+mod rate_limit;
+mod rate_limit_redis;
 mod support;

@@ -11,10 +11,26 @@
 //! | backend | feature | keeps the log |
 //! |---|---|---|
 //! | [`MemorySagaLog`] | | in memory, for tests and for sagas that may be lost with the process |
+//! | `PostgresSagaLog` | `postgres` | in PostgreSQL tables, for services with several instances |
+//! | `EmbeddedSagaLog` | `embedded` | in a redb file on local disk, for the one-process default |
+//!
+//! Choosing: a service that runs as several processes, or that keeps its
+//! business data in PostgreSQL, uses the PostgreSQL log (any instance can
+//! resume a saga another one started). A single process that must not lose
+//! its sagas on a crash, such as the shop's one-process mode, uses the
+//! embedded log. Tests and throwaway work use memory.
 
+#[cfg(feature = "embedded")]
+mod embedded;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 
+#[cfg(feature = "embedded")]
+pub use self::embedded::EmbeddedSagaLog;
 pub use self::memory::MemorySagaLog;
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresSagaLog;
 
 use serde_json::Value;
 
@@ -311,6 +327,15 @@ pub enum LogError {
         /// Why it does not decode.
         #[source]
         source: serde_json::Error,
+    },
+
+    /// A PostgreSQL schema name that cannot be used.
+    #[cfg(feature = "postgres")]
+    #[error("invalid schema name `{schema}`: use 1 to 63 ASCII letters, digits and underscores, not starting with a digit")]
+    #[non_exhaustive]
+    InvalidSchema {
+        /// The name given.
+        schema: String,
     },
 
     /// PostgreSQL failed.

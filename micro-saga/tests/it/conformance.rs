@@ -341,3 +341,67 @@ mod memory {
 
     conformance!(fixture);
 }
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::Arc;
+
+    use micro_saga::log::PostgresSagaLog;
+    use micro_saga::SagaLog;
+
+    pub(crate) struct Fixture {
+        pub(crate) log: Arc<dyn SagaLog>,
+        db: crate::support::pg::TestSchema,
+    }
+
+    impl Fixture {
+        pub(crate) async fn finish(self) {
+            self.db.drop_schema().await;
+        }
+    }
+
+    pub(crate) async fn fixture() -> Fixture {
+        let db = crate::support::pg::TestSchema::new().await;
+        // Two connections, so that racing writers race in PostgreSQL itself.
+        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema)
+            .unwrap()
+            .with_client(crate::support::pg::connect().await);
+        log.install().await.unwrap();
+        // Installing again changes nothing.
+        log.install().await.unwrap();
+        Fixture {
+            log: Arc::new(log),
+            db,
+        }
+    }
+
+    conformance!(fixture);
+}
+
+#[cfg(feature = "embedded")]
+mod embedded {
+    use std::sync::Arc;
+
+    use micro_saga::log::EmbeddedSagaLog;
+    use micro_saga::SagaLog;
+
+    pub(crate) struct Fixture {
+        pub(crate) log: Arc<dyn SagaLog>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        pub(crate) async fn finish(self) {}
+    }
+
+    pub(crate) async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedSagaLog::open(dir.path().join("sagas.redb")).unwrap();
+        Fixture {
+            log: Arc::new(log),
+            _dir: dir,
+        }
+    }
+
+    conformance!(fixture);
+}

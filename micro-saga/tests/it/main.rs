@@ -1,7 +1,12 @@
 //! Integration tests of micro-saga: one binary, one module per subject.
 
 mod conformance;
+#[cfg(feature = "postgres")]
+mod crash;
+#[cfg(any(feature = "postgres", feature = "embedded"))]
+mod durable;
 mod orchestrator;
 mod properties;
+mod reply;
 mod support;
 mod testkit;

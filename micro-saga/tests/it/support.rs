@@ -134,3 +134,53 @@ pub(crate) async fn eventually(limit: Duration, mut check: impl FnMut() -> bool)
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+#[cfg(feature = "postgres")]
+pub(crate) mod pg {
+    use std::sync::Arc;
+
+    use tokio_postgres::{Client, NoTls};
+
+    /// The PostgreSQL the tests use: `MICRO_TEST_POSTGRES_URL`, or the local
+    /// default.
+    pub(crate) fn url() -> String {
+        std::env::var("MICRO_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    }
+
+    pub(crate) async fn connect() -> Arc<Client> {
+        let url = url();
+        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
+        tokio::spawn(connection);
+        Arc::new(client)
+    }
+
+    /// A fresh schema name, so that tests run in parallel.
+    pub(crate) fn fresh_schema(prefix: &str) -> String {
+        format!("{prefix}_{:016x}", rand::random::<u64>())
+    }
+
+    /// A client and a schema name of its own for one test.
+    pub(crate) struct TestSchema {
+        pub(crate) client: Arc<Client>,
+        pub(crate) schema: String,
+    }
+
+    impl TestSchema {
+        pub(crate) async fn new() -> Self {
+            TestSchema {
+                client: connect().await,
+                schema: fresh_schema("saga_test"),
+            }
+        }
+
+        pub(crate) async fn drop_schema(self) {
+            self.client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+                .await
+                .unwrap();
+        }
+    }
+}

@@ -1,3 +1,4 @@
 //! End-to-end tests across micro's crates and the shop: one binary, a module per area.
 
+mod shop;
 mod tracing_across_services;

@@ -1,0 +1,995 @@
+//! The order service: orders placed from the caller's cart, driven by the order saga
+//! (charge → reserve → confirm → notify), with their status history and events.
+//!
+//! - `POST /orders` needs an `Idempotency-Key`: the same key from the same user answers
+//!   the same order. The order is written `PENDING` with its `OrderCreated` event in one
+//!   transaction, the saga starts, and the answer is `202` with `Location`.
+//! - The saga charges the card, reserves the stock, confirms the order (committing the
+//!   stock) and publishes `OrderConfirmed`. When the reservation fails the payment is
+//!   refunded and the order ends `CANCELLED` with the reason; when the refund keeps
+//!   failing it ends `REQUIRES_ATTENTION`.
+//! - Status moves only through [`Order::transition`], which rejects illegal moves.
+//! - Events go through the outbox of the order's store and a relay to an [`EventSink`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use micro_core::client::HttpClient;
+use micro_core::error::BoxError;
+use micro_core::service::Service;
+use micro_saga::{
+    Orchestrator, SagaDefinition, SagaInstance, SagaLog, SagaStatus, StepError, StepOutput,
+    StepPolicy,
+};
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+use crate::api::{ApiError, Body, IdempotencyKey, UserId, USER_ID_HEADER};
+use crate::cart::{CartView, Line};
+use crate::catalog::Money;
+use crate::events::{EventSink, OrderEvent};
+use crate::inventory::Item;
+use crate::payment::Payment;
+use crate::store::{Store, Tx};
+
+const ORDERS: &str = "orders";
+const BY_KEY: &str = "orders-by-key";
+const OUTBOX: &str = "outbox";
+const META: &str = "meta";
+
+/// Where an order is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    /// Placed; the saga is running.
+    Pending,
+    /// Paid; the stock is being reserved.
+    Paid,
+    /// Paid and reserved: it will ship.
+    Confirmed,
+    /// On its way.
+    Shipped,
+    /// Arrived.
+    Delivered,
+    /// Ended without effect (nothing charged, or refunded).
+    Cancelled,
+    /// Something could not be undone: a person must look.
+    RequiresAttention,
+}
+
+impl OrderStatus {
+    /// Whether an order may move from `self` to `to`.
+    pub fn can_move_to(self, to: OrderStatus) -> bool {
+        use OrderStatus::*;
+        matches!(
+            (self, to),
+            (Pending, Paid | Cancelled | RequiresAttention)
+                | (Paid, Confirmed | Cancelled | RequiresAttention)
+                | (Confirmed, Shipped | Cancelled | RequiresAttention)
+                | (Shipped, Delivered)
+        )
+    }
+
+    /// Whether the order will not move again by itself.
+    pub fn is_final(self) -> bool {
+        !matches!(self, OrderStatus::Pending | OrderStatus::Paid)
+    }
+}
+
+/// One move of an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    /// The status it moved to.
+    pub status: OrderStatus,
+    /// Why.
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// The move is not allowed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("an order cannot move from {from:?} to {to:?}")]
+pub struct IllegalTransition {
+    /// Where it was.
+    pub from: OrderStatus,
+    /// Where it was asked to go.
+    pub to: OrderStatus,
+}
+
+/// An order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// Its id.
+    pub id: String,
+    /// Its owner.
+    pub user_id: String,
+    /// What was bought, priced when the order was placed.
+    pub lines: Vec<Line>,
+    /// The sum.
+    pub total: Money,
+    /// Where it is.
+    pub status: OrderStatus,
+    /// Every move, oldest first.
+    pub history: Vec<StatusChange>,
+    /// The payment, once captured.
+    pub payment_id: Option<String>,
+}
+
+impl Order {
+    /// Moves the order to `to`, recording why.
+    ///
+    /// # Errors
+    ///
+    /// [`IllegalTransition`] when the status machine forbids it; the order is unchanged.
+    pub fn transition(
+        &mut self,
+        to: OrderStatus,
+        reason: impl Into<String>,
+    ) -> Result<(), IllegalTransition> {
+        if !self.status.can_move_to(to) {
+            return Err(IllegalTransition {
+                from: self.status,
+                to,
+            });
+        }
+        self.status = to;
+        self.history.push(StatusChange {
+            status: to,
+            reason: reason.into(),
+            at: now(),
+        });
+        Ok(())
+    }
+}
+
+fn now() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// What the saga carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkout {
+    /// The order.
+    pub order_id: String,
+    /// The amount to charge.
+    pub total: Money,
+    /// The card to charge.
+    pub card_number: String,
+    /// The stock to reserve.
+    pub items: Vec<Item>,
+}
+
+/// `POST /orders`.
+#[derive(Debug, Deserialize)]
+pub struct PlaceOrder {
+    /// The card to charge.
+    pub card_number: String,
+}
+
+/// `GET /orders?status=`.
+#[derive(Debug, Deserialize)]
+pub struct ListOrders {
+    /// Only orders with this status.
+    pub status: Option<OrderStatus>,
+}
+
+/// Clients of the services the order service calls.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    /// The cart service.
+    pub carts: HttpClient,
+    /// The payment service.
+    pub payments: HttpClient,
+    /// The inventory service.
+    pub inventory: HttpClient,
+}
+
+/// The order service.
+#[derive(Debug, Clone)]
+pub struct Orders {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ledger: Ledger,
+    upstreams: Upstreams,
+    orchestrator: Orchestrator,
+    saga: SagaDefinition<Checkout>,
+    relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    sink: Arc<dyn EventSink>,
+}
+
+/// The order store with its outbox: every change of an order and its events are written
+/// in one transaction.
+#[derive(Debug, Clone)]
+struct Ledger {
+    store: Store,
+    wake: Arc<Notify>,
+}
+
+impl Ledger {
+    fn append_events(tx: &mut Tx<'_>, events: Vec<(String, OrderEvent)>) -> anyhow::Result<()> {
+        let mut next: u64 = tx.get(META, "outbox-seq")?.unwrap_or(0);
+        for (id, event) in events {
+            let envelope = event.envelope(&id)?;
+            tx.put(OUTBOX, &format!("{next:020}"), &envelope)?;
+            next += 1;
+        }
+        tx.put(META, "outbox-seq", &next)
+    }
+
+    /// Applies `change` to the order, writing the order and the events it returns
+    /// together. A change that returns `None` writes nothing.
+    fn update(
+        &self,
+        order_id: &str,
+        change: impl FnOnce(&mut Order) -> Option<Vec<(String, OrderEvent)>>,
+    ) -> anyhow::Result<Option<Order>> {
+        let written = self.store.write(|tx| {
+            let Some(mut order) = tx.get::<Order>(ORDERS, order_id)? else {
+                return Ok(None);
+            };
+            let Some(events) = change(&mut order) else {
+                return Ok(Some(order));
+            };
+            tx.put(ORDERS, order_id, &order)?;
+            Self::append_events(tx, events)?;
+            Ok(Some(order))
+        })?;
+        self.wake.notify_one();
+        Ok(written)
+    }
+
+    /// Moves the order to `to` with its event, unless it is there already (a step run
+    /// again after a crash) or the move is illegal (logged).
+    fn moved(
+        &self,
+        order_id: &str,
+        to: OrderStatus,
+        reason: &str,
+        event: Option<(String, OrderEvent)>,
+        payment_id: Option<&str>,
+    ) -> anyhow::Result<()> {
+        self.update(order_id, |order| {
+            if order.status == to {
+                return None;
+            }
+            if let Err(error) = order.transition(to, reason) {
+                tracing::warn!(order_id, %error, "status change refused");
+                return None;
+            }
+            if let Some(id) = payment_id {
+                order.payment_id = Some(id.to_owned());
+            }
+            Some(event.into_iter().collect())
+        })?;
+        Ok(())
+    }
+
+    fn event(&self, id: String, event: OrderEvent) -> anyhow::Result<()> {
+        self.store
+            .write(|tx| Self::append_events(tx, vec![(id, event)]))?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn order(&self, order_id: &str) -> anyhow::Result<Option<Order>> {
+        self.store.get(ORDERS, order_id)
+    }
+}
+
+/// A call's failure as a saga step error: a `4xx` answer is final, the rest may pass.
+fn step_error(error: micro_core::client::Error, what: &str) -> StepError {
+    match error.status() {
+        Some(status) if status.is_client_error() => {
+            StepError::permanent(format!("{what}: {}", describe(&error)))
+        }
+        _ => StepError::retryable(format!("{what}: {}", describe(&error))),
+    }
+}
+
+/// The message of a shop error answer, or the error itself.
+fn describe(error: &micro_core::client::Error) -> String {
+    error
+        .body_json::<serde_json::Value>()
+        .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| error.to_string())
+}
+
+fn order_saga(
+    ledger: Ledger,
+    upstreams: Upstreams,
+) -> micro_saga::Result<SagaDefinition<Checkout>> {
+    let (charge_ledger, charge_client) = (ledger.clone(), upstreams.payments.clone());
+    let (refund_ledger, refund_client) = (ledger.clone(), upstreams.payments.clone());
+    let (reserve_ledger, reserve_client) = (ledger.clone(), upstreams.inventory.clone());
+    let release_client = upstreams.inventory.clone();
+    let (confirm_ledger, confirm_client) = (ledger.clone(), upstreams.inventory.clone());
+    let notify_ledger = ledger;
+    let calls = StepPolicy::new()
+        .timeout(Duration::from_secs(2))
+        .max_attempts(3)
+        .compensation_max_attempts(5)
+        .initial_backoff(Duration::from_millis(50))
+        .max_backoff(Duration::from_millis(500));
+
+    SagaDefinition::<Checkout>::builder("place-order")
+        .policy(calls)
+        .step(
+            "charge-payment",
+            move |cx| {
+                let (ledger, payments) = (charge_ledger.clone(), charge_client.clone());
+                async move {
+                    let checkout = cx.data();
+                    let body = serde_json::json!({
+                        "order_id": checkout.order_id,
+                        "amount": checkout.total,
+                        "card_number": checkout.card_number,
+                    });
+                    let charged = payments
+                        .request(http::Method::POST, "/payments")
+                        .idempotency_key(cx.idempotency_key())
+                        .json(&body)
+                        .send_json::<Payment>()
+                        .await;
+                    let id = format!("{}:payment", cx.idempotency_key());
+                    match charged {
+                        Ok(payment) => {
+                            let event = OrderEvent::PaymentProcessed {
+                                order_id: checkout.order_id.clone(),
+                                payment_id: payment.id.clone(),
+                            };
+                            ledger
+                                .moved(
+                                    &checkout.order_id,
+                                    OrderStatus::Paid,
+                                    "payment captured",
+                                    Some((id, event)),
+                                    Some(&payment.id),
+                                )
+                                .map_err(|e| StepError::retryable(e.to_string()))?;
+                            StepOutput::json(&payment.id)
+                        }
+                        Err(error) => {
+                            let failure = step_error(error, "payment failed");
+                            if !failure.is_retryable() {
+                                let event = OrderEvent::PaymentFailed {
+                                    order_id: checkout.order_id.clone(),
+                                    reason: failure.to_string(),
+                                };
+                                ledger
+                                    .event(id, event)
+                                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                            }
+                            Err(failure)
+                        }
+                    }
+                }
+            },
+            move |cx| {
+                let (ledger, payments) = (refund_ledger.clone(), refund_client.clone());
+                async move {
+                    let payment_id: String = cx.output_as()?;
+                    payments
+                        .request(
+                            http::Method::POST,
+                            &format!("/payments/{payment_id}/refund"),
+                        )
+                        .idempotency_key(cx.idempotency_key())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            StepError::retryable(format!("refund failed: {}", describe(&e)))
+                        })?;
+                    let event = OrderEvent::PaymentRefunded {
+                        order_id: cx.data().order_id.clone(),
+                        payment_id,
+                    };
+                    ledger
+                        .event(format!("{}:refund", cx.idempotency_key()), event)
+                        .map_err(|e| StepError::retryable(e.to_string()))?;
+                    Ok(())
+                }
+            },
+        )
+        .step(
+            "reserve-inventory",
+            move |cx| {
+                let (ledger, inventory) = (reserve_ledger.clone(), reserve_client.clone());
+                async move {
+                    let checkout = cx.data();
+                    let body = serde_json::json!({
+                        "order_id": checkout.order_id,
+                        "items": checkout.items,
+                    });
+                    let reserved = inventory
+                        .request(http::Method::POST, "/inventory/reservations")
+                        .idempotency_key(cx.idempotency_key())
+                        .json(&body)
+                        .send()
+                        .await;
+                    let id = format!("{}:reservation", cx.idempotency_key());
+                    let order_id = checkout.order_id.clone();
+                    match reserved {
+                        Ok(_) => {
+                            ledger
+                                .event(id, OrderEvent::InventoryReserved { order_id })
+                                .map_err(|e| StepError::retryable(e.to_string()))?;
+                            Ok(StepOutput::empty())
+                        }
+                        Err(error) => {
+                            let failure = step_error(error, "reservation failed");
+                            if !failure.is_retryable() {
+                                let event = OrderEvent::InventoryReservationFailed {
+                                    order_id,
+                                    reason: failure.to_string(),
+                                };
+                                ledger
+                                    .event(id, event)
+                                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                            }
+                            Err(failure)
+                        }
+                    }
+                }
+            },
+            move |cx| {
+                let inventory = release_client.clone();
+                async move {
+                    let path = format!("/inventory/reservations/{}/release", cx.data().order_id);
+                    inventory
+                        .request(http::Method::POST, &path)
+                        .idempotency_key(cx.idempotency_key())
+                        .send()
+                        .await
+                        .map_err(|e| step_error(e, "release failed"))?;
+                    Ok(())
+                }
+            },
+        )
+        .pivot("confirm-order", move |cx| {
+            let (ledger, inventory) = (confirm_ledger.clone(), confirm_client.clone());
+            async move {
+                let order_id = &cx.data().order_id;
+                inventory
+                    .request(
+                        http::Method::POST,
+                        &format!("/inventory/reservations/{order_id}/commit"),
+                    )
+                    .idempotency_key(cx.idempotency_key())
+                    .send()
+                    .await
+                    .map_err(|e| step_error(e, "commit failed"))?;
+                ledger
+                    .moved(
+                        order_id,
+                        OrderStatus::Confirmed,
+                        "paid and reserved",
+                        None,
+                        None,
+                    )
+                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                Ok(StepOutput::empty())
+            }
+        })
+        .final_step("notify", move |cx| {
+            let ledger = notify_ledger.clone();
+            async move {
+                let order = ledger
+                    .order(&cx.data().order_id)
+                    .map_err(|e| StepError::retryable(e.to_string()))?
+                    .ok_or_else(|| StepError::permanent("the order is gone"))?;
+                let event = OrderEvent::OrderConfirmed {
+                    order_id: order.id.clone(),
+                    user_id: order.user_id.clone(),
+                    total: order.total.clone(),
+                };
+                ledger
+                    .event(cx.idempotency_key().to_owned(), event)
+                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                Ok(StepOutput::empty())
+            }
+        })
+        .build()
+}
+
+impl Orders {
+    /// The service: orders in `store`, sagas in `saga_log`, events to `sink`.
+    pub fn new(
+        store: Store,
+        saga_log: Arc<dyn SagaLog>,
+        upstreams: Upstreams,
+        sink: Arc<dyn EventSink>,
+    ) -> anyhow::Result<Self> {
+        let ledger = Ledger {
+            store,
+            wake: Arc::new(Notify::new()),
+        };
+        let saga = order_saga(ledger.clone(), upstreams.clone())?;
+        let orchestrator = Orchestrator::builder(saga_log).definition(&saga).build()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                ledger,
+                upstreams,
+                orchestrator,
+                saga,
+                relay: std::sync::Mutex::new(None),
+                sink,
+            }),
+        })
+    }
+
+    /// The order with this id.
+    pub fn order(&self, order_id: &str) -> anyhow::Result<Option<Order>> {
+        self.inner.ledger.order(order_id)
+    }
+
+    /// Every order, for the shop's invariant checks.
+    pub fn all(&self) -> anyhow::Result<Vec<Order>> {
+        Ok(self
+            .inner
+            .ledger
+            .store
+            .list::<Order>(ORDERS, "")?
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect())
+    }
+
+    /// Places an order from the user's cart, once per idempotency key.
+    pub async fn place(&self, user: &str, key: &str, card_number: &str) -> Result<Order, ApiError> {
+        let index = format!("{user}/{key}");
+        let ledger = &self.inner.ledger;
+        if let Some(id) = ledger.store.get::<String>(BY_KEY, &index)? {
+            if let Some(order) = ledger.order(&id)? {
+                return Ok(order);
+            }
+        }
+        let cart: CartView = self
+            .inner
+            .upstreams
+            .carts
+            .request(http::Method::GET, "/carts/me")
+            .header(USER_ID_HEADER, user)
+            .send_json()
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "the cart service failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cart_unavailable",
+                    "the cart cannot be read now; try again",
+                )
+            })?;
+        let Some(total) = cart.total.clone().filter(|_| !cart.lines.is_empty()) else {
+            return Err(ApiError::bad_request("cart_empty", "the cart is empty"));
+        };
+        let id = format!("ord-{}", uuid::Uuid::new_v4().simple());
+        let order = Order {
+            id: id.clone(),
+            user_id: user.to_owned(),
+            lines: cart.lines.clone(),
+            total: total.clone(),
+            status: OrderStatus::Pending,
+            history: vec![StatusChange {
+                status: OrderStatus::Pending,
+                reason: "placed".to_owned(),
+                at: now(),
+            }],
+            payment_id: None,
+        };
+        let checkout = Checkout {
+            order_id: id.clone(),
+            total: total.clone(),
+            card_number: card_number.to_owned(),
+            items: cart
+                .lines
+                .iter()
+                .map(|l| Item {
+                    sku: l.sku.clone(),
+                    quantity: l.quantity,
+                })
+                .collect(),
+        };
+        let placed = ledger.store.write(|tx| {
+            // Two requests with one key may race: the first to commit wins.
+            if let Some(existing) = tx.get::<String>(BY_KEY, &index)? {
+                return Ok(tx.get::<Order>(ORDERS, &existing)?.map(|o| (o, None)));
+            }
+            tx.put(ORDERS, &id, &order)?;
+            tx.put(BY_KEY, &index, &id)?;
+            tx.put("checkouts", &id, &checkout)?;
+            let created = OrderEvent::OrderCreated {
+                order_id: id.clone(),
+                user_id: user.to_owned(),
+                total: total.clone(),
+            };
+            Ledger::append_events(tx, vec![(format!("{id}:created"), created)])?;
+            Ok(Some((order.clone(), Some(checkout.clone()))))
+        })?;
+        ledger.wake.notify_one();
+        let Some((order, checkout)) = placed else {
+            return Err(anyhow::anyhow!("an order index points nowhere").into());
+        };
+        if let Some(checkout) = checkout {
+            let cleared = self
+                .inner
+                .upstreams
+                .carts
+                .request(http::Method::DELETE, "/carts/me")
+                .header(USER_ID_HEADER, user)
+                .send()
+                .await;
+            if let Err(error) = cleared {
+                tracing::warn!(%error, order_id = %order.id, "the cart was not cleared");
+            }
+            self.start_saga(checkout).await?;
+        }
+        Ok(order)
+    }
+
+    async fn start_saga(&self, checkout: Checkout) -> anyhow::Result<()> {
+        let order_id = checkout.order_id.clone();
+        match self
+            .inner
+            .orchestrator
+            .start(&self.inner.saga, &order_id, checkout)
+            .await
+        {
+            Ok(handle) => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    match handle.finished().await {
+                        Ok(saga) => this.settle(&saga),
+                        Err(error) => tracing::error!(%error, order_id, "the order saga stopped"),
+                    }
+                });
+                Ok(())
+            }
+            Err(micro_saga::Error::Log(micro_saga::log::LogError::AlreadyExists { .. })) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Moves the order to where its finished saga says.
+    fn settle(&self, saga: &SagaInstance) {
+        let order_id = saga.id();
+        let reason = saga
+            .steps()
+            .iter()
+            .filter_map(|s| s.error())
+            .next_back()
+            .unwrap_or("the saga ended")
+            .to_owned();
+        let ledger = &self.inner.ledger;
+        let result = match saga.status() {
+            SagaStatus::Compensated => ledger.update(order_id, |order| {
+                order
+                    .transition(OrderStatus::Cancelled, reason.clone())
+                    .ok()?;
+                let event = OrderEvent::OrderCancelled {
+                    order_id: order.id.clone(),
+                    user_id: order.user_id.clone(),
+                    reason: reason.clone(),
+                };
+                Some(vec![(format!("{order_id}:cancelled"), event)])
+            }),
+            SagaStatus::Failed => ledger.update(order_id, |order| {
+                order
+                    .transition(OrderStatus::RequiresAttention, reason.clone())
+                    .ok()?;
+                Some(Vec::new())
+            }),
+            _ => Ok(None),
+        };
+        if let Err(error) = result {
+            tracing::error!(%error, order_id, "the order's outcome was not recorded");
+        }
+    }
+
+    /// Resumes unfinished sagas, settles orders whose saga ended while nobody watched,
+    /// and starts the sagas of orders placed just before a crash.
+    async fn recover(&self) -> anyhow::Result<()> {
+        let recovery = self.inner.orchestrator.recover().await?;
+        for handle in recovery.resumed {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Ok(saga) = handle.finished().await {
+                    this.settle(&saga);
+                }
+            });
+        }
+        for order in self.all()? {
+            if order.status.is_final() {
+                continue;
+            }
+            match self.inner.orchestrator.saga(&order.id).await? {
+                Some(record) if record.status.is_terminal() => self.settle(&record.instance()?),
+                Some(_) => {}
+                None => {
+                    if let Some(checkout) = self
+                        .inner
+                        .ledger
+                        .store
+                        .get::<Checkout>("checkouts", &order.id)?
+                    {
+                        self.start_saga(checkout).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels a confirmed order: refunds it and returns its stock.
+    pub async fn cancel(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
+        let order = self.owned(user, order_id)?;
+        match order.status {
+            OrderStatus::Pending | OrderStatus::Paid => {
+                return Err(ApiError::conflict(
+                    "order_in_progress",
+                    "the order is being processed; try again in a moment",
+                ))
+            }
+            OrderStatus::Confirmed => {}
+            other => {
+                return Err(ApiError::conflict(
+                    "cannot_cancel",
+                    format!("an order in status {other:?} cannot be cancelled"),
+                ))
+            }
+        }
+        let Some(payment_id) = &order.payment_id else {
+            return Err(anyhow::anyhow!("a confirmed order has no payment").into());
+        };
+        let key = format!("{order_id}:cancel");
+        self.inner
+            .upstreams
+            .payments
+            .request(
+                http::Method::POST,
+                &format!("/payments/{payment_id}/refund"),
+            )
+            .idempotency_key(key.as_str())
+            .send()
+            .await
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "refund_failed",
+                    format!("the refund failed: {}", describe(&error)),
+                )
+            })?;
+        self.inner
+            .upstreams
+            .inventory
+            .request(
+                http::Method::POST,
+                &format!("/inventory/reservations/{order_id}/release"),
+            )
+            .idempotency_key(key.as_str())
+            .send()
+            .await
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "release_failed",
+                    format!("the stock was not returned: {}", describe(&error)),
+                )
+            })?;
+        let reason = "cancelled by the customer".to_owned();
+        let cancelled = self.inner.ledger.update(order_id, |order| {
+            order
+                .transition(OrderStatus::Cancelled, reason.clone())
+                .ok()?;
+            Some(vec![
+                (
+                    format!("{key}:refund"),
+                    OrderEvent::PaymentRefunded {
+                        order_id: order.id.clone(),
+                        payment_id: payment_id.clone(),
+                    },
+                ),
+                (
+                    format!("{order_id}:cancelled"),
+                    OrderEvent::OrderCancelled {
+                        order_id: order.id.clone(),
+                        user_id: order.user_id.clone(),
+                        reason: reason.clone(),
+                    },
+                ),
+            ])
+        })?;
+        cancelled.ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))
+    }
+
+    fn owned(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
+        self.order(order_id)?
+            .filter(|o| o.user_id == user)
+            .ok_or_else(|| ApiError::not_found("order_not_found", format!("no order `{order_id}`")))
+    }
+
+    /// Delivers the outbox in order, forever; each event is removed once delivered.
+    async fn relay(self) {
+        let ledger = self.inner.ledger.clone();
+        loop {
+            let pending = ledger
+                .store
+                .list::<micro_events::Event<OrderEvent>>(OUTBOX, "");
+            match pending {
+                Ok(pending) => {
+                    for (seq, event) in pending {
+                        if let Err(error) = self.inner.sink.deliver(&event).await {
+                            tracing::warn!(%error, "an order event was not delivered; retrying");
+                            break;
+                        }
+                        if let Err(error) = ledger.store.write(|tx| tx.delete(OUTBOX, &seq)) {
+                            tracing::error!(%error, "a delivered event stays in the outbox");
+                            break;
+                        }
+                    }
+                }
+                Err(error) => tracing::error!(%error, "the outbox cannot be read"),
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), ledger.wake.notified()).await;
+        }
+    }
+
+    /// Events written but not yet delivered.
+    pub fn undelivered(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .inner
+            .ledger
+            .store
+            .list::<serde_json::Value>(OUTBOX, "")?
+            .len())
+    }
+}
+
+async fn place(
+    State(orders): State<Orders>,
+    UserId(user): UserId,
+    IdempotencyKey(key): IdempotencyKey,
+    Body(request): Body<PlaceOrder>,
+) -> Result<Response, ApiError> {
+    let order = orders.place(&user, &key, &request.card_number).await?;
+    let location = HeaderValue::from_str(&format!("/api/orders/{}", order.id))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response())
+}
+
+async fn list(
+    State(orders): State<Orders>,
+    UserId(user): UserId,
+    Query(query): Query<ListOrders>,
+) -> Result<Json<Vec<Order>>, ApiError> {
+    let mut mine: Vec<Order> = orders
+        .all()?
+        .into_iter()
+        .filter(|o| o.user_id == user && query.status.is_none_or(|s| o.status == s))
+        .collect();
+    mine.sort_by(|a, b| b.history[0].at.cmp(&a.history[0].at));
+    Ok(Json(mine))
+}
+
+async fn show(
+    State(orders): State<Orders>,
+    UserId(user): UserId,
+    Path(order_id): Path<String>,
+) -> Result<Json<Order>, ApiError> {
+    orders.owned(&user, &order_id).map(Json)
+}
+
+async fn cancel(
+    State(orders): State<Orders>,
+    UserId(user): UserId,
+    Path(order_id): Path<String>,
+) -> Result<Json<Order>, ApiError> {
+    orders.cancel(&user, &order_id).await.map(Json)
+}
+
+impl Service for Orders {
+    fn name(&self) -> &str {
+        "order-service"
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn router(&self) -> Router {
+        Router::new()
+            .route("/orders", post(place).get(list))
+            .route("/orders/{id}", get(show))
+            .route("/orders/{id}/cancel", post(cancel))
+            .with_state(self.clone())
+    }
+
+    async fn start(&self) -> Result<(), BoxError> {
+        let relay = tokio::spawn(self.clone().relay());
+        *self.inner.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
+        // Recovery calls the other services, which may still be starting: run it aside.
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = this.recover().await {
+                tracing::error!(error = format!("{error:#}"), "order recovery failed");
+            }
+        });
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), BoxError> {
+        if let Some(relay) = self
+            .inner
+            .relay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            relay.abort();
+        }
+        Ok(())
+    }
+}
+
+/// Counts of orders by status, for summaries.
+pub fn by_status(orders: &[Order]) -> BTreeMap<OrderStatus, usize> {
+    let mut counts = BTreeMap::new();
+    for order in orders {
+        *counts.entry(order.status).or_default() += 1;
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_machine_rejects_illegal_moves() {
+        let mut order = Order {
+            id: "o".into(),
+            user_id: "u".into(),
+            lines: Vec::new(),
+            total: Money {
+                amount: 1,
+                currency: "USD".into(),
+            },
+            status: OrderStatus::Pending,
+            history: Vec::new(),
+            payment_id: None,
+        };
+        assert_eq!(
+            order.transition(OrderStatus::Confirmed, "skip"),
+            Err(IllegalTransition {
+                from: OrderStatus::Pending,
+                to: OrderStatus::Confirmed
+            })
+        );
+        order.transition(OrderStatus::Paid, "paid").unwrap();
+        order.transition(OrderStatus::Confirmed, "ok").unwrap();
+        order
+            .transition(OrderStatus::Cancelled, "changed mind")
+            .unwrap();
+        assert!(order.transition(OrderStatus::Paid, "again").is_err());
+        assert_eq!(order.history.len(), 3);
+        assert_eq!(order.history[2].reason, "changed mind");
+    }
+}

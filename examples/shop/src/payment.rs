@@ -1,0 +1,347 @@
+//! The payment service: charges and refunds, with deterministic test cards.
+//!
+//! | card number | what happens |
+//! |---|---|
+//! | `4242 4242 4242 4242` (and any other valid number) | charged, refundable |
+//! | `4000 0000 0000 0002` | declined (`402 card_declined`) |
+//! | `4000 0000 0000 0119` | the charge never answers (the caller times out) |
+//! | `4000 0000 0000 0341` | charged, but every refund fails (`503 refund_failed`) |
+//!
+//! A charge needs an `Idempotency-Key`: the same key answers the same payment (or the
+//! same decline) without charging twice. Refunds are idempotent per payment.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use micro_core::service::Service;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ApiError, Body, IdempotencyKey};
+use crate::catalog::Money;
+use crate::store::Store;
+
+const PAYMENTS: &str = "payments";
+const BY_KEY: &str = "payments-by-key";
+
+/// The card that is always declined.
+pub const DECLINED_CARD: &str = "4000000000000002";
+/// The card whose charge never answers.
+pub const TIMEOUT_CARD: &str = "4000000000000119";
+/// The card whose refunds always fail.
+pub const REFUND_FAILS_CARD: &str = "4000000000000341";
+/// A card that works.
+pub const GOOD_CARD: &str = "4242424242424242";
+
+/// Where a payment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PaymentStatus {
+    /// The money was taken.
+    Captured,
+    /// The card was refused; nothing was taken.
+    Declined,
+    /// The money was given back.
+    Refunded,
+}
+
+/// A payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    /// Its id.
+    pub id: String,
+    /// The order it pays.
+    pub order_id: String,
+    /// How much.
+    pub amount: Money,
+    /// The card's last four digits.
+    pub card_last4: String,
+    /// Where it is.
+    pub status: PaymentStatus,
+}
+
+/// A payment as the service keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    payment: Payment,
+    /// Whether refunds of this payment fail (the test card).
+    refund_fails: bool,
+}
+
+/// `POST /payments`.
+#[derive(Debug, Deserialize)]
+pub struct ChargeRequest {
+    /// The order to pay.
+    pub order_id: String,
+    /// How much.
+    pub amount: Money,
+    /// The card number, digits and spaces.
+    pub card_number: String,
+}
+
+/// `GET /payments?order_id=`.
+#[derive(Debug, Deserialize)]
+pub struct ByOrder {
+    /// The order.
+    pub order_id: String,
+}
+
+/// The payment service.
+#[derive(Debug, Clone)]
+pub struct Payments {
+    store: Store,
+    hang: Duration,
+}
+
+/// Whether `digits` pass the Luhn check.
+pub fn luhn(digits: &str) -> bool {
+    let mut sum = 0;
+    for (i, c) in digits.chars().rev().enumerate() {
+        let Some(mut d) = c.to_digit(10) else {
+            return false;
+        };
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    !digits.is_empty() && sum % 10 == 0
+}
+
+impl Payments {
+    /// The service over `store`. The timeout card's charge answers after `hang` (make it
+    /// longer than the caller's timeout).
+    pub fn new(store: Store, hang: Duration) -> Self {
+        Self { store, hang }
+    }
+
+    /// Charges a card once per idempotency key.
+    pub async fn charge(&self, key: &str, request: &ChargeRequest) -> Result<Payment, ApiError> {
+        let number: String = request.card_number.chars().filter(|c| *c != ' ').collect();
+        if !(12..=19).contains(&number.len()) || !luhn(&number) {
+            return Err(ApiError::bad_request(
+                "invalid_card",
+                "the card number is not valid",
+            ));
+        }
+        if request.amount.amount <= 0 || request.amount.currency.len() != 3 {
+            return Err(ApiError::bad_request(
+                "invalid_amount",
+                "the amount must be positive, with a 3-letter currency",
+            ));
+        }
+        if let Some(id) = self.store.get::<String>(BY_KEY, key)? {
+            if let Some(stored) = self.store.get::<Stored>(PAYMENTS, &id)? {
+                return answer(stored.payment);
+            }
+        }
+        if number == TIMEOUT_CARD {
+            tokio::time::sleep(self.hang).await;
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "processor_timeout",
+                "the card processor did not answer",
+            ));
+        }
+        let stored = Stored {
+            payment: Payment {
+                id: format!("pay-{}", uuid::Uuid::new_v4().simple()),
+                order_id: request.order_id.clone(),
+                amount: request.amount.clone(),
+                card_last4: number[number.len() - 4..].to_owned(),
+                status: if number == DECLINED_CARD {
+                    PaymentStatus::Declined
+                } else {
+                    PaymentStatus::Captured
+                },
+            },
+            refund_fails: number == REFUND_FAILS_CARD,
+        };
+        let payment = self.store.write(|tx| {
+            // Two requests with one key may race: the first to commit wins.
+            if let Some(id) = tx.get::<String>(BY_KEY, key)? {
+                if let Some(existing) = tx.get::<Stored>(PAYMENTS, &id)? {
+                    return Ok(existing.payment);
+                }
+            }
+            tx.put(PAYMENTS, &stored.payment.id, &stored)?;
+            tx.put(BY_KEY, key, &stored.payment.id)?;
+            Ok(stored.payment)
+        })?;
+        answer(payment)
+    }
+
+    /// Gives the money of a captured payment back, once.
+    pub fn refund(&self, id: &str) -> Result<Payment, ApiError> {
+        self.store
+            .write(|tx| {
+                let Some(mut stored) = tx.get::<Stored>(PAYMENTS, id)? else {
+                    return Ok(Err(ApiError::not_found(
+                        "payment_not_found",
+                        format!("no payment `{id}`"),
+                    )));
+                };
+                match stored.payment.status {
+                    PaymentStatus::Refunded => return Ok(Ok(stored.payment)),
+                    PaymentStatus::Declined => {
+                        return Ok(Err(ApiError::conflict(
+                            "not_captured",
+                            "a declined payment has nothing to refund",
+                        )))
+                    }
+                    PaymentStatus::Captured if stored.refund_fails => {
+                        return Ok(Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "refund_failed",
+                            "the card processor refused the refund; try again later",
+                        )))
+                    }
+                    PaymentStatus::Captured => {}
+                }
+                stored.payment.status = PaymentStatus::Refunded;
+                tx.put(PAYMENTS, id, &stored)?;
+                Ok(Ok(stored.payment))
+            })
+            .map_err(ApiError::from)?
+    }
+
+    /// Every payment, for the shop's invariant checks.
+    pub fn all(&self) -> anyhow::Result<Vec<Payment>> {
+        Ok(self
+            .store
+            .list::<Stored>(PAYMENTS, "")?
+            .into_iter()
+            .map(|(_, s)| s.payment)
+            .collect())
+    }
+}
+
+fn answer(payment: Payment) -> Result<Payment, ApiError> {
+    if payment.status == PaymentStatus::Declined {
+        return Err(ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "card_declined",
+            "the card was declined",
+        ));
+    }
+    Ok(payment)
+}
+
+async fn charge(
+    State(payments): State<Payments>,
+    IdempotencyKey(key): IdempotencyKey,
+    Body(request): Body<ChargeRequest>,
+) -> Result<(StatusCode, Json<Payment>), ApiError> {
+    let payment = payments.charge(&key, &request).await?;
+    Ok((StatusCode::CREATED, Json(payment)))
+}
+
+async fn refund(
+    State(payments): State<Payments>,
+    Path(id): Path<String>,
+) -> Result<Json<Payment>, ApiError> {
+    payments.refund(&id).map(Json)
+}
+
+async fn by_order(
+    State(payments): State<Payments>,
+    Query(query): Query<ByOrder>,
+) -> Result<Json<Vec<Payment>>, ApiError> {
+    let all = payments.all()?;
+    Ok(Json(
+        all.into_iter()
+            .filter(|p| p.order_id == query.order_id)
+            .collect(),
+    ))
+}
+
+impl Service for Payments {
+    fn name(&self) -> &str {
+        "payment-service"
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn router(&self) -> Router {
+        Router::new()
+            .route("/payments", post(charge).get(by_order))
+            .route("/payments/{id}/refund", post(refund))
+            .with_state(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(card: &str) -> ChargeRequest {
+        ChargeRequest {
+            order_id: "o1".into(),
+            amount: Money {
+                amount: 1999,
+                currency: "USD".into(),
+            },
+            card_number: card.into(),
+        }
+    }
+
+    #[test]
+    fn the_test_cards_are_valid_numbers() {
+        for card in [GOOD_CARD, DECLINED_CARD, TIMEOUT_CARD, REFUND_FAILS_CARD] {
+            assert!(luhn(card), "{card}");
+        }
+        assert!(!luhn("4242424242424241"));
+        assert!(!luhn("42424242x4242424"));
+    }
+
+    #[tokio::test]
+    async fn one_key_charges_once_and_cards_behave_as_documented() {
+        let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
+        let first = payments.charge("k1", &request(GOOD_CARD)).await.unwrap();
+        let again = payments.charge("k1", &request(GOOD_CARD)).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(payments.all().unwrap().len(), 1);
+
+        let declined = payments
+            .charge("k2", &request(DECLINED_CARD))
+            .await
+            .unwrap_err();
+        assert_eq!(declined.code(), "card_declined");
+        let invalid = payments.charge("k3", &request("1234")).await.unwrap_err();
+        assert_eq!(invalid.code(), "invalid_card");
+
+        assert_eq!(
+            payments.refund(&first.id).unwrap().status,
+            PaymentStatus::Refunded
+        );
+        assert_eq!(
+            payments.refund(&first.id).unwrap().status,
+            PaymentStatus::Refunded
+        );
+        let sticky = payments
+            .charge("k4", &request(REFUND_FAILS_CARD))
+            .await
+            .unwrap();
+        assert_eq!(
+            payments.refund(&sticky.id).unwrap_err().code(),
+            "refund_failed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_card_hangs() {
+        let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
+        let request = request(TIMEOUT_CARD);
+        let charge = payments.charge("k1", &request);
+        let hung = tokio::time::timeout(Duration::from_secs(59), charge).await;
+        assert!(hung.is_err());
+    }
+}

@@ -1,0 +1,497 @@
+//! The shop end to end through its gateway, in one process on embedded defaults.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::Method;
+use micro_core::client::HttpClient;
+use serde_json::{json, Value};
+use shop::app::{self, Listen, Shop, ShopConfig};
+use shop::order::OrderStatus;
+use shop::payment::{PaymentStatus, DECLINED_CARD, GOOD_CARD, REFUND_FAILS_CARD, TIMEOUT_CARD};
+
+const INITIAL_STOCK: i64 = 20;
+
+struct TestShop {
+    shop: Shop,
+    client: HttpClient,
+    tokens: Mutex<HashMap<String, String>>,
+}
+
+fn test_config() -> ShopConfig {
+    ShopConfig {
+        data_dir: None,
+        listen: Listen::ephemeral(),
+        payment_hang: Duration::from_secs(10),
+        initial_stock: INITIAL_STOCK,
+        ..ShopConfig::default()
+    }
+}
+
+async fn spawn_shop() -> TestShop {
+    spawn_shop_with(test_config()).await
+}
+
+async fn spawn_shop_with(config: ShopConfig) -> TestShop {
+    let shop = app::start(&config).await.expect("the shop starts");
+    let client = HttpClient::builder(&format!("http://{}", shop.gateway()))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    TestShop {
+        shop,
+        client,
+        tokens: Mutex::default(),
+    }
+}
+
+impl TestShop {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        user: Option<&str>,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let token = match user {
+            Some(user) => Some(self.token(user).await),
+            None => None,
+        };
+        self.send(method, path, token, key, body).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<String>,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.client.request(method, path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(key) = key {
+            request = request.idempotency_key(key);
+        }
+        if let Some(body) = &body {
+            request = request.json(body);
+        }
+        match request.send().await {
+            Ok(response) => (
+                response.status().as_u16(),
+                serde_json::from_slice(response.body()).unwrap_or(Value::Null),
+            ),
+            Err(error) => (
+                error.status().map_or(0, |s| s.as_u16()),
+                error.body_json().unwrap_or(Value::Null),
+            ),
+        }
+    }
+
+    /// The user's token: registers and logs in `user@shop.test` the first time.
+    async fn token(&self, user: &str) -> String {
+        if let Some(token) = self.tokens.lock().unwrap().get(user) {
+            return token.clone();
+        }
+        let email = format!("{user}@shop.test");
+        let (status, body) = self
+            .send(
+                Method::POST,
+                "/api/users/register",
+                None,
+                None,
+                Some(json!({"email": email, "password": "a long password", "name": user})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let login = json!({"email": email, "password": "a long password"});
+        let (status, body) = self
+            .send(Method::POST, "/api/users/login", None, None, Some(login))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let token = body["token"].as_str().unwrap().to_owned();
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(user.to_owned(), token.clone());
+        token
+    }
+
+    async fn add(&self, user: &str, sku: &str, quantity: i64) {
+        let body = json!({"sku": sku, "quantity": quantity});
+        let (status, cart) = self
+            .call(
+                Method::POST,
+                "/api/carts/me/items",
+                Some(user),
+                None,
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 200, "{cart}");
+    }
+
+    async fn checkout(&self, user: &str, key: &str, card: &str) -> Value {
+        let body = json!({"card_number": card});
+        let (status, order) = self
+            .call(
+                Method::POST,
+                "/api/orders",
+                Some(user),
+                Some(key),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 202, "{order}");
+        order
+    }
+
+    /// Polls the order until it is final.
+    async fn settled(&self, user: &str, order_id: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let path = format!("/api/orders/{order_id}");
+            let (status, order) = self.call(Method::GET, &path, Some(user), None, None).await;
+            assert_eq!(status, 200, "{order}");
+            let pending = ["PENDING", "PAID"].contains(&order["status"].as_str().unwrap_or(""));
+            if !pending {
+                return order;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the order never settled: {order}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The shop's invariants: stock is conserved, and every captured payment belongs to
+    /// a confirmed order (refunds for the rest), and the outbox drains.
+    async fn check_invariants(&self) {
+        let orders = self.shop.orders.all().unwrap();
+        for (sku, stock) in self.shop.inventory.levels().unwrap() {
+            let initial = if sku == "SKU-OOS" { 0 } else { INITIAL_STOCK };
+            assert_eq!(
+                stock.available + stock.reserved,
+                initial - stock.committed,
+                "{sku}"
+            );
+            let confirmed: i64 = orders
+                .iter()
+                .filter(|o| o.status == OrderStatus::Confirmed)
+                .flat_map(|o| &o.lines)
+                .filter(|l| l.sku == sku)
+                .map(|l| l.quantity)
+                .sum();
+            assert_eq!(
+                stock.committed, confirmed,
+                "{sku}: committed vs confirmed orders"
+            );
+            assert_eq!(
+                stock.reserved, 0,
+                "{sku}: nothing stays reserved once orders settle"
+            );
+        }
+        for payment in self.shop.payments.all().unwrap() {
+            let order = orders.iter().find(|o| o.id == payment.order_id).unwrap();
+            match payment.status {
+                PaymentStatus::Captured => assert!(
+                    matches!(
+                        order.status,
+                        OrderStatus::Confirmed | OrderStatus::RequiresAttention
+                    ),
+                    "{payment:?} is captured for an order in {:?}",
+                    order.status
+                ),
+                PaymentStatus::Refunded => assert_eq!(order.status, OrderStatus::Cancelled),
+                PaymentStatus::Declined => assert_eq!(order.status, OrderStatus::Cancelled),
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.shop.orders.undelivered().unwrap() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the outbox does not drain"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_charged_reserved_confirmed_and_notified() {
+    let shop = spawn_shop().await;
+    shop.add("alice", "SKU-1001", 2).await;
+    shop.add("alice", "SKU-1004", 1).await;
+    shop.add("alice", "SKU-1001", 1).await;
+    let (_, cart) = shop
+        .call(Method::GET, "/api/carts/me", Some("alice"), None, None)
+        .await;
+    assert_eq!(
+        cart["lines"][0]["quantity"], 3,
+        "adding again increments: {cart}"
+    );
+    assert_eq!(cart["total"]["amount"], 3 * 1200 + 1450);
+
+    let placed = shop.checkout("alice", "k-1", GOOD_CARD).await;
+    let id = placed["id"].as_str().unwrap().to_owned();
+    let order = shop.settled("alice", &id).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    let moves: Vec<&str> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(moves, ["PENDING", "PAID", "CONFIRMED"]);
+
+    let (_, cart) = shop
+        .call(Method::GET, "/api/carts/me", Some("alice"), None, None)
+        .await;
+    assert_eq!(cart["lines"], json!([]), "the cart was emptied");
+    let (_, stock) = shop
+        .call(
+            Method::GET,
+            "/api/inventory/SKU-1001",
+            Some("ops"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(stock["available"], INITIAL_STOCK - 3);
+
+    let path = format!("/api/notifications?order_id={id}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+        if sent.as_array().is_some_and(|s| !s.is_empty()) {
+            assert_eq!(sent[0]["kind"], "order_confirmed");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notification was sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The same key again answers the same order and charges nothing more.
+    shop.add("alice", "SKU-1002", 1).await;
+    let again = shop.checkout("alice", "k-1", GOOD_CARD).await;
+    assert_eq!(again["id"], placed["id"]);
+    let (_, mine) = shop
+        .call(Method::GET, "/api/orders", Some("alice"), None, None)
+        .await;
+    assert_eq!(mine.as_array().unwrap().len(), 1);
+    shop.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_end_cancelled_with_a_reason_or_needing_attention() {
+    let shop = spawn_shop().await;
+
+    shop.add("bob", "SKU-1003", 1).await;
+    let declined = shop.checkout("bob", "declined", DECLINED_CARD).await;
+    let order = shop.settled("bob", declined["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+    assert!(
+        order["history"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("declined"),
+        "{order}"
+    );
+
+    shop.add("carol", "SKU-1005", 1).await;
+    shop.add("carol", "SKU-OOS", 1).await;
+    let oos = shop.checkout("carol", "oos", GOOD_CARD).await;
+    let order = shop.settled("carol", oos["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+    let reason = order["history"].as_array().unwrap().last().unwrap()["reason"].to_string();
+    assert!(reason.contains("out of stock"), "{order}");
+    let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
+    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    assert_eq!(payments[0]["status"], "REFUNDED", "{payments}");
+
+    shop.add("dave", "SKU-OOS", 1).await;
+    let stuck = shop.checkout("dave", "stuck", REFUND_FAILS_CARD).await;
+    let order = shop.settled("dave", stuck["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "REQUIRES_ATTENTION", "{order}");
+
+    shop.add("erin", "SKU-1006", 1).await;
+    let slow = shop.checkout("erin", "slow", TIMEOUT_CARD).await;
+    let order = shop.settled("erin", slow["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+
+    shop.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_order_can_be_cancelled_and_bad_requests_are_refused() {
+    let shop = spawn_shop().await;
+    shop.add("frank", "SKU-1007", 2).await;
+    let placed = shop.checkout("frank", "k", GOOD_CARD).await;
+    let id = placed["id"].as_str().unwrap();
+    assert_eq!(shop.settled("frank", id).await["status"], "CONFIRMED");
+    let path = format!("/api/orders/{id}/cancel");
+    let (status, order) = shop
+        .call(Method::POST, &path, Some("frank"), None, None)
+        .await;
+    assert_eq!(status, 200, "{order}");
+    assert_eq!(order["status"], "CANCELLED");
+    let (status, body) = shop
+        .call(Method::POST, &path, Some("frank"), None, None)
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("cannot_cancel"))
+    );
+    let (_, stock) = shop
+        .call(
+            Method::GET,
+            "/api/inventory/SKU-1007",
+            Some("ops"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(stock["available"], INITIAL_STOCK);
+
+    // Someone else's order is not found; no identity is 401; no key is 400; an empty
+    // cart is 400; a bad quantity is 400.
+    let (status, _) = shop
+        .call(
+            Method::GET,
+            &format!("/api/orders/{id}"),
+            Some("mallory"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = shop
+        .call(Method::GET, "/api/orders", None, None, None)
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (401, &json!("unauthorized"))
+    );
+    let card = Some(json!({"card_number": GOOD_CARD}));
+    let (status, body) = shop
+        .call(
+            Method::POST,
+            "/api/orders",
+            Some("frank"),
+            None,
+            card.clone(),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("idempotency_key_required"))
+    );
+    let (status, body) = shop
+        .call(Method::POST, "/api/orders", Some("frank"), Some("k2"), card)
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("cart_empty"))
+    );
+    let item = Some(json!({"sku": "SKU-1001", "quantity": 1000}));
+    let (status, body) = shop
+        .call(
+            Method::POST,
+            "/api/carts/me/items",
+            Some("frank"),
+            None,
+            item,
+        )
+        .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_quantity"))
+    );
+    let (status, body) = shop
+        .call(Method::GET, "/api/nowhere", None, None, None)
+        .await;
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("no_route")));
+    shop.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_at_the_gateway_and_limits_hold() {
+    let yaml = app::GATEWAY_YAML.replace(
+        "      second: 50\n      minute: 1000\n",
+        "      minute: 5\n",
+    );
+    assert_ne!(yaml, app::GATEWAY_YAML, "the test's limit was put in");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let shop = spawn_shop_with(ShopConfig {
+        gateway_config: Some(path),
+        ..test_config()
+    })
+    .await;
+
+    // A forged identity header without a token gets nowhere.
+    let forged = shop
+        .client
+        .request(Method::GET, "/api/carts/me")
+        .header("x-user-id", "alice")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(forged.status().map(|s| s.as_u16()), Some(401));
+    let bad = shop
+        .client
+        .request(Method::GET, "/api/carts/me")
+        .header("authorization", "Bearer not.a.token")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(bad.status().map(|s| s.as_u16()), Some(401));
+
+    // With a token, the profile is the token's user, whatever header came along.
+    let token = shop.token("grace").await;
+    let profile: Value = shop
+        .client
+        .request(Method::GET, "/api/users/me")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-user-id", "someone-else")
+        .send_json()
+        .await
+        .unwrap();
+    assert_eq!(profile["email"], "grace@shop.test");
+
+    // Five calls a minute for one user: the sixth cart read is refused.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            shop.call(Method::GET, "/api/carts/me", Some("heidi"), None, None)
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    let limited = shop
+        .client
+        .request(Method::GET, "/api/carts/me")
+        .header(
+            "authorization",
+            format!("Bearer {}", shop.token("heidi").await),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(limited.status().map(|s| s.as_u16()), Some(429));
+    // The catalog needs no token.
+    let (status, _) = shop
+        .call(Method::GET, "/api/products/SKU-1001", None, None, None)
+        .await;
+    assert_eq!(status, 200);
+}
