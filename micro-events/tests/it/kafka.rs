@@ -402,3 +402,69 @@ mod crash {
         assert_eq!(total, distinct, "nothing applied twice");
     }
 }
+
+/// Consumer lag from librdkafka's statistics: the events not finished yet.
+mod lag {
+    use micro_events::{Event, PublisherExt, Received, SubscribeOptions, SubscriberExt};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::support::eventually;
+
+    /// The lag gauge of `topic` as Prometheus renders it.
+    fn lag(handle: &micro_core::metrics::PrometheusHandle, topic: &str) -> Option<f64> {
+        handle
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("micro_events_consumer_lag{"))
+            .find(|l| l.contains(&format!("topic=\"{topic}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn consumer_lag_counts_the_unfinished_events() {
+        // The statistics arrive on librdkafka's threads: only the global
+        // recorder sees them (the one a ServiceHost installs).
+        let handle = micro_core::metrics::install_prometheus().unwrap();
+
+        let bus = KafkaBus::new(config().lag_interval(Duration::from_millis(100))).unwrap();
+        let topic = unique("t");
+        bus.create_topic(&topic, 1, 1).await.unwrap();
+        for n in 0..10u32 {
+            bus.publish(&topic, "k", &Event::new("/lag", "test.n", n).unwrap())
+                .await
+                .unwrap();
+        }
+        // Events from 3 on wait for permits: 7 stay unfinished.
+        let gate = std::sync::Arc::new(Semaphore::new(0));
+        let g = gate.clone();
+        let sub = bus
+            .subscribe_with(
+                &topic,
+                &unique("g"),
+                SubscribeOptions::new(),
+                move |e: Received<u32>| {
+                    let gate = g.clone();
+                    async move {
+                        if *e.data() >= 3 {
+                            gate.acquire().await?.forget();
+                        }
+                        Ok::<_, micro_core::error::BoxError>(())
+                    }
+                },
+            )
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(60), "a lag of 7", || {
+            (lag(&handle, &topic) == Some(7.0)).then_some(())
+        })
+        .await;
+        gate.add_permits(7);
+        eventually(Duration::from_secs(60), "no lag", || {
+            (lag(&handle, &topic) == Some(0.0)).then_some(())
+        })
+        .await;
+        sub.shutdown().await.unwrap();
+    }
+}
