@@ -571,7 +571,6 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
     problems
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_deployment(
     objects: &Objects,
     service: &str,
