@@ -5,6 +5,8 @@
 
 mod conformance;
 mod host;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
