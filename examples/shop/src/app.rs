@@ -24,8 +24,12 @@ use micro_saga::{MemorySagaLog, SagaLog};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use micro_events::host::ServiceHostBuilderExt as _;
+use micro_events::MemoryBus;
+
 use crate::cart::Carts;
 use crate::catalog::Catalog;
+use crate::events::BusSink;
 use crate::inventory::Inventory;
 use crate::notification::Notifications;
 use crate::order::{Orders, Upstreams};
@@ -149,6 +153,8 @@ pub struct Shop {
     pub notifications: Notifications,
     /// The registry the services are found in.
     pub registry: MemoryRegistry,
+    /// The event bus.
+    pub bus: MemoryBus,
 }
 
 impl Shop {
@@ -228,6 +234,7 @@ fn client(discover: &Arc<dyn Discover>, service: &str) -> anyhow::Result<HttpCli
 /// Starts every service and the gateway.
 pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     let registry = MemoryRegistry::new();
+    let bus = MemoryBus::new();
     let discover: Arc<dyn Discover> = Arc::new(registry.clone());
     let catalog = Catalog::seeded();
     let initial: BTreeMap<String, i64> = catalog
@@ -251,8 +258,9 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
         store(config, "order")?,
         saga_log(config)?,
         upstreams,
-        Arc::new(notifications.clone()),
+        Arc::new(BusSink::new(Arc::new(bus.clone()))),
     )?;
+    let notified = notifications.subscribe(&bus).await?;
 
     let users = Users::new(
         store(config, "user")?,
@@ -279,7 +287,7 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     builder = hosted(builder, &registry, carts, listen.cart).await?;
     builder = hosted(builder, &registry, orders.clone(), listen.order).await?;
     builder = hosted(builder, &registry, gateway, listen.gateway).await?;
-    let host = builder.build()?.start().await?;
+    let host = builder.subscription(notified).build()?.start().await?;
     Ok(Shop {
         host,
         orders,
@@ -287,5 +295,6 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
         payments,
         notifications,
         registry,
+        bus,
     })
 }

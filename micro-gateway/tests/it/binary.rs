@@ -188,3 +188,20 @@ fn a_bad_config_stops_it_with_the_place_of_the_problem() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("--config is required"));
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test]
+async fn the_file_names_where_discovery_services_are_found() {
+    let upstream = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = format!(
+        "discovery:\n  static:\n    services:\n      echo-service: [\"{}\"]\nservices:\n  - name: echo\n    discovery: echo-service\n    routes:\n      - paths: [/api]\n",
+        upstream.addr
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let (mut child, addr) = spawn(&config, &[]);
+    let _kill = KillOnDrop(&mut child);
+    let (status, seen) = get_json(addr, "/api/hello", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["uri"], "/hello");
+}

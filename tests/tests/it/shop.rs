@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use http::Method;
 use micro_core::client::HttpClient;
+use micro_events::PublisherExt;
 use serde_json::{json, Value};
 use shop::app::{self, Listen, Shop, ShopConfig};
+use shop::events::{OrderEvent, ORDER_EVENTS};
 use shop::order::OrderStatus;
 use shop::payment::{PaymentStatus, DECLINED_CARD, GOOD_CARD, REFUND_FAILS_CARD, TIMEOUT_CARD};
 
@@ -278,6 +280,37 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // The same event delivered again sends nothing twice.
+    let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let event_id = sent[0]["event_id"].as_str().unwrap();
+    let again = OrderEvent::OrderConfirmed {
+        order_id: id.clone(),
+        user_id: sent[0]["user_id"].as_str().unwrap().to_owned(),
+        total: serde_json::from_value(order["total"].clone()).unwrap(),
+    }
+    .envelope(event_id)
+    .unwrap();
+    let bus = &shop.shop.bus;
+    bus.publish(ORDER_EVENTS, &id, &again).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let published = bus.records(ORDER_EVENTS).len() as i64;
+        let committed: i64 = bus
+            .committed(ORDER_EVENTS, "notification-service")
+            .values()
+            .sum();
+        if committed >= published {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the duplicate was not consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    assert_eq!(sent.as_array().unwrap().len(), 1, "{sent}");
 
     // The same key again answers the same order and charges nothing more.
     shop.add("alice", "SKU-1002", 1).await;
