@@ -11,3 +11,4 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod support;
+mod trace;

@@ -136,6 +136,29 @@ async fn members_of_a_group_share_the_partitions() {
     let pa: std::collections::HashSet<i32> = a.snapshot().into_iter().map(|(p, _)| p).collect();
     let pb: std::collections::HashSet<i32> = b.snapshot().into_iter().map(|(p, _)| p).collect();
     assert!(pa.is_disjoint(&pb), "{pa:?} {pb:?}");
+
+    // Both left having committed everything: a third member sees only what comes next.
+    bus.publish("t", "k0", &micro_events::Event::new("/s", "t", 99).unwrap())
+        .await
+        .unwrap();
+    let c = Log::new();
+    let log = c.clone();
+    let third = bus
+        .subscribe_with("t", "g", fast(), move |e: Received<i32>| {
+            let log = log.clone();
+            async move {
+                log.push(*e.data());
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the next event", || {
+        (c.len() == 1).then_some(())
+    })
+    .await;
+    third.shutdown().await.unwrap();
+    assert_eq!(c.snapshot(), [99]);
 }
 
 #[tokio::test(start_paused = true)]
