@@ -30,9 +30,7 @@ const SERVICES: [(&str, &str, u16); 8] = [
 
 /// Settings the lead announced for `shop serve` that `ShopConfig` may not have yet: the
 /// manifests may set them, and they are checked against `ShopConfig` once it has them.
-const ANNOUNCED: [&str; 5] = [
-    "SHOP_POSTGRES_URL",
-    "SHOP_REDIS_URL",
+const ANNOUNCED: [&str; 3] = [
     "SHOP_KAFKA_BROKERS",
     "SHOP_ETCD_ENDPOINTS",
     "SHOP_JWT_SECRET",
@@ -197,6 +195,13 @@ struct EnvVar {
 struct EnvSource {
     secret_key_ref: Option<KeyRef>,
     config_map_key_ref: Option<KeyRef>,
+    field_ref: Option<FieldRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FieldRef {
+    field_path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -865,6 +870,24 @@ fn check_env(
     for var in &container.env {
         let value = match (&var.value, &var.value_from) {
             (Some(value), None) => Some(value.clone()),
+            (
+                None,
+                Some(EnvSource {
+                    field_ref: Some(field),
+                    ..
+                }),
+            ) => {
+                // The pod's own IP, which the service registers in discovery.
+                if field.field_path == "status.podIP" {
+                    Some("10.0.0.1".to_owned())
+                } else {
+                    problems.push(format!(
+                        "{at}: {} comes from {}, not the pod's IP",
+                        var.name, field.field_path
+                    ));
+                    None
+                }
+            }
             (None, Some(source)) => {
                 let (kind, key_ref) = match (&source.config_map_key_ref, &source.secret_key_ref) {
                     (Some(r), None) => ("ConfigMap", r),
@@ -898,6 +921,11 @@ fn check_env(
         }
     }
 
+    if service != "gateway" && !env.contains_key("SHOP_ADVERTISE_HOST") {
+        problems.push(format!(
+            "{at}: SHOP_ADVERTISE_HOST is not set, so the service would register 0.0.0.0"
+        ));
+    }
     let (found, config) = check_env_names(&env);
     problems.extend(found.into_iter().map(|problem| format!("{at}: {problem}")));
     if let Some(config) = &config {
