@@ -19,7 +19,7 @@ mkdir -p "$data"
 export SHOP_DATA_DIR="$data"
 export SHOP_ETCD_ENDPOINTS="$MICRO_TEST_ETCD_ENDPOINT"
 export SHOP_KAFKA_BROKERS="$MICRO_TEST_KAFKA_BROKERS"
-export SHOP_ETCD_PREFIX="/micro/shop-$USER/"
+export SHOP_ETCD_PREFIX="${SHOP_ETCD_PREFIX:-/micro/shop/}"
 
 pids=()
 stop() {

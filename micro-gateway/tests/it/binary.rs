@@ -138,8 +138,16 @@ async fn serves_a_config_file_and_stops_on_sigterm() {
     let (status, seen) = get_json(addr, "/api/hello", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(seen["uri"], "/hello");
-    let (status, ready) = get_json(addr, "/health/ready", &[]).await;
-    assert_eq!(status, 200);
+    // Readiness turns on once the start sequence has run, just after the port listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let (status, ready) = get_json(addr, "/health/ready", &[]).await;
+        if status == 200 {
+            break ready;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {ready}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(ready["service"], "gateway");
 
     let killed = Command::new("kill")
