@@ -80,6 +80,9 @@ impl Service<Request<Body>> for Reloadable {
     }
 }
 
+/// Rewrites a configuration file's text before it is parsed.
+type Preprocess = Box<dyn Fn(&str) -> String + Send + Sync>;
+
 /// Watches a configuration file and replaces a [`Reloadable`]'s gateway when the file's
 /// content changes and the new content builds.
 pub struct ConfigWatcher {
@@ -88,7 +91,7 @@ pub struct ConfigWatcher {
     target: Reloadable,
     applied: Option<Vec<u8>>,
     pending: Option<Vec<u8>>,
-    preprocess: Option<Box<dyn Fn(&str) -> String + Send + Sync>>,
+    preprocess: Option<Preprocess>,
 }
 
 impl fmt::Debug for ConfigWatcher {
