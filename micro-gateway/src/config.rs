@@ -721,9 +721,17 @@ fn with_plugins(
         chosen.insert(spec.name.as_str(), (plugin_place, spec));
     }
     let mut plugins = Vec::new();
+    // A disabled plugin only switches off the same plugin of a wider scope, so its
+    // configuration (often none) is not resolved.
     for (plugin_place, spec) in chosen.values() {
-        let plugin = Plugin::resolve(spec, plugin_place, consumers)?;
+        if !spec.enabled && !PLUGINS.contains(&spec.name.as_str()) {
+            return Err(ConfigError::at(
+                format!("{plugin_place}.name"),
+                format!("unknown plugin `{}`", spec.name),
+            ));
+        }
         if spec.enabled {
+            let plugin = Plugin::resolve(spec, plugin_place, consumers)?;
             let rank = PLUGINS
                 .iter()
                 .position(|p| *p == spec.name)

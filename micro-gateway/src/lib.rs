@@ -14,8 +14,10 @@
 //!   breaker open, `504` timeout.
 //! - [`compose::Composition`] answers one route by calling several upstreams concurrently
 //!   and merging their JSON, with a timeout per leg and optional legs.
-//! - [`plugins`] are tower layers for any route: IP allow and deny lists, request and
-//!   response header transforms, a body size limit (`413`), CORS and an access log.
+//! - [`plugins`] are tower layers for any route: JWT authentication
+//!   ([`plugins::jwt`]: `401`/`403`), rate limiting ([`plugins::rate_limit`]: `429`), IP
+//!   allow and deny lists, request and response header transforms, a body size limit
+//!   (`413`), CORS and an access log.
 //! - [`config::DeclarativeConfig`] reads Kong's declarative YAML (services, routes,
 //!   plugins) plus our additions (`discovery:` services, `compositions:`) and builds the
 //!   gateway; errors name the place in the file. [`reload`] replaces the running gateway
@@ -62,7 +64,11 @@
 //!
 //! # Features
 //!
-//! None yet: everything above is always built.
+//! | feature | what it adds |
+//! |---|---|
+//! | `redis` | `RedisStore`: rate limits held in Redis, shared by several gateways (`policy: redis`) |
+//!
+//! Everything else is always built.
 
 pub mod compose;
 pub mod config;

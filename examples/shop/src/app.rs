@@ -19,17 +19,23 @@ use micro_discovery::memory::MemoryRegistry;
 use micro_discovery::{Discover, Instance, Registration, Registry};
 use micro_gateway::config::{DeclarativeConfig, Resources};
 use micro_gateway::reload::Reloadable;
+use micro_saga::log::EmbeddedSagaLog;
 use micro_saga::{MemorySagaLog, SagaLog};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+use micro_events::host::ServiceHostBuilderExt as _;
+use micro_events::MemoryBus;
+
 use crate::cart::Carts;
 use crate::catalog::Catalog;
+use crate::events::BusSink;
 use crate::inventory::Inventory;
 use crate::notification::Notifications;
 use crate::order::{Orders, Upstreams};
 use crate::payment::Payments;
 use crate::store::Store;
+use crate::user::Users;
 
 /// The gateway configuration the shop ships with.
 pub const GATEWAY_YAML: &str = include_str!("../config/gateway.yaml");
@@ -53,6 +59,12 @@ pub struct ShopConfig {
     pub payment_hang: Duration,
     /// Units of each product in stock when the inventory starts empty.
     pub initial_stock: i64,
+    /// The HS256 secret the user service signs tokens with and the gateway checks them
+    /// with. Set your own (`SHOP_JWT_SECRET`) anywhere but on your machine.
+    pub jwt_secret: String,
+    /// How long a login token lives.
+    #[serde(with = "micro_core::config::duration")]
+    pub token_lifetime: Duration,
 }
 
 /// Where each service listens; port 0 picks a free port.
@@ -120,6 +132,8 @@ impl Default for ShopConfig {
             gateway_config: None,
             payment_hang: Duration::from_secs(30),
             initial_stock: 100,
+            jwt_secret: "micro-shop-development-secret-change-me".to_owned(),
+            token_lifetime: Duration::from_secs(3600),
         }
     }
 }
@@ -139,6 +153,8 @@ pub struct Shop {
     pub notifications: Notifications,
     /// The registry the services are found in.
     pub registry: MemoryRegistry,
+    /// The event bus.
+    pub bus: MemoryBus,
 }
 
 impl Shop {
@@ -170,8 +186,24 @@ fn store(config: &ShopConfig, service: &str) -> anyhow::Result<Store> {
     }
 }
 
-fn saga_log(_config: &ShopConfig) -> Arc<dyn SagaLog> {
-    Arc::new(MemorySagaLog::new())
+/// The order sagas' log: a redb file beside the order store, so that a process killed
+/// mid-checkout finishes its sagas when it starts again; in memory without a data dir.
+fn saga_log(config: &ShopConfig) -> anyhow::Result<Arc<dyn SagaLog>> {
+    Ok(match &config.data_dir {
+        Some(dir) => Arc::new(EmbeddedSagaLog::open(dir.join("order-sagas.redb"))?),
+        None => Arc::new(MemorySagaLog::new()),
+    })
+}
+
+/// The gateway's YAML with the token secret put in.
+pub fn gateway_yaml(config: &ShopConfig) -> anyhow::Result<String> {
+    let yaml = match &config.gateway_config {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => GATEWAY_YAML.to_owned(),
+    };
+    Ok(yaml.replace("${JWT_SECRET}", &config.jwt_secret))
 }
 
 /// Binds `addr`, adds `service` on it, and registers it in `registry` once ready.
@@ -202,6 +234,7 @@ fn client(discover: &Arc<dyn Discover>, service: &str) -> anyhow::Result<HttpCli
 /// Starts every service and the gateway.
 pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     let registry = MemoryRegistry::new();
+    let bus = MemoryBus::new();
     let discover: Arc<dyn Discover> = Arc::new(registry.clone());
     let catalog = Catalog::seeded();
     let initial: BTreeMap<String, i64> = catalog
@@ -223,23 +256,24 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     };
     let orders = Orders::new(
         store(config, "order")?,
-        saga_log(config),
+        saga_log(config)?,
         upstreams,
-        Arc::new(notifications.clone()),
+        Arc::new(BusSink::new(Arc::new(bus.clone()))),
     )?;
+    let notified = notifications.subscribe(&bus).await?;
 
-    let yaml = match &config.gateway_config {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
-        }
-        None => GATEWAY_YAML.to_owned(),
-    };
-    let gateway = DeclarativeConfig::from_yaml(&yaml)?
+    let users = Users::new(
+        store(config, "user")?,
+        &config.jwt_secret,
+        config.token_lifetime,
+    );
+    let gateway = DeclarativeConfig::from_yaml(&gateway_yaml(config)?)?
         .build_with(&Resources::new().discover(discover.clone()))?;
     let gateway = GatewayService(Reloadable::new(gateway).into_router());
 
     let listen = &config.listen;
     let mut builder = ServiceHost::builder().config(config.host.clone());
+    builder = hosted(builder, &registry, users, listen.user).await?;
     builder = hosted(builder, &registry, catalog, listen.product).await?;
     builder = hosted(builder, &registry, inventory.clone(), listen.inventory).await?;
     builder = hosted(builder, &registry, payments.clone(), listen.payment).await?;
@@ -253,7 +287,7 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     builder = hosted(builder, &registry, carts, listen.cart).await?;
     builder = hosted(builder, &registry, orders.clone(), listen.order).await?;
     builder = hosted(builder, &registry, gateway, listen.gateway).await?;
-    let host = builder.build()?.start().await?;
+    let host = builder.subscription(notified).build()?.start().await?;
     Ok(Shop {
         host,
         orders,
@@ -261,5 +295,6 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
         payments,
         notifications,
         registry,
+        bus,
     })
 }

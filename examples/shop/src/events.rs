@@ -5,8 +5,10 @@
 //! marks each event sent only once it was delivered. A crash between delivery and mark
 //! delivers the event again, so consumers drop events whose id they have seen.
 
+use std::sync::Arc;
+
 use micro_core::service::BoxFuture;
-use micro_events::Event;
+use micro_events::{Event, Publisher, PublisherExt};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Money;
@@ -126,4 +128,34 @@ impl OrderEvent {
 pub trait EventSink: Send + Sync + std::fmt::Debug {
     /// Delivers one event; an error leaves it in the outbox, to be delivered again.
     fn deliver<'a>(&'a self, event: &'a Event<OrderEvent>) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
+/// Publishes order events on a bus, to [`ORDER_EVENTS`], keyed by order id so that one
+/// order's events stay in order.
+#[derive(Clone)]
+pub struct BusSink {
+    publisher: Arc<dyn Publisher>,
+}
+
+impl BusSink {
+    /// Publishes with `publisher`.
+    pub fn new(publisher: Arc<dyn Publisher>) -> Self {
+        Self { publisher }
+    }
+}
+
+impl std::fmt::Debug for BusSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusSink").finish_non_exhaustive()
+    }
+}
+
+impl EventSink for BusSink {
+    fn deliver<'a>(&'a self, event: &'a Event<OrderEvent>) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let key = event.data().order_id().to_owned();
+            self.publisher.publish(ORDER_EVENTS, &key, event).await?;
+            Ok(())
+        })
+    }
 }

@@ -15,3 +15,4 @@ pub mod notification;
 pub mod order;
 pub mod payment;
 pub mod store;
+pub mod user;

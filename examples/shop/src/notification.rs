@@ -6,11 +6,11 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use micro_core::service::{BoxFuture, Service};
-use micro_events::Event;
+use micro_events::{Event, Received, Subscriber, SubscriberExt, Subscription};
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::events::{EventSink, OrderEvent};
+use crate::events::{EventSink, OrderEvent, ORDER_EVENTS};
 use crate::store::Store;
 
 const SENT: &str = "sent";
@@ -91,6 +91,27 @@ impl Notifications {
             }
             Ok(())
         })
+    }
+
+    /// Consumes the order events of `bus` as the `notification-service` group.
+    ///
+    /// # Errors
+    ///
+    /// When the bus refuses the subscription.
+    pub async fn subscribe(&self, bus: &dyn Subscriber) -> micro_events::Result<Subscription> {
+        let this = self.clone();
+        bus.subscribe(
+            ORDER_EVENTS,
+            "notification-service",
+            move |received: Received<OrderEvent>| {
+                let this = this.clone();
+                async move {
+                    this.handle(received.event())
+                        .map_err(micro_core::error::BoxError::from)
+                }
+            },
+        )
+        .await
     }
 
     /// What was sent about an order.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::rejections::count_rejection;
 use super::HttpService;
 use crate::error::error_response;
 
@@ -137,8 +138,7 @@ impl<S: HttpService> Service<Request<Body>> for BodyLimit<S> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|length| length > self.max) {
-            metrics::counter!("micro_gateway_rejections_total", "reason" => "body_too_large")
-                .increment(1);
+            count_rejection(&request, "body_too_large");
             return Box::pin(async { Ok(too_large()) });
         }
         let limit = usize::try_from(self.max).unwrap_or(usize::MAX);

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::rejections::count_rejection;
 use super::HttpService;
 use crate::error::error_response;
 
@@ -131,8 +132,7 @@ impl<S: HttpService> Service<Request<Body>> for IpRestriction<S> {
         if client.is_some_and(|ip| self.config.permits(ip)) {
             Box::pin(self.inner.call(request))
         } else {
-            metrics::counter!("micro_gateway_rejections_total", "reason" => "ip_restriction")
-                .increment(1);
+            count_rejection(&request, "ip_restriction");
             Box::pin(async {
                 Ok(error_response(
                     StatusCode::FORBIDDEN,

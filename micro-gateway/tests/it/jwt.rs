@@ -434,21 +434,26 @@ struct Jwks {
     url: String,
     keys: Arc<Mutex<Vec<Jwk>>>,
     fetches: Arc<AtomicUsize>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn jwks_server() -> Jwks {
     let keys: Arc<Mutex<Vec<Jwk>>> = Arc::default();
     let fetches = Arc::new(AtomicUsize::new(0));
-    let (k, f) = (keys.clone(), fetches.clone());
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (k, f, fail) = (keys.clone(), fetches.clone(), failing.clone());
     let app = Router::new().route(
         "/.well-known/jwks.json",
         get(move || {
-            let (k, f) = (k.clone(), f.clone());
+            let (k, f, fail) = (k.clone(), f.clone(), fail.clone());
             async move {
                 f.fetch_add(1, Ordering::SeqCst);
-                Json(JwkSet {
+                if fail.load(Ordering::SeqCst) {
+                    return Err(http::StatusCode::INTERNAL_SERVER_ERROR);
+                }
+                Ok(Json(JwkSet {
                     keys: k.lock().unwrap().clone(),
-                })
+                }))
             }
         }),
     );
@@ -459,6 +464,7 @@ async fn jwks_server() -> Jwks {
         url: format!("http://{addr}/.well-known/jwks.json"),
         keys,
         fetches,
+        failing,
     }
 }
 
@@ -575,4 +581,63 @@ async fn futures_join_all<F: std::future::Future<Output = u16> + Send + 'static>
         out.push(handle.await.unwrap());
     }
     out
+}
+
+#[tokio::test]
+async fn a_stale_jwks_is_refetched_and_kept_when_the_endpoint_fails() {
+    let upstream = counted_upstream().await;
+    let jwks = jwks_server().await;
+    jwks.keys
+        .lock()
+        .unwrap()
+        .push(jwk(Algorithm::ES384, "k1", &fixture("ec384_public.pem")));
+    // Stale at once, so every request tries a fetch.
+    let mut config = JwtConfig::default();
+    config.jwks_url = Some(jwks.url.clone());
+    config.jwks_cache_ttl = 0;
+    config.jwks_min_refresh_interval = 0;
+    let (_host, addr) = guarded(&config, upstream.addr).await;
+    let token = format!(
+        "Bearer {}",
+        sign(
+            Algorithm::ES384,
+            Some("k1"),
+            &good_claims(),
+            &signing_key(Algorithm::ES384)
+        )
+    );
+    assert_eq!(
+        call(addr, "/api/x", &[("authorization", &token)]).await.0,
+        200
+    );
+    assert_eq!(
+        call(addr, "/api/x", &[("authorization", &token)]).await.0,
+        200
+    );
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 2);
+
+    // The endpoint fails: the keys it published keep working...
+    jwks.failing.store(true, Ordering::SeqCst);
+    assert_eq!(
+        call(addr, "/api/x", &[("authorization", &token)]).await.0,
+        200
+    );
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), 3);
+    // ...but a gateway that never fetched them has nothing to verify with.
+    let (_fresh, fresh) = guarded(&config, upstream.addr).await;
+    let (status, _, body) = call(fresh, "/api/x", &[("authorization", &token)]).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body["error"]["message"],
+        "the signing keys cannot be fetched"
+    );
+
+    // Back, without the key: a rotation removes it.
+    jwks.keys.lock().unwrap().clear();
+    jwks.failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        call(addr, "/api/x", &[("authorization", &token)]).await.0,
+        401
+    );
+    assert_eq!(upstream.hits.load(Ordering::SeqCst), 3);
 }

@@ -3,8 +3,8 @@
 mod binary;
 mod compose;
 mod config;
-mod discovered;
 mod config_auth;
+mod discovered;
 mod gateway;
 mod jwt;
 mod plugins;

@@ -302,6 +302,24 @@ impl RateLimitStore for Broken {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn client_headers_can_be_hidden() {
+    let mut config = RateLimitConfig::per_ip(Some(1), None, None);
+    config.hide_client_headers = true;
+    let (_, service) = limited(&config);
+    let passed = service().oneshot(from("192.0.2.1")).await.unwrap();
+    assert_eq!(passed.status(), 200);
+    assert!(!passed.headers().contains_key("ratelimit-limit"));
+    let refused = service().oneshot(from("192.0.2.1")).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(!refused.headers().contains_key("ratelimit-remaining"));
+    assert_eq!(
+        header(&refused, "retry-after"),
+        "1",
+        "Retry-After is not a client header"
+    );
+}
+
 #[tokio::test]
 async fn a_failing_store_fails_open_or_closed_as_configured() {
     let inner = tower::service_fn(|_: Request<Body>| async {

@@ -1,11 +1,15 @@
 //! The shop end to end through its gateway, in one process on embedded defaults.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http::Method;
 use micro_core::client::HttpClient;
+use micro_events::PublisherExt;
 use serde_json::{json, Value};
 use shop::app::{self, Listen, Shop, ShopConfig};
+use shop::events::{OrderEvent, ORDER_EVENTS};
 use shop::order::OrderStatus;
 use shop::payment::{PaymentStatus, DECLINED_CARD, GOOD_CARD, REFUND_FAILS_CARD, TIMEOUT_CARD};
 
@@ -14,22 +18,34 @@ const INITIAL_STOCK: i64 = 20;
 struct TestShop {
     shop: Shop,
     client: HttpClient,
+    tokens: Mutex<HashMap<String, String>>,
 }
 
-async fn spawn_shop() -> TestShop {
-    let config = ShopConfig {
+fn test_config() -> ShopConfig {
+    ShopConfig {
         data_dir: None,
         listen: Listen::ephemeral(),
         payment_hang: Duration::from_secs(10),
         initial_stock: INITIAL_STOCK,
         ..ShopConfig::default()
-    };
+    }
+}
+
+async fn spawn_shop() -> TestShop {
+    spawn_shop_with(test_config()).await
+}
+
+async fn spawn_shop_with(config: ShopConfig) -> TestShop {
     let shop = app::start(&config).await.expect("the shop starts");
     let client = HttpClient::builder(&format!("http://{}", shop.gateway()))
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    TestShop { shop, client }
+    TestShop {
+        shop,
+        client,
+        tokens: Mutex::default(),
+    }
 }
 
 impl TestShop {
@@ -41,9 +57,24 @@ impl TestShop {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
+        let token = match user {
+            Some(user) => Some(self.token(user).await),
+            None => None,
+        };
+        self.send(method, path, token, key, body).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<String>,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut request = self.client.request(method, path);
-        if let Some(user) = user {
-            request = request.header("x-user-id", user);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
         }
         if let Some(key) = key {
             request = request.idempotency_key(key);
@@ -61,6 +92,35 @@ impl TestShop {
                 error.body_json().unwrap_or(Value::Null),
             ),
         }
+    }
+
+    /// The user's token: registers and logs in `user@shop.test` the first time.
+    async fn token(&self, user: &str) -> String {
+        if let Some(token) = self.tokens.lock().unwrap().get(user) {
+            return token.clone();
+        }
+        let email = format!("{user}@shop.test");
+        let (status, body) = self
+            .send(
+                Method::POST,
+                "/api/users/register",
+                None,
+                None,
+                Some(json!({"email": email, "password": "a long password", "name": user})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let login = json!({"email": email, "password": "a long password"});
+        let (status, body) = self
+            .send(Method::POST, "/api/users/login", None, None, Some(login))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let token = body["token"].as_str().unwrap().to_owned();
+        self.tokens
+            .lock()
+            .unwrap()
+            .insert(user.to_owned(), token.clone());
+        token
     }
 
     async fn add(&self, user: &str, sku: &str, quantity: i64) {
@@ -196,14 +256,20 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
         .await;
     assert_eq!(cart["lines"], json!([]), "the cart was emptied");
     let (_, stock) = shop
-        .call(Method::GET, "/api/inventory/SKU-1001", None, None, None)
+        .call(
+            Method::GET,
+            "/api/inventory/SKU-1001",
+            Some("ops"),
+            None,
+            None,
+        )
         .await;
     assert_eq!(stock["available"], INITIAL_STOCK - 3);
 
     let path = format!("/api/notifications?order_id={id}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, sent) = shop.call(Method::GET, &path, None, None, None).await;
+        let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
         if sent.as_array().is_some_and(|s| !s.is_empty()) {
             assert_eq!(sent[0]["kind"], "order_confirmed");
             break;
@@ -214,6 +280,37 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // The same event delivered again sends nothing twice.
+    let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let event_id = sent[0]["event_id"].as_str().unwrap();
+    let again = OrderEvent::OrderConfirmed {
+        order_id: id.clone(),
+        user_id: sent[0]["user_id"].as_str().unwrap().to_owned(),
+        total: serde_json::from_value(order["total"].clone()).unwrap(),
+    }
+    .envelope(event_id)
+    .unwrap();
+    let bus = &shop.shop.bus;
+    bus.publish(ORDER_EVENTS, &id, &again).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let published = bus.records(ORDER_EVENTS).len() as i64;
+        let committed: i64 = bus
+            .committed(ORDER_EVENTS, "notification-service")
+            .values()
+            .sum();
+        if committed >= published {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the duplicate was not consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    assert_eq!(sent.as_array().unwrap().len(), 1, "{sent}");
 
     // The same key again answers the same order and charges nothing more.
     shop.add("alice", "SKU-1002", 1).await;
@@ -250,7 +347,7 @@ async fn failures_end_cancelled_with_a_reason_or_needing_attention() {
     let reason = order["history"].as_array().unwrap().last().unwrap()["reason"].to_string();
     assert!(reason.contains("out of stock"), "{order}");
     let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
-    let (_, payments) = shop.call(Method::GET, &path, None, None, None).await;
+    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
     assert_eq!(payments[0]["status"], "REFUNDED", "{payments}");
 
     shop.add("dave", "SKU-OOS", 1).await;
@@ -287,7 +384,13 @@ async fn a_confirmed_order_can_be_cancelled_and_bad_requests_are_refused() {
         (409, &json!("cannot_cancel"))
     );
     let (_, stock) = shop
-        .call(Method::GET, "/api/inventory/SKU-1007", None, None, None)
+        .call(
+            Method::GET,
+            "/api/inventory/SKU-1007",
+            Some("ops"),
+            None,
+            None,
+        )
         .await;
     assert_eq!(stock["available"], INITIAL_STOCK);
 
@@ -308,7 +411,7 @@ async fn a_confirmed_order_can_be_cancelled_and_bad_requests_are_refused() {
         .await;
     assert_eq!(
         (status, &body["error"]["code"]),
-        (401, &json!("unauthenticated"))
+        (401, &json!("unauthorized"))
     );
     let card = Some(json!({"card_number": GOOD_CARD}));
     let (status, body) = shop
@@ -350,4 +453,78 @@ async fn a_confirmed_order_can_be_cancelled_and_bad_requests_are_refused() {
         .await;
     assert_eq!((status, &body["error"]["code"]), (404, &json!("no_route")));
     shop.check_invariants().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_at_the_gateway_and_limits_hold() {
+    let yaml = app::GATEWAY_YAML.replace(
+        "      second: 50\n      minute: 1000\n",
+        "      minute: 5\n",
+    );
+    assert_ne!(yaml, app::GATEWAY_YAML, "the test's limit was put in");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let shop = spawn_shop_with(ShopConfig {
+        gateway_config: Some(path),
+        ..test_config()
+    })
+    .await;
+
+    // A forged identity header without a token gets nowhere.
+    let forged = shop
+        .client
+        .request(Method::GET, "/api/carts/me")
+        .header("x-user-id", "alice")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(forged.status().map(|s| s.as_u16()), Some(401));
+    let bad = shop
+        .client
+        .request(Method::GET, "/api/carts/me")
+        .header("authorization", "Bearer not.a.token")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(bad.status().map(|s| s.as_u16()), Some(401));
+
+    // With a token, the profile is the token's user, whatever header came along.
+    let token = shop.token("grace").await;
+    let profile: Value = shop
+        .client
+        .request(Method::GET, "/api/users/me")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-user-id", "someone-else")
+        .send_json()
+        .await
+        .unwrap();
+    assert_eq!(profile["email"], "grace@shop.test");
+
+    // Five calls a minute for one user: the sixth cart read is refused.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            shop.call(Method::GET, "/api/carts/me", Some("heidi"), None, None)
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    let limited = shop
+        .client
+        .request(Method::GET, "/api/carts/me")
+        .header(
+            "authorization",
+            format!("Bearer {}", shop.token("heidi").await),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(limited.status().map(|s| s.as_u16()), Some(429));
+    // The catalog needs no token.
+    let (status, _) = shop
+        .call(Method::GET, "/api/products/SKU-1001", None, None, None)
+        .await;
+    assert_eq!(status, 200);
 }

@@ -480,3 +480,71 @@ impl<S: HttpService> Service<Request<Body>> for JwtAuth<S> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn verifier() -> JwtVerifier {
+        JwtConfig::with_keys([
+            KeyConfig::secret("HS256", "secret"),
+            KeyConfig::secret("HS512", "other").with_kid("k"),
+        ])
+        .verifier()
+        .unwrap()
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    proptest! {
+        /// No string, however made, passes or panics the verifier.
+        #[test]
+        fn garbage_is_refused(token in "[A-Za-z0-9_.=+/-]{0,300}") {
+            prop_assert!(block_on(verifier().verify(&token)).is_err());
+        }
+
+        /// Three base64url parts of random bytes are refused too.
+        #[test]
+        fn random_parts_are_refused(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 3),
+        ) {
+            const TABLE: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            let encoded: Vec<String> = parts
+                .iter()
+                .map(|bytes| bytes.iter().map(|b| TABLE[usize::from(b % 64)] as char).collect())
+                .collect();
+            prop_assert!(block_on(verifier().verify(&encoded.join("."))).is_err());
+        }
+    }
+
+    #[test]
+    fn scopes_come_from_scope_scp_and_roles() {
+        let claims = serde_json::json!({
+            "scope": "a b",
+            "scp": ["c"],
+            "roles": ["d", 7],
+        });
+        let claims = VerifiedClaims::new(claims.as_object().unwrap().clone());
+        assert_eq!(claims.scopes().collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+        let scp_string = serde_json::json!({ "scp": "e f" });
+        let claims = VerifiedClaims::new(scp_string.as_object().unwrap().clone());
+        assert_eq!(claims.scopes().collect::<Vec<_>>(), ["e", "f"]);
+    }
+
+    #[test]
+    fn a_jwks_verifier_builds_outside_a_runtime() {
+        let config = JwtConfig {
+            jwks_url: Some("http://127.0.0.1:9/jwks.json".to_owned()),
+            ..JwtConfig::default()
+        };
+        assert!(config.layer().is_ok());
+    }
+}

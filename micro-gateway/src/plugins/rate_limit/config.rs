@@ -39,8 +39,8 @@ pub struct RateLimitConfig {
     pub month: Option<u64>,
     /// Kong's calendar year; not supported (refused when set).
     pub year: Option<u64>,
-    /// Whom a limit counts: `consumer` (the verified JWT's `sub`, the default as in
-    /// Kong), `credential` (the API key in `api_key_header`), `ip`, `header` (the value of
+    /// Whom a limit counts: `consumer` (the default, as in Kong: the consumer whose key
+    /// verified the JWT, else the verified token's `sub`), `credential` (the API key in `api_key_header`), `ip`, `header` (the value of
     /// `header_name`), `service` (everyone on the route together) or `path`. A request
     /// without the consumer, credential or header is counted by its IP, as Kong does.
     pub limit_by: String,

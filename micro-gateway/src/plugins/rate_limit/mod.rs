@@ -3,7 +3,7 @@
 //!
 //! [`RateLimit`] counts each request against the route's quotas (per second, minute,
 //! hour, day) for the caller it identifies: the client IP (the peer, or
-//! `X-Forwarded-For` behind trusted proxies), the JWT subject that
+//! `X-Forwarded-For` behind trusted proxies), the consumer or subject of the token that
 //! [`JwtAuth`](super::jwt::JwtAuth) verified, an API key header, any header, or the whole
 //! route. The decision is GCRA ([`gcra`]): a burst of up to the limit, then one request
 //! per `period / limit`, with no timer or background task. A [`LocalStore`] holds the

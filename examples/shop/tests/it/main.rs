@@ -1,0 +1,3 @@
+//! The `shop` binary as a process.
+
+mod restart;

@@ -1,0 +1,212 @@
+//! A shop killed with SIGKILL mid-checkout finishes its sagas after it restarts, from
+//! its embedded stores on disk.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use micro_core::client::HttpClient;
+use serde_json::{json, Value};
+
+/// Starts the shop on free ports with its data in `data`; returns it and its gateway.
+fn start(data: &Path) -> (Child, HttpClient) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
+    command
+        .env("SHOP_DATA_DIR", data)
+        .env("SHOP_PAYMENT_HANG", "60s")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped());
+    for service in [
+        "GATEWAY",
+        "USER",
+        "PRODUCT",
+        "ORDER",
+        "CART",
+        "PAYMENT",
+        "INVENTORY",
+        "NOTIFICATION",
+    ] {
+        command.env(format!("SHOP_LISTEN__{service}"), "127.0.0.1:0");
+    }
+    let mut child = command.spawn().expect("the shop binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("gateway") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the shop printed its gateway's address");
+    let client = HttpClient::builder(&url)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    (child, client)
+}
+
+async fn send(
+    client: &HttpClient,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = client.request(method, path);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    if let Some(key) = key {
+        request = request.idempotency_key(key);
+    }
+    if let Some(body) = &body {
+        request = request.json(body);
+    }
+    match request.send().await {
+        Ok(response) => (
+            response.status().as_u16(),
+            serde_json::from_slice(response.body()).unwrap_or(Value::Null),
+        ),
+        Err(error) => (
+            error.status().map_or(0, |s| s.as_u16()),
+            error.body_json().unwrap_or(Value::Null),
+        ),
+    }
+}
+
+async fn checkout(client: &HttpClient, token: &str, key: &str, sku: &str, card: &str) -> String {
+    let item = json!({"sku": sku, "quantity": 1});
+    let (status, body) = send(
+        client,
+        Method::POST,
+        "/api/carts/me/items",
+        Some(token),
+        None,
+        Some(item),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let card = json!({"card_number": card});
+    let (status, order) = send(
+        client,
+        Method::POST,
+        "/api/orders",
+        Some(token),
+        Some(key),
+        Some(card),
+    )
+    .await;
+    assert_eq!(status, 202, "{order}");
+    order["id"].as_str().unwrap().to_owned()
+}
+
+async fn settled(client: &HttpClient, token: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, order) = send(
+            client,
+            Method::GET,
+            &format!("/api/orders/{id}"),
+            Some(token),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{order}");
+        if !["PENDING", "PAID"].contains(&order["status"].as_str().unwrap_or("")) {
+            return order;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the order never settled: {order}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shop_finishes_its_orders_after_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut shop, client) = start(data.path());
+
+    let account = json!({"email": "kim@shop.test", "password": "a long password", "name": "Kim"});
+    let (status, body) = send(
+        &client,
+        Method::POST,
+        "/api/users/register",
+        None,
+        None,
+        Some(account),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let login = json!({"email": "kim@shop.test", "password": "a long password"});
+    let (_, token) = send(
+        &client,
+        Method::POST,
+        "/api/users/login",
+        None,
+        None,
+        Some(login),
+    )
+    .await;
+    let token = token["token"].as_str().unwrap().to_owned();
+
+    let confirmed = checkout(&client, &token, "first", "SKU-1002", "4242424242424242").await;
+    assert_eq!(
+        settled(&client, &token, &confirmed).await["status"],
+        "CONFIRMED"
+    );
+    // This one's charge hangs: its saga is mid-flight when the process dies.
+    let in_flight = checkout(&client, &token, "second", "SKU-1003", "4000000000000119").await;
+    shop.kill().unwrap();
+    shop.wait().unwrap();
+
+    let (mut shop, client) = start(data.path());
+    let order = settled(&client, &token, &in_flight).await;
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+    let order = settled(&client, &token, &confirmed).await;
+    assert_eq!(
+        order["status"], "CONFIRMED",
+        "the first order survived: {order}"
+    );
+    let (_, stock) = send(
+        &client,
+        Method::GET,
+        "/api/inventory/SKU-1002",
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(stock["committed"], 1, "{stock}");
+    let (_, stock) = send(
+        &client,
+        Method::GET,
+        "/api/inventory/SKU-1003",
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (&stock["reserved"], &stock["committed"]),
+        (&json!(0), &json!(0)),
+        "{stock}"
+    );
+    let path = format!("/api/payments?order_id={in_flight}");
+    let (_, payments) = send(&client, Method::GET, &path, Some(&token), None, None).await;
+    assert_eq!(
+        payments,
+        json!([]),
+        "nothing was charged for the cancelled order"
+    );
+    shop.kill().unwrap();
+    shop.wait().unwrap();
+}
