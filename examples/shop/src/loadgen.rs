@@ -59,6 +59,9 @@ usage: shop loadgen [options]
 journeys: browse, search, add-to-cart, edit-cart, view-cart, checkout, multi-checkout,
 order-history, cancel, declined-card, out-of-stock, payment-timeout";
 
+/// How often the smoke mode runs a journey again that met an expected error.
+const SMOKE_RETRIES: usize = 5;
+
 /// How the virtual users identify themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -372,6 +375,8 @@ pub async fn run(config: &LoadgenConfig) -> anyhow::Result<Report> {
         (Plan::Until(Instant::now() + config.duration), config.users)
     };
     let plan = Arc::new(plan);
+    // A smoke run wants each journey to have run through, not to have met a 429.
+    let retries = if config.smoke { SMOKE_RETRIES } else { 0 };
     let config = Arc::new(config.clone());
     // Names must not clash with an earlier run against the same (persistent) shop.
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -390,7 +395,7 @@ pub async fn run(config: &LoadgenConfig) -> anyhow::Result<Report> {
         let weights = config.weights.clone();
         tasks.spawn(async move {
             let mut recorder = Recorder::default();
-            user.run(&mut recorder, |rng| plan.next(rng, &weights))
+            user.run(&mut recorder, retries, |rng| plan.next(rng, &weights))
                 .await;
             recorder
         });

@@ -8,15 +8,37 @@ use shop::order::OrderStatus;
 
 const INITIAL_STOCK: i64 = 1_000;
 
-async fn spawn_shop() -> Shop {
-    let config = ShopConfig {
+/// A gateway without the user service and without tokens: the services trust the
+/// `x-user-id` header.
+const HEADER_GATEWAY: &str = r#"
+_format_version: "3.0"
+services:
+  - name: products
+    discovery: product-service
+    path: /products
+    routes: [{ name: catalog, paths: [/api/products], methods: [GET] }]
+  - name: carts
+    discovery: cart-service
+    path: /carts
+    routes: [{ name: cart, paths: [/api/carts] }]
+  - name: orders
+    discovery: order-service
+    path: /orders
+    routes: [{ name: orders, paths: [/api/orders] }]
+"#;
+
+fn shop_config() -> ShopConfig {
+    ShopConfig {
         data_dir: None,
         listen: Listen::ephemeral(),
         payment_hang: Duration::from_millis(300),
         initial_stock: INITIAL_STOCK,
         ..ShopConfig::default()
-    };
-    app::start(&config).await.expect("the shop starts")
+    }
+}
+
+async fn spawn_shop() -> Shop {
+    app::start(&shop_config()).await.expect("the shop starts")
 }
 
 fn config_for(shop: &Shop, args: &str) -> LoadgenConfig {
@@ -102,6 +124,40 @@ async fn a_timed_run_mixes_journeys_and_reports_them() {
     let table = report.to_string();
     assert!(table.contains("p99 ms"), "{table}");
     check_stock(&shop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_user_service_the_users_send_their_id_in_a_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("gateway.yaml");
+    std::fs::write(&yaml, HEADER_GATEWAY).unwrap();
+    let shop = app::start(&ShopConfig {
+        gateway_config: Some(yaml),
+        ..shop_config()
+    })
+    .await
+    .expect("the shop starts");
+    let config = config_for(&shop, "--smoke --users 2 --poll-interval 10ms");
+    let report = loadgen::run(&config).await.expect("the smoke run passes");
+    assert_eq!(report.auth, "x-user-id", "{report}");
+    assert_eq!(report.unexpected_errors(), 0, "{report}");
+    check_stock(&shop);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smoke_run_fails_on_unexpected_answers() {
+    // Behind the JWT gateway, users sending only a header are refused: 401s.
+    let shop = spawn_shop().await;
+    let config = config_for(&shop, "--smoke --users 2 --auth header");
+    let error = loadgen::run(&config).await.unwrap_err().to_string();
+    assert!(error.contains("the smoke run failed"), "{error}");
+    assert!(error.contains("answered 401"), "{error}");
+    // All but the catalog reads, open to anyone, and payment-timeout, of weight 0.
+    let journeys = Journey::ALL.len() - 3;
+    assert!(
+        error.contains(&format!("{journeys} unexpected errors")),
+        "{error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

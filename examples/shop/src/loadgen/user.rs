@@ -10,6 +10,9 @@ use serde_json::{json, Value};
 use super::report::Recorder;
 use super::{Journey, LoadgenConfig, Rng};
 
+/// How often a user tries to sign in while the gateway answers `429`.
+const SIGN_IN_ATTEMPTS: usize = 10;
+
 /// How the users of a run identify themselves, once decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AuthMode {
@@ -114,23 +117,37 @@ impl VirtualUser {
         }
     }
 
-    /// Signs in, then runs the journeys `next` hands out until it hands out none.
+    /// Signs in, then runs the journeys `next` hands out until it hands out none. A
+    /// journey that met an expected error (a `429`) runs again up to `retries` times;
+    /// signing in, up to [`SIGN_IN_ATTEMPTS`] times.
     pub(crate) async fn run(
         mut self,
         recorder: &mut Recorder,
+        retries: usize,
         mut next: impl FnMut(&mut Rng) -> Option<Journey>,
     ) {
-        let signed_in = self.timed(recorder, Journey::SignIn).await;
-        if !signed_in {
+        let mut signed_in = Err(Failure::Expected(String::new()));
+        for _ in 0..SIGN_IN_ATTEMPTS {
+            signed_in = self.timed(recorder, Journey::SignIn).await;
+            if !matches!(signed_in, Err(Failure::Expected(_))) {
+                break;
+            }
+        }
+        if signed_in.is_err() {
             return;
         }
         while let Some(journey) = next(&mut self.rng) {
-            self.timed(recorder, journey).await;
+            for _ in 0..=retries {
+                let outcome = self.timed(recorder, journey).await;
+                if !matches!(outcome, Err(Failure::Expected(_))) {
+                    break;
+                }
+            }
         }
     }
 
-    /// Runs `journey` and records it; whether it went as planned.
-    async fn timed(&mut self, recorder: &mut Recorder, journey: Journey) -> bool {
+    /// Runs `journey` and records it.
+    async fn timed(&mut self, recorder: &mut Recorder, journey: Journey) -> Step<()> {
         self.requests = 0;
         let started = Instant::now();
         let outcome = if journey == Journey::SignIn {
@@ -139,7 +156,7 @@ impl VirtualUser {
             self.journey(journey).await
         };
         recorder.record(journey, started.elapsed(), self.requests, &outcome);
-        outcome.is_ok()
+        outcome
     }
 
     async fn sign_in(&mut self) -> Step<()> {
