@@ -164,7 +164,6 @@ impl Weights {
 
 /// What a load run does.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct LoadgenConfig {
     /// The gateway's base URL.
     pub target: String,
@@ -437,7 +436,7 @@ pub async fn cli(args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     };
     println!("loadgen: {mode} against {}", config.target);
     let report = run(&config).await?;
-    println!("{report}");
+    print!("{report}");
     Ok(())
 }
 
