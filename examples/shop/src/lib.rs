@@ -10,6 +10,7 @@ pub mod cart;
 pub mod catalog;
 pub mod events;
 pub mod inventory;
+pub mod loadgen;
 pub mod notification;
 pub mod order;
 pub mod payment;

@@ -10,6 +10,9 @@
 //! inventory, notification or gateway) in this process, finding the others in etcd
 //! (`SHOP_ETCD_ENDPOINTS`) and using Kafka (`SHOP_KAFKA_BROKERS`) for events; it needs
 //! the `real-servers` feature.
+//!
+//! `shop loadgen --target http://127.0.0.1:8080 --users 10 --duration 30s [--smoke]` runs
+//! weighted user journeys against a running shop and reports per journey.
 
 use anyhow::Context as _;
 use micro_core::config::ConfigLoader;
@@ -50,10 +53,25 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        ["loadgen", rest @ ..] => {
+            let options = shop::loadgen::parse_args(rest.iter().map(|s| s.to_string()))
+                .map_err(|message| anyhow::anyhow!("{message}"))?;
+            let report = shop::loadgen::run(&options).await?;
+            println!("{report}");
+            if options.smoke && report.unexpected_errors() > 0 {
+                eprintln!(
+                    "smoke run failed: {} unexpected errors",
+                    report.unexpected_errors()
+                );
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
         _ => {
             eprintln!(
                 "usage: shop                    every service and the gateway in one process\n       \
-                 shop serve <service>    one of: {}",
+                 shop serve <service>    one of: {}\n       \
+                 shop loadgen [--target URL] [--users N] [--duration 30s] [--smoke] [--seed N]",
                 app::SERVICES.join(", ")
             );
             std::process::exit(2);
