@@ -73,6 +73,9 @@ pub struct ShopConfig {
     /// Kafka bootstrap servers (`127.0.0.1:9092`): the event bus of `shop serve`. Needs
     /// the `real-servers` feature.
     pub kafka_brokers: Option<String>,
+    /// Put before the event topic and consumer group names (`order-events`,
+    /// `notification-service`), so that several shops can share one broker.
+    pub event_prefix: String,
     /// The host other services reach this process at, registered in discovery (a pod's
     /// IP, say); the address each service bound when absent.
     pub advertise_host: Option<String>,
@@ -133,6 +136,13 @@ impl Listen {
     }
 }
 
+impl ShopConfig {
+    /// The topic of order events, with the configured prefix.
+    pub fn order_events(&self) -> String {
+        format!("{}{}", self.event_prefix, crate::events::ORDER_EVENTS)
+    }
+}
+
 impl Default for ShopConfig {
     fn default() -> Self {
         Self {
@@ -149,6 +159,7 @@ impl Default for ShopConfig {
             etcd_prefix: "/micro/shop/".to_owned(),
             kafka_brokers: None,
             advertise_host: None,
+            event_prefix: String::new(),
         }
     }
 }
@@ -251,19 +262,20 @@ pub fn gateway_yaml(config: &ShopConfig) -> anyhow::Result<String> {
     Ok(yaml.replace("${JWT_SECRET}", &config.jwt_secret))
 }
 
-/// Binds `addr`, adds `service` on it, and registers it in `registry` once ready.
+/// Binds `addr`, adds `service` on it, and registers it in the registry once ready, at
+/// the advertised host when there is one.
 async fn hosted<S: Service>(
     builder: ServiceHostBuilder,
-    registry: &Arc<dyn Registry>,
+    infra: &Infra,
+    config: &ShopConfig,
     service: S,
     addr: SocketAddr,
-    advertise: Option<&str>,
 ) -> anyhow::Result<ServiceHostBuilder> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("{} cannot listen on {addr}", service.name()))?;
     let bound = listener.local_addr()?;
-    let instance = match advertise {
+    let instance = match config.advertise_host.as_deref() {
         Some(host) => Instance::new(
             service.name(),
             format!("{}-{host}-{}", service.name(), bound.port()),
@@ -276,7 +288,7 @@ async fn hosted<S: Service>(
     let registration = Registration::new(instance).ttl(Duration::from_secs(10));
     Ok(builder
         .service_on(service, listener)
-        .register_in(registry.clone(), registration))
+        .register_in(infra.registry.clone(), registration))
 }
 
 fn client(discover: &Arc<dyn Discover>, service: &str) -> anyhow::Result<HttpClient> {
@@ -317,7 +329,7 @@ impl Infra {
         etcd.prefix = config.etcd_prefix.clone();
         let registry = EtcdRegistry::connect(&etcd).await?;
         let bus = KafkaBus::new(KafkaConfig::new(brokers.as_str()))?;
-        bus.create_topic(crate::events::ORDER_EVENTS, 4, 1).await?;
+        bus.create_topic(&config.order_events(), 4, 1).await?;
         Ok(Self {
             registry: Arc::new(registry.clone()),
             discover: Arc::new(registry),
@@ -346,15 +358,24 @@ pub const SERVICES: &[&str] = &[
     "gateway",
 ];
 
+/// Handles on the services that were built, for checks.
+#[derive(Default)]
+struct Handles {
+    orders: Option<Orders>,
+    inventory: Option<Inventory>,
+    payments: Option<Payments>,
+    notifications: Option<Notifications>,
+}
+
 /// Adds the service called `name` to `builder`, built over `infra`.
 async fn add(
     builder: ServiceHostBuilder,
     name: &str,
     config: &ShopConfig,
     infra: &Infra,
+    handles: &mut Handles,
 ) -> anyhow::Result<ServiceHostBuilder> {
     let listen = &config.listen;
-    let registry = &infra.registry;
     let discover = &infra.discover;
     Ok(match name {
         "user" => {
@@ -363,25 +384,9 @@ async fn add(
                 &config.jwt_secret,
                 config.token_lifetime,
             );
-            hosted(
-                builder,
-                registry,
-                users,
-                listen.user,
-                config.advertise_host.as_deref(),
-            )
-            .await?
+            hosted(builder, infra, config, users, listen.user).await?
         }
-        "product" => {
-            hosted(
-                builder,
-                registry,
-                Catalog::seeded(),
-                listen.product,
-                config.advertise_host.as_deref(),
-            )
-            .await?
-        }
+        "product" => hosted(builder, infra, config, Catalog::seeded(), listen.product).await?,
         "inventory" => {
             let initial: BTreeMap<String, i64> = Catalog::seeded()
                 .products()
@@ -389,49 +394,28 @@ async fn add(
                 .map(|p| (p.id.clone(), config.initial_stock))
                 .collect();
             let inventory = Inventory::new(store(config, "inventory")?, &initial)?;
-            hosted(
-                builder,
-                registry,
-                inventory,
-                listen.inventory,
-                config.advertise_host.as_deref(),
-            )
-            .await?
+            handles.inventory = Some(inventory.clone());
+            hosted(builder, infra, config, inventory, listen.inventory).await?
         }
         "payment" => {
             let payments = Payments::new(store(config, "payment")?, config.payment_hang);
-            hosted(
-                builder,
-                registry,
-                payments,
-                listen.payment,
-                config.advertise_host.as_deref(),
-            )
-            .await?
+            handles.payments = Some(payments.clone());
+            hosted(builder, infra, config, payments, listen.payment).await?
         }
         "notification" => {
             let notifications = Notifications::new(store(config, "notification")?);
-            let subscription = notifications.subscribe(infra.subscriber.as_ref()).await?;
-            hosted(
-                builder,
-                registry,
-                notifications,
-                listen.notification,
-                config.advertise_host.as_deref(),
-            )
-            .await?
-            .subscription(subscription)
+            let group = format!("{}notification-service", config.event_prefix);
+            let subscription = notifications
+                .subscribe(infra.subscriber.as_ref(), &config.order_events(), &group)
+                .await?;
+            handles.notifications = Some(notifications.clone());
+            hosted(builder, infra, config, notifications, listen.notification)
+                .await?
+                .subscription(subscription)
         }
         "cart" => {
             let carts = Carts::new(store(config, "cart")?, client(discover, "product-service")?);
-            hosted(
-                builder,
-                registry,
-                carts,
-                listen.cart,
-                config.advertise_host.as_deref(),
-            )
-            .await?
+            hosted(builder, infra, config, carts, listen.cart).await?
         }
         "order" => {
             let upstreams = Upstreams {
@@ -443,16 +427,10 @@ async fn add(
                 store(config, "order")?,
                 saga_log(config)?,
                 upstreams,
-                Arc::new(BusSink::new(infra.publisher.clone())),
+                Arc::new(BusSink::new(infra.publisher.clone(), config.order_events())),
             )?;
-            hosted(
-                builder,
-                registry,
-                orders,
-                listen.order,
-                config.advertise_host.as_deref(),
-            )
-            .await?
+            handles.orders = Some(orders.clone());
+            hosted(builder, infra, config, orders, listen.order).await?
         }
         "gateway" => {
             let resources = Resources::new().discover(discover.clone());
@@ -471,14 +449,7 @@ async fn add(
                 watcher: std::sync::Mutex::new(watcher),
                 watching: std::sync::Mutex::new(None),
             };
-            hosted(
-                builder,
-                registry,
-                gateway,
-                listen.gateway,
-                config.advertise_host.as_deref(),
-            )
-            .await?
+            hosted(builder, infra, config, gateway, listen.gateway).await?
         }
         other => anyhow::bail!(
             "there is no service `{other}`; the shop has {}",
@@ -498,7 +469,7 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
     }
     let infra = Infra::real(config).await?;
     let builder = ServiceHost::builder().config(config.host.clone());
-    let builder = add(builder, name, config, &infra).await?;
+    let builder = add(builder, name, config, &infra, &mut Handles::default()).await?;
     Ok(builder.build()?.start().await?)
 }
 
@@ -507,75 +478,19 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     let registry = MemoryRegistry::new();
     let bus = MemoryBus::new();
     let infra = Infra::embedded(&registry, &bus);
-    let discover = &infra.discover;
-    let catalog = Catalog::seeded();
-    let initial: BTreeMap<String, i64> = catalog
-        .products()
-        .iter()
-        .map(|p| (p.id.clone(), config.initial_stock))
-        .collect();
-    let inventory = Inventory::new(store(config, "inventory")?, &initial)?;
-    let payments = Payments::new(store(config, "payment")?, config.payment_hang);
-    let notifications = Notifications::new(store(config, "notification")?);
-    let upstreams = Upstreams {
-        carts: client(discover, "cart-service")?,
-        payments: client(discover, "payment-service")?,
-        inventory: client(discover, "inventory-service")?,
-    };
-    let orders = Orders::new(
-        store(config, "order")?,
-        saga_log(config)?,
-        upstreams,
-        Arc::new(BusSink::new(infra.publisher.clone())),
-    )?;
-    let notified = notifications.subscribe(&bus).await?;
-
-    let listen = &config.listen;
-    let registry_dyn = &infra.registry;
+    let mut handles = Handles::default();
     let mut builder = ServiceHost::builder().config(config.host.clone());
-    builder = add(builder, "user", config, &infra).await?;
-    builder = add(builder, "product", config, &infra).await?;
-    builder = hosted(
-        builder,
-        registry_dyn,
-        inventory.clone(),
-        listen.inventory,
-        config.advertise_host.as_deref(),
-    )
-    .await?;
-    builder = hosted(
-        builder,
-        registry_dyn,
-        payments.clone(),
-        listen.payment,
-        config.advertise_host.as_deref(),
-    )
-    .await?;
-    builder = hosted(
-        builder,
-        registry_dyn,
-        notifications.clone(),
-        listen.notification,
-        config.advertise_host.as_deref(),
-    )
-    .await?;
-    builder = add(builder, "cart", config, &infra).await?;
-    builder = hosted(
-        builder,
-        registry_dyn,
-        orders.clone(),
-        listen.order,
-        config.advertise_host.as_deref(),
-    )
-    .await?;
-    builder = add(builder, "gateway", config, &infra).await?;
-    let host = builder.subscription(notified).build()?.start().await?;
+    for name in SERVICES {
+        builder = add(builder, name, config, &infra, &mut handles).await?;
+    }
+    let host = builder.build()?.start().await?;
+    let built = |what: &str| anyhow::anyhow!("the {what} service was not built");
     Ok(Shop {
         host,
-        orders,
-        inventory,
-        payments,
-        notifications,
+        orders: handles.orders.ok_or_else(|| built("order"))?,
+        inventory: handles.inventory.ok_or_else(|| built("inventory"))?,
+        payments: handles.payments.ok_or_else(|| built("payment"))?,
+        notifications: handles.notifications.ok_or_else(|| built("notification"))?,
         registry,
         bus,
     })

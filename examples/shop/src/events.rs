@@ -130,17 +130,21 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
     fn deliver<'a>(&'a self, event: &'a Event<OrderEvent>) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
-/// Publishes order events on a bus, to [`ORDER_EVENTS`], keyed by order id so that one
-/// order's events stay in order.
+/// Publishes order events on a bus, to a topic ([`ORDER_EVENTS`] unless the shop is told
+/// a prefix), keyed by order id so that one order's events stay in order.
 #[derive(Clone)]
 pub struct BusSink {
     publisher: Arc<dyn Publisher>,
+    topic: String,
 }
 
 impl BusSink {
-    /// Publishes with `publisher`.
-    pub fn new(publisher: Arc<dyn Publisher>) -> Self {
-        Self { publisher }
+    /// Publishes with `publisher` to `topic`.
+    pub fn new(publisher: Arc<dyn Publisher>, topic: impl Into<String>) -> Self {
+        Self {
+            publisher,
+            topic: topic.into(),
+        }
     }
 }
 
@@ -154,7 +158,7 @@ impl EventSink for BusSink {
     fn deliver<'a>(&'a self, event: &'a Event<OrderEvent>) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let key = event.data().order_id().to_owned();
-            self.publisher.publish(ORDER_EVENTS, &key, event).await?;
+            self.publisher.publish(&self.topic, &key, event).await?;
             Ok(())
         })
     }

@@ -10,7 +10,7 @@ use micro_events::{Event, Received, Subscriber, SubscriberExt, Subscription};
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::events::{EventSink, OrderEvent, ORDER_EVENTS};
+use crate::events::{EventSink, OrderEvent};
 use crate::store::Store;
 
 const SENT: &str = "sent";
@@ -93,24 +93,25 @@ impl Notifications {
         })
     }
 
-    /// Consumes the order events of `bus` as the `notification-service` group.
+    /// Consumes the order events of `topic` on `bus` as a member of `group`.
     ///
     /// # Errors
     ///
     /// When the bus refuses the subscription.
-    pub async fn subscribe(&self, bus: &dyn Subscriber) -> micro_events::Result<Subscription> {
+    pub async fn subscribe(
+        &self,
+        bus: &dyn Subscriber,
+        topic: &str,
+        group: &str,
+    ) -> micro_events::Result<Subscription> {
         let this = self.clone();
-        bus.subscribe(
-            ORDER_EVENTS,
-            "notification-service",
-            move |received: Received<OrderEvent>| {
-                let this = this.clone();
-                async move {
-                    this.handle(received.event())
-                        .map_err(micro_core::error::BoxError::from)
-                }
-            },
-        )
+        bus.subscribe(topic, group, move |received: Received<OrderEvent>| {
+            let this = this.clone();
+            async move {
+                this.handle(received.event())
+                    .map_err(micro_core::error::BoxError::from)
+            }
+        })
         .await
     }
 

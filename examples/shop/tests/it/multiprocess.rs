@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use micro_core::client::HttpClient;
-use serde_json::json;
 
-use crate::support::{send, settled, KillOnDrop};
+use crate::support::{send, settled, sign_up, KillOnDrop};
 
 fn server(variable: &str, default: &str) -> String {
     let address = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
@@ -68,6 +67,8 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         ("SHOP_ETCD_ENDPOINTS", etcd),
         ("SHOP_ETCD_PREFIX", format!("/micro/shop-test-{unique}/")),
         ("SHOP_KAFKA_BROKERS", kafka),
+        // A topic and a consumer group of this run's own on the shared broker.
+        ("SHOP_EVENT_PREFIX", format!("test-{unique}-")),
     ];
     let mut processes = Vec::new();
     let mut gateway = String::new();
@@ -105,28 +106,7 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let account = json!({"email": "lee@shop.test", "password": "a long password", "name": "Lee"});
-    let (status, body) = send(
-        &client,
-        Method::POST,
-        "/api/users/register",
-        None,
-        None,
-        Some(account),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let login = json!({"email": "lee@shop.test", "password": "a long password"});
-    let (_, token) = send(
-        &client,
-        Method::POST,
-        "/api/users/login",
-        None,
-        None,
-        Some(login),
-    )
-    .await;
-    let token = token["token"].as_str().unwrap().to_owned();
+    let token = sign_up(&client, "lee@shop.test").await;
 
     let order =
         crate::support::checkout(&client, &token, "mp-1", "SKU-1004", "4242424242424242").await;

@@ -10,7 +10,7 @@ use http::Method;
 use micro_core::client::HttpClient;
 use serde_json::json;
 
-use crate::support::{checkout, send, settled, KillOnDrop};
+use crate::support::{checkout, send, settled, sign_up, KillOnDrop};
 
 /// Starts the shop on free ports with its data in `data`; returns it and its gateway.
 fn start(data: &Path) -> (Child, HttpClient) {
@@ -57,28 +57,7 @@ async fn a_killed_shop_finishes_its_orders_after_a_restart() {
     let data = tempfile::tempdir().unwrap();
     let (mut shop, client) = start(data.path());
 
-    let account = json!({"email": "kim@shop.test", "password": "a long password", "name": "Kim"});
-    let (status, body) = send(
-        &client,
-        Method::POST,
-        "/api/users/register",
-        None,
-        None,
-        Some(account),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    let login = json!({"email": "kim@shop.test", "password": "a long password"});
-    let (_, token) = send(
-        &client,
-        Method::POST,
-        "/api/users/login",
-        None,
-        None,
-        Some(login),
-    )
-    .await;
-    let token = token["token"].as_str().unwrap().to_owned();
+    let token = sign_up(&client, "kim@shop.test").await;
 
     let confirmed = checkout(&client, &token, "first", "SKU-1002", "4242424242424242").await;
     assert_eq!(

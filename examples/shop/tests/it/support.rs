@@ -102,3 +102,30 @@ pub(crate) async fn settled(client: &HttpClient, token: &str, id: &str) -> Value
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Registers `email` and logs in; returns the token.
+pub(crate) async fn sign_up(client: &HttpClient, email: &str) -> String {
+    let account = json!({"email": email, "password": "a long password", "name": "Test"});
+    let (status, body) = send(
+        client,
+        Method::POST,
+        "/api/users/register",
+        None,
+        None,
+        Some(account),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let login = json!({"email": email, "password": "a long password"});
+    let (status, body) = send(
+        client,
+        Method::POST,
+        "/api/users/login",
+        None,
+        None,
+        Some(login),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
