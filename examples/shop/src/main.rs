@@ -86,13 +86,27 @@ async fn main() -> anyhow::Result<()> {
     }
     let gateway = shop.gateway();
     println!();
+    let json = "-H 'content-type: application/json'";
     println!("try:  curl http://{gateway}/api/products?q=coffee");
-    println!("      curl -X POST http://{gateway}/api/carts/me/items -H 'x-user-id: alice' \\");
-    println!("           -H 'content-type: application/json' -d '{{\"sku\": \"SKU-1001\", \"quantity\": 2}}'");
-    println!("      curl -X POST http://{gateway}/api/orders -H 'x-user-id: alice' -H 'idempotency-key: 1' \\");
-    println!("           -H 'content-type: application/json' -d '{{\"card_number\": \"4242424242424242\"}}'");
-    println!("      curl http://{gateway}/api/orders -H 'x-user-id: alice'");
+    println!(
+        "      curl -X POST http://{gateway}/api/users/register {json} \\\n           \
+         -d '{{\"email\": \"ada@example.com\", \"password\": \"correct horse\", \"name\": \"Ada\"}}'"
+    );
+    println!(
+        "      curl -X POST http://{gateway}/api/users/login {json} \\\n           \
+         -d '{{\"email\": \"ada@example.com\", \"password\": \"correct horse\"}}'"
+    );
+    println!("      then, with the token it answers, as -H 'authorization: Bearer <token>':");
+    println!(
+        "      curl -X POST http://{gateway}/api/carts/me/items {json} -d '{{\"sku\": \"SKU-1001\", \"quantity\": 2}}'"
+    );
+    println!(
+        "      curl -X POST http://{gateway}/api/orders -H 'idempotency-key: 1' {json} \\\n           \
+         -d '{{\"card_number\": \"4242424242424242\"}}'"
+    );
+    println!("      curl http://{gateway}/api/orders");
     println!("      curl http://{gateway}/metrics");
+    println!("The tour of the shop is docs/src/shop.md.");
     println!("Ctrl-C stops the shop gracefully.");
 
     let report = shop.host.run_until(micro_core::shutdown::signal()).await;
