@@ -69,6 +69,8 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         ("SHOP_KAFKA_BROKERS", kafka),
         // A topic and a consumer group of this run's own on the shared broker.
         ("SHOP_EVENT_PREFIX", format!("test-{unique}-")),
+        // Longer than the order saga's charge timeout, so the timeout card times out.
+        ("SHOP_PAYMENT_HANG", "10s".to_owned()),
     ];
     let mut processes = Vec::new();
     let mut gateway = String::new();
@@ -118,14 +120,102 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         settled(&client, &token, &declined).await["status"],
         "CANCELLED"
     );
+    let out_of_stock =
+        crate::support::checkout(&client, &token, "mp-3", "SKU-OOS", "4242424242424242").await;
+    let cancelled = settled(&client, &token, &out_of_stock).await;
+    assert_eq!(cancelled["status"], "CANCELLED", "{cancelled}");
+    assert!(
+        cancelled.to_string().contains("out of stock"),
+        "{cancelled}"
+    );
+    let stuck =
+        crate::support::checkout(&client, &token, "mp-4", "SKU-OOS", "4000000000000341").await;
+    assert_eq!(
+        settled(&client, &token, &stuck).await["status"],
+        "REQUIRES_ATTENTION"
+    );
+    let slow =
+        crate::support::checkout(&client, &token, "mp-5", "SKU-1006", "4000000000000119").await;
+    assert_eq!(settled(&client, &token, &slow).await["status"], "CANCELLED");
+    let again =
+        crate::support::checkout(&client, &token, "mp-1", "SKU-1007", "4242424242424242").await;
+    assert_eq!(again, order, "the same key answers the same order");
+    let (status, body) = send(
+        &client,
+        Method::POST,
+        &format!("/api/orders/{order}/cancel"),
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &serde_json::json!("CANCELLED"))
+    );
+    let kept =
+        crate::support::checkout(&client, &token, "mp-6", "SKU-1008", "4242424242424242").await;
+    assert_eq!(settled(&client, &token, &kept).await["status"], "CONFIRMED");
+    let (status, _) = send(&client, Method::GET, "/api/orders", None, None, None).await;
+    assert_eq!(status, 401);
+
+    // Every charge is matched by a confirmed order, a refund, or an order needing
+    // attention; nothing is left reserved; stock is conserved.
+    let expected = [
+        (&order, "REFUNDED"),
+        (&out_of_stock, "REFUNDED"),
+        (&stuck, "CAPTURED"),
+        (&kept, "CAPTURED"),
+    ];
+    for (id, status) in expected {
+        let path = format!("/api/payments?order_id={id}");
+        let (_, payments) = send(&client, Method::GET, &path, Some(&token), None, None).await;
+        assert_eq!(payments.as_array().map(Vec::len), Some(1), "{payments}");
+        assert_eq!(payments[0]["status"], status, "{payments}");
+    }
+    for id in [&declined, &slow] {
+        let path = format!("/api/payments?order_id={id}");
+        let (_, payments) = send(&client, Method::GET, &path, Some(&token), None, None).await;
+        assert!(
+            payments
+                .as_array()
+                .is_some_and(|p| p.iter().all(|p| p["status"] != "CAPTURED")),
+            "{payments}"
+        );
+    }
+    check_stock(&client, &token, &[("SKU-1008", 1)]).await;
+
+    // The load generator's smoke run finds no unexpected error.
+    let mut options = shop::loadgen::LoadgenConfig {
+        target: gateway.clone(),
+        smoke: true,
+        ..Default::default()
+    };
+    options
+        .weights
+        .set(shop::loadgen::Journey::PaymentTimeout, 0);
+    let report = shop::loadgen::run(&options)
+        .await
+        .expect("the smoke run passes");
+    assert_eq!(report.unexpected_errors(), 0, "{report}");
+    check_stock(&client, &token, &[]).await;
 
     // The notification service got the order's events over Kafka.
     let path = format!("/api/notifications?order_id={order}");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let (_, sent) = send(&client, Method::GET, &path, Some(&token), None, None).await;
-        if sent.as_array().is_some_and(|s| !s.is_empty()) {
-            assert_eq!(sent[0]["kind"], "order_confirmed", "{sent}");
+        let kinds: Vec<&str> = sent
+            .as_array()
+            .map(|s| s.iter().filter_map(|n| n["kind"].as_str()).collect())
+            .unwrap_or_default();
+        // Confirmed, then cancelled by its owner: two messages, each sent once.
+        if kinds.len() >= 2 {
+            assert_eq!(kinds.len(), 2, "{sent}");
+            assert!(
+                kinds.contains(&"order_confirmed") && kinds.contains(&"order_cancelled"),
+                "{sent}"
+            );
             break;
         }
         assert!(
@@ -135,4 +225,39 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(processes);
+}
+
+/// For every SKU, available + reserved + committed is the starting stock, and nothing
+/// stays reserved once orders settle; `committed` lists some SKUs' exact commitments.
+async fn check_stock(client: &HttpClient, token: &str, committed: &[(&str, i64)]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, levels) = send(
+            client,
+            Method::GET,
+            "/api/inventory",
+            Some(token),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{levels}");
+        let levels = levels.as_object().unwrap();
+        let settled = levels.values().all(|s| s["reserved"] == 0);
+        if settled || Instant::now() > deadline {
+            for (sku, stock) in levels {
+                let initial = if sku == "SKU-OOS" { 0 } else { 100 };
+                let sum = stock["available"].as_i64().unwrap()
+                    + stock["reserved"].as_i64().unwrap()
+                    + stock["committed"].as_i64().unwrap();
+                assert_eq!(sum, initial, "{sku}: {stock}");
+                assert_eq!(stock["reserved"], 0, "{sku}: {stock}");
+            }
+            for (sku, units) in committed {
+                assert_eq!(levels[*sku]["committed"], *units, "{sku}");
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
