@@ -27,8 +27,8 @@ pub type Watch = BoxStream<'static, Result<Vec<Instance>, Error>>;
 ///
 /// Backends: [`MemoryRegistry`](crate::memory::MemoryRegistry),
 /// [`StaticDiscover`](crate::static_list::StaticDiscover), and behind features
-/// [`EtcdRegistry`](crate::etcd::EtcdRegistry) (feature `etcd`) and
-/// [`ConsulRegistry`](crate::consul::ConsulRegistry) (feature `consul`). The trait is
+/// `etcd::EtcdRegistry` (feature `etcd`) and
+/// `consul::ConsulRegistry` (feature `consul`). The trait is
 /// dyn-compatible; a [`Balancer`](crate::balance::Balancer) follows a
 /// [`watch`](Self::watch) stream.
 ///

@@ -50,8 +50,8 @@
 //! |---|---|---|---|---|
 //! | [`memory`] | always | yes | yes | the embedded default; TTLs on Tokio time, HTTP checks run in-process |
 //! | [`static_list`] | always | — | yes | a fixed list from configuration |
-//! | [`etcd`] | `etcd` | yes | yes | etcd v3: leases with keep-alive, watch on a key prefix; needs `protoc` to build |
-//! | [`consul`] | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
+//! | `etcd` | `etcd` | yes | yes | etcd v3: leases with keep-alive, watch on a key prefix; needs `protoc` to build |
+//! | `consul` | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
 //!
 //! Every backend passes one conformance suite (`tests/it/conformance.rs`). The etcd
 //! backend runs it against a real etcd server (Debian's etcd-server, started by

@@ -131,8 +131,8 @@ impl Registration {
 /// Where instances announce themselves.
 ///
 /// Backends: [`MemoryRegistry`](crate::memory::MemoryRegistry), and behind features
-/// [`EtcdRegistry`](crate::etcd::EtcdRegistry) (feature `etcd`) and
-/// [`ConsulRegistry`](crate::consul::ConsulRegistry) (feature `consul`). The trait is
+/// `etcd::EtcdRegistry` (feature `etcd`) and
+/// `consul::ConsulRegistry` (feature `consul`). The trait is
 /// dyn-compatible: services hold an `Arc<dyn Registry>` chosen by configuration.
 ///
 /// Instances are named by service and id. Calls on an instance that is not registered

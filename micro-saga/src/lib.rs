@@ -33,7 +33,7 @@
 //!   the idempotency key), or send a command event and wait for the reply
 //!   event with a timeout ([`reply::RequestReply`], which works over any
 //!   publisher and subscriber).
-//! - [`testkit`] (feature `testkit`) drives a definition step by step in a
+//! - `testkit` (feature `testkit`) drives a definition step by step in a
 //!   unit test, injects failures and timeouts, and records the commands.
 //!
 //! # Example
@@ -137,7 +137,7 @@
 //! |---|---|---|
 //! | `postgres` | no | `log::PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
 //! | `embedded` | no | `log::EmbeddedSagaLog`, the saga log in a redb file on local disk |
-//! | `testkit` | no | [`testkit`], to drive a saga step by step in tests and inject faults |
+//! | `testkit` | no | the `testkit` module, to drive a saga step by step in tests and inject faults |
 //!
 //! The memory log ([`MemorySagaLog`]) and the saga state machine are always
 //! available.
