@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use micro_events::host::ServiceHostBuilderExt as _;
 use micro_events::{MemoryBus, Publisher, Subscriber};
 
-use crate::cart::Carts;
+use crate::cart::{CartStore, Carts};
 use crate::catalog::Catalog;
 use crate::events::BusSink;
 use crate::inventory::Inventory;
@@ -73,6 +73,11 @@ pub struct ShopConfig {
     /// Kafka bootstrap servers (`127.0.0.1:9092`): the event bus of `shop serve`. Needs
     /// the `real-servers` feature.
     pub kafka_brokers: Option<String>,
+    /// Redis (`redis://127.0.0.1:6379`): where the cart service keeps carts, in both
+    /// modes; its embedded store when absent.
+    pub redis_url: Option<String>,
+    /// Put before the cart service's Redis keys.
+    pub redis_prefix: String,
     /// Put before the event topic and consumer group names (`order-events`,
     /// `notification-service`), so that several shops can share one broker.
     pub event_prefix: String,
@@ -160,6 +165,8 @@ impl Default for ShopConfig {
             kafka_brokers: None,
             advertise_host: None,
             event_prefix: String::new(),
+            redis_url: None,
+            redis_prefix: "shop:".to_owned(),
         }
     }
 }
@@ -414,7 +421,11 @@ async fn add(
                 .subscription(subscription)
         }
         "cart" => {
-            let carts = Carts::new(store(config, "cart")?, client(discover, "product-service")?);
+            let carts_store = match &config.redis_url {
+                Some(url) => CartStore::redis(url, config.redis_prefix.clone()).await?,
+                None => CartStore::Embedded(store(config, "cart")?),
+            };
+            let carts = Carts::new(carts_store, client(discover, "product-service")?);
             hosted(builder, infra, config, carts, listen.cart).await?
         }
         "order" => {

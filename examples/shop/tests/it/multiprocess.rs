@@ -1,5 +1,6 @@
 //! The shop as separate processes (`shop serve <service>`) on the real servers: services
-//! register in etcd and find each other there; order events go through Kafka (tansu).
+//! register in etcd and find each other there; order events go through Kafka (tansu);
+//! carts are kept in Redis.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -12,7 +13,11 @@ use crate::support::{send, settled, sign_up, KillOnDrop};
 
 fn server(variable: &str, default: &str) -> String {
     let address = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
-    let host_port = address.trim_start_matches("http://").to_owned();
+    let host_port = address
+        .trim_start_matches("http://")
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
     assert!(
         std::net::TcpStream::connect(&host_port).is_ok(),
         "{address} ({variable}) is unreachable: start the servers with \
@@ -53,6 +58,7 @@ fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
 async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     let etcd = server("MICRO_TEST_ETCD_ENDPOINT", "http://127.0.0.1:23790");
     let kafka = server("MICRO_TEST_KAFKA_BROKERS", "127.0.0.1:19092");
+    let redis = server("MICRO_TEST_REDIS_URL", "redis://127.0.0.1:6379");
     let data = tempfile::tempdir().unwrap();
     let unique = format!(
         "{}-{}",
@@ -69,6 +75,9 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         ("SHOP_KAFKA_BROKERS", kafka),
         // A topic and a consumer group of this run's own on the shared broker.
         ("SHOP_EVENT_PREFIX", format!("test-{unique}-")),
+        // Carts in the real Redis, under keys of this run's own.
+        ("SHOP_REDIS_URL", redis),
+        ("SHOP_REDIS_PREFIX", format!("shop-test-{unique}:")),
         // Longer than the order saga's charge timeout, so the timeout card times out.
         ("SHOP_PAYMENT_HANG", "10s".to_owned()),
     ];
