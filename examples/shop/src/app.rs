@@ -32,7 +32,7 @@ use crate::catalog::Catalog;
 use crate::events::BusSink;
 use crate::inventory::Inventory;
 use crate::notification::Notifications;
-use crate::order::{Orders, Upstreams};
+use crate::order::{Ledger, Orders, Upstreams};
 use crate::payment::Payments;
 use crate::store::Store;
 use crate::user::Users;
@@ -73,6 +73,11 @@ pub struct ShopConfig {
     /// Kafka bootstrap servers (`127.0.0.1:9092`): the event bus of `shop serve`. Needs
     /// the `real-servers` feature.
     pub kafka_brokers: Option<String>,
+    /// PostgreSQL (`postgres://user@host/db`): where the order service keeps its orders,
+    /// outbox and saga log. Needs the `real-servers` feature.
+    pub postgres_url: Option<String>,
+    /// The schema of the order service's tables (its saga log goes in `<schema>_sagas`).
+    pub postgres_schema: String,
     /// Redis (`redis://127.0.0.1:6379`): where the cart service keeps carts, in both
     /// modes; its embedded store when absent.
     pub redis_url: Option<String>,
@@ -165,6 +170,8 @@ impl Default for ShopConfig {
             kafka_brokers: None,
             advertise_host: None,
             event_prefix: String::new(),
+            postgres_url: None,
+            postgres_schema: "shop_orders".to_owned(),
             redis_url: None,
             redis_prefix: "shop:".to_owned(),
         }
@@ -249,13 +256,54 @@ fn store(config: &ShopConfig, service: &str) -> anyhow::Result<Store> {
     }
 }
 
-/// The order sagas' log: a redb file beside the order store, so that a process killed
-/// mid-checkout finishes its sagas when it starts again; in memory without a data dir.
-fn saga_log(config: &ShopConfig) -> anyhow::Result<Arc<dyn SagaLog>> {
-    Ok(match &config.data_dir {
+/// Where the order service keeps its orders, outbox and saga log: PostgreSQL when
+/// configured; else its embedded store with the saga log in a redb file beside it (so a
+/// process killed mid-checkout finishes its sagas when it starts again), or in memory
+/// without a data dir.
+async fn order_storage(
+    config: &ShopConfig,
+    infra: &Infra,
+) -> anyhow::Result<(Ledger, Arc<dyn SagaLog>)> {
+    if let Some(url) = &config.postgres_url {
+        return postgres_order_storage(config, infra, url).await;
+    }
+    let sink = Arc::new(BusSink::new(infra.publisher.clone(), config.order_events()));
+    let ledger = Ledger::embedded(store(config, "order")?, sink);
+    let sagas: Arc<dyn SagaLog> = match &config.data_dir {
         Some(dir) => Arc::new(EmbeddedSagaLog::open(dir.join("order-sagas.redb"))?),
         None => Arc::new(MemorySagaLog::new()),
-    })
+    };
+    Ok((ledger, sagas))
+}
+
+#[cfg(feature = "real-servers")]
+async fn postgres_order_storage(
+    config: &ShopConfig,
+    infra: &Infra,
+    url: &str,
+) -> anyhow::Result<(Ledger, Arc<dyn SagaLog>)> {
+    let schema = &config.postgres_schema;
+    let ledger =
+        Ledger::postgres(url, schema, infra.publisher.clone(), config.order_events()).await?;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::error!(%error, "the saga log's PostgreSQL connection failed");
+        }
+    });
+    let sagas =
+        micro_saga::log::PostgresSagaLog::with_schema(Arc::new(client), format!("{schema}_sagas"))?;
+    sagas.install().await?;
+    Ok((ledger, Arc::new(sagas)))
+}
+
+#[cfg(not(feature = "real-servers"))]
+async fn postgres_order_storage(
+    _config: &ShopConfig,
+    _infra: &Infra,
+    _url: &str,
+) -> anyhow::Result<(Ledger, Arc<dyn SagaLog>)> {
+    anyhow::bail!("orders in PostgreSQL need the shop built with `--features real-servers`")
 }
 
 /// The gateway's YAML with the token secret put in.
@@ -434,12 +482,8 @@ async fn add(
                 payments: client(discover, "payment-service")?,
                 inventory: client(discover, "inventory-service")?,
             };
-            let orders = Orders::new(
-                store(config, "order")?,
-                saga_log(config)?,
-                upstreams,
-                Arc::new(BusSink::new(infra.publisher.clone(), config.order_events())),
-            )?;
+            let (ledger, sagas) = order_storage(config, infra).await?;
+            let orders = Orders::new(ledger, sagas, upstreams)?;
             handles.orders = Some(orders.clone());
             hosted(builder, infra, config, orders, listen.order).await?
         }

@@ -30,20 +30,17 @@ use micro_saga::{
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokio::sync::Notify;
 
 use crate::api::{ApiError, Body, IdempotencyKey, UserId, USER_ID_HEADER};
 use crate::cart::{CartView, Line};
 use crate::catalog::Money;
-use crate::events::{EventSink, OrderEvent};
+use crate::events::OrderEvent;
 use crate::inventory::Item;
 use crate::payment::Payment;
-use crate::store::{Store, Tx};
 
-const ORDERS: &str = "orders";
-const BY_KEY: &str = "orders-by-key";
-const OUTBOX: &str = "outbox";
-const META: &str = "meta";
+mod ledger;
+
+pub use self::ledger::Ledger;
 
 /// Where an order is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -208,86 +205,6 @@ struct Inner {
     orchestrator: Orchestrator,
     saga: SagaDefinition<Checkout>,
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    sink: Arc<dyn EventSink>,
-}
-
-/// The order store with its outbox: every change of an order and its events are written
-/// in one transaction.
-#[derive(Debug, Clone)]
-struct Ledger {
-    store: Store,
-    wake: Arc<Notify>,
-}
-
-impl Ledger {
-    fn append_events(tx: &mut Tx<'_>, events: Vec<(String, OrderEvent)>) -> anyhow::Result<()> {
-        let mut next: u64 = tx.get(META, "outbox-seq")?.unwrap_or(0);
-        for (id, event) in events {
-            let envelope = event.envelope(&id)?;
-            tx.put(OUTBOX, &format!("{next:020}"), &envelope)?;
-            next += 1;
-        }
-        tx.put(META, "outbox-seq", &next)
-    }
-
-    /// Applies `change` to the order, writing the order and the events it returns
-    /// together. A change that returns `None` writes nothing.
-    fn update(
-        &self,
-        order_id: &str,
-        change: impl FnOnce(&mut Order) -> Option<Vec<(String, OrderEvent)>>,
-    ) -> anyhow::Result<Option<Order>> {
-        let written = self.store.write(|tx| {
-            let Some(mut order) = tx.get::<Order>(ORDERS, order_id)? else {
-                return Ok(None);
-            };
-            let Some(events) = change(&mut order) else {
-                return Ok(Some(order));
-            };
-            tx.put(ORDERS, order_id, &order)?;
-            Self::append_events(tx, events)?;
-            Ok(Some(order))
-        })?;
-        self.wake.notify_one();
-        Ok(written)
-    }
-
-    /// Moves the order to `to` with its event, unless it is there already (a step run
-    /// again after a crash) or the move is illegal (logged).
-    fn moved(
-        &self,
-        order_id: &str,
-        to: OrderStatus,
-        reason: &str,
-        event: Option<(String, OrderEvent)>,
-        payment_id: Option<&str>,
-    ) -> anyhow::Result<()> {
-        self.update(order_id, |order| {
-            if order.status == to {
-                return None;
-            }
-            if let Err(error) = order.transition(to, reason) {
-                tracing::warn!(order_id, %error, "status change refused");
-                return None;
-            }
-            if let Some(id) = payment_id {
-                order.payment_id = Some(id.to_owned());
-            }
-            Some(event.into_iter().collect())
-        })?;
-        Ok(())
-    }
-
-    fn event(&self, id: String, event: OrderEvent) -> anyhow::Result<()> {
-        self.store
-            .write(|tx| Self::append_events(tx, vec![(id, event)]))?;
-        self.wake.notify_one();
-        Ok(())
-    }
-
-    fn order(&self, order_id: &str) -> anyhow::Result<Option<Order>> {
-        self.store.get(ORDERS, order_id)
-    }
 }
 
 /// A call's failure as a saga step error: a `4xx` answer is final, the rest may pass.
@@ -359,6 +276,7 @@ fn order_saga(
                                     Some((id, event)),
                                     Some(&payment.id),
                                 )
+                                .await
                                 .map_err(|e| StepError::retryable(e.to_string()))?;
                             StepOutput::json(&payment.id)
                         }
@@ -371,6 +289,7 @@ fn order_saga(
                                 };
                                 ledger
                                     .event(id, event)
+                                    .await
                                     .map_err(|e| StepError::retryable(e.to_string()))?;
                             }
                             Err(failure)
@@ -399,6 +318,7 @@ fn order_saga(
                     };
                     ledger
                         .event(format!("{}:refund", cx.idempotency_key()), event)
+                        .await
                         .map_err(|e| StepError::retryable(e.to_string()))?;
                     Ok(())
                 }
@@ -426,6 +346,7 @@ fn order_saga(
                         Ok(_) => {
                             ledger
                                 .event(id, OrderEvent::InventoryReserved { order_id })
+                                .await
                                 .map_err(|e| StepError::retryable(e.to_string()))?;
                             Ok(StepOutput::empty())
                         }
@@ -438,6 +359,7 @@ fn order_saga(
                                 };
                                 ledger
                                     .event(id, event)
+                                    .await
                                     .map_err(|e| StepError::retryable(e.to_string()))?;
                             }
                             Err(failure)
@@ -480,6 +402,7 @@ fn order_saga(
                         None,
                         None,
                     )
+                    .await
                     .map_err(|e| StepError::retryable(e.to_string()))?;
                 Ok(StepOutput::empty())
             }
@@ -489,6 +412,7 @@ fn order_saga(
             async move {
                 let order = ledger
                     .order(&cx.data().order_id)
+                    .await
                     .map_err(|e| StepError::retryable(e.to_string()))?
                     .ok_or_else(|| StepError::permanent("the order is gone"))?;
                 let event = OrderEvent::OrderConfirmed {
@@ -498,6 +422,7 @@ fn order_saga(
                 };
                 ledger
                     .event(cx.idempotency_key().to_owned(), event)
+                    .await
                     .map_err(|e| StepError::retryable(e.to_string()))?;
                 Ok(StepOutput::empty())
             }
@@ -506,17 +431,12 @@ fn order_saga(
 }
 
 impl Orders {
-    /// The service: orders in `store`, sagas in `saga_log`, events to `sink`.
+    /// The service: orders and their outbox in `ledger`, sagas in `saga_log`.
     pub fn new(
-        store: Store,
+        ledger: Ledger,
         saga_log: Arc<dyn SagaLog>,
         upstreams: Upstreams,
-        sink: Arc<dyn EventSink>,
     ) -> anyhow::Result<Self> {
-        let ledger = Ledger {
-            store,
-            wake: Arc::new(Notify::new()),
-        };
         let saga = order_saga(ledger.clone(), upstreams.clone())?;
         let orchestrator = Orchestrator::builder(saga_log).definition(&saga).build()?;
         Ok(Self {
@@ -526,36 +446,26 @@ impl Orders {
                 orchestrator,
                 saga,
                 relay: std::sync::Mutex::new(None),
-                sink,
             }),
         })
     }
 
     /// The order with this id.
-    pub fn order(&self, order_id: &str) -> anyhow::Result<Option<Order>> {
-        self.inner.ledger.order(order_id)
+    pub async fn order(&self, order_id: &str) -> anyhow::Result<Option<Order>> {
+        self.inner.ledger.order(order_id).await
     }
 
     /// Every order, for the shop's invariant checks.
-    pub fn all(&self) -> anyhow::Result<Vec<Order>> {
-        Ok(self
-            .inner
-            .ledger
-            .store
-            .list::<Order>(ORDERS, "")?
-            .into_iter()
-            .map(|(_, o)| o)
-            .collect())
+    pub async fn all(&self) -> anyhow::Result<Vec<Order>> {
+        self.inner.ledger.all().await
     }
 
     /// Places an order from the user's cart, once per idempotency key.
     pub async fn place(&self, user: &str, key: &str, card_number: &str) -> Result<Order, ApiError> {
         let index = format!("{user}/{key}");
         let ledger = &self.inner.ledger;
-        if let Some(id) = ledger.store.get::<String>(BY_KEY, &index)? {
-            if let Some(order) = ledger.order(&id)? {
-                return Ok(order);
-            }
+        if let Some(order) = ledger.by_key(&index).await? {
+            return Ok(order);
         }
         let cart: CartView = self
             .inner
@@ -603,27 +513,20 @@ impl Orders {
                 })
                 .collect(),
         };
-        let placed = ledger.store.write(|tx| {
-            // Two requests with one key may race: the first to commit wins.
-            if let Some(existing) = tx.get::<String>(BY_KEY, &index)? {
-                return Ok(tx.get::<Order>(ORDERS, &existing)?.map(|o| (o, None)));
-            }
-            tx.put(ORDERS, &id, &order)?;
-            tx.put(BY_KEY, &index, &id)?;
-            tx.put("checkouts", &id, &checkout)?;
-            let created = OrderEvent::OrderCreated {
-                order_id: id.clone(),
-                user_id: user.to_owned(),
-                total: total.clone(),
-            };
-            Ledger::append_events(tx, vec![(format!("{id}:created"), created)])?;
-            Ok(Some((order.clone(), Some(checkout.clone()))))
-        })?;
-        ledger.wake.notify_one();
-        let Some((order, checkout)) = placed else {
-            return Err(anyhow::anyhow!("an order index points nowhere").into());
+        let created = OrderEvent::OrderCreated {
+            order_id: id.clone(),
+            user_id: user.to_owned(),
+            total: total.clone(),
         };
-        if let Some(checkout) = checkout {
+        let (order, new) = ledger
+            .place(
+                &index,
+                &order,
+                &checkout,
+                vec![(format!("{id}:created"), created)],
+            )
+            .await?;
+        if new {
             let cleared = self
                 .inner
                 .upstreams
@@ -652,7 +555,7 @@ impl Orders {
                 let this = self.clone();
                 tokio::spawn(async move {
                     match handle.finished().await {
-                        Ok(saga) => this.settle(&saga),
+                        Ok(saga) => this.settle(&saga).await,
                         Err(error) => tracing::error!(%error, order_id, "the order saga stopped"),
                     }
                 });
@@ -664,7 +567,7 @@ impl Orders {
     }
 
     /// Moves the order to where its finished saga says.
-    fn settle(&self, saga: &SagaInstance) {
+    async fn settle(&self, saga: &SagaInstance) {
         let order_id = saga.id();
         let reason = saga
             .steps()
@@ -675,23 +578,31 @@ impl Orders {
             .to_owned();
         let ledger = &self.inner.ledger;
         let result = match saga.status() {
-            SagaStatus::Compensated => ledger.update(order_id, |order| {
-                order
-                    .transition(OrderStatus::Cancelled, reason.clone())
-                    .ok()?;
-                let event = OrderEvent::OrderCancelled {
-                    order_id: order.id.clone(),
-                    user_id: order.user_id.clone(),
-                    reason: reason.clone(),
-                };
-                Some(vec![(format!("{order_id}:cancelled"), event)])
-            }),
-            SagaStatus::Failed => ledger.update(order_id, |order| {
-                order
-                    .transition(OrderStatus::RequiresAttention, reason.clone())
-                    .ok()?;
-                Some(Vec::new())
-            }),
+            SagaStatus::Compensated => {
+                ledger
+                    .update(order_id, |order| {
+                        order
+                            .transition(OrderStatus::Cancelled, reason.clone())
+                            .ok()?;
+                        let event = OrderEvent::OrderCancelled {
+                            order_id: order.id.clone(),
+                            user_id: order.user_id.clone(),
+                            reason: reason.clone(),
+                        };
+                        Some(vec![(format!("{order_id}:cancelled"), event)])
+                    })
+                    .await
+            }
+            SagaStatus::Failed => {
+                ledger
+                    .update(order_id, |order| {
+                        order
+                            .transition(OrderStatus::RequiresAttention, reason.clone())
+                            .ok()?;
+                        Some(Vec::new())
+                    })
+                    .await
+            }
             _ => Ok(None),
         };
         if let Err(error) = result {
@@ -707,24 +618,21 @@ impl Orders {
             let this = self.clone();
             tokio::spawn(async move {
                 if let Ok(saga) = handle.finished().await {
-                    this.settle(&saga);
+                    this.settle(&saga).await;
                 }
             });
         }
-        for order in self.all()? {
+        for order in self.all().await? {
             if order.status.is_final() {
                 continue;
             }
             match self.inner.orchestrator.saga(&order.id).await? {
-                Some(record) if record.status.is_terminal() => self.settle(&record.instance()?),
+                Some(record) if record.status.is_terminal() => {
+                    self.settle(&record.instance()?).await
+                }
                 Some(_) => {}
                 None => {
-                    if let Some(checkout) = self
-                        .inner
-                        .ledger
-                        .store
-                        .get::<Checkout>("checkouts", &order.id)?
-                    {
+                    if let Some(checkout) = self.inner.ledger.checkout(&order.id).await? {
                         self.start_saga(checkout).await?;
                     }
                 }
@@ -735,7 +643,7 @@ impl Orders {
 
     /// Cancels a confirmed order: refunds it and returns its stock.
     pub async fn cancel(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
-        let order = self.owned(user, order_id)?;
+        let order = self.owned(user, order_id).await?;
         match order.status {
             OrderStatus::Pending | OrderStatus::Paid => {
                 return Err(ApiError::conflict(
@@ -790,71 +698,45 @@ impl Orders {
                 )
             })?;
         let reason = "cancelled by the customer".to_owned();
-        let cancelled = self.inner.ledger.update(order_id, |order| {
-            order
-                .transition(OrderStatus::Cancelled, reason.clone())
-                .ok()?;
-            Some(vec![
-                (
-                    format!("{key}:refund"),
-                    OrderEvent::PaymentRefunded {
-                        order_id: order.id.clone(),
-                        payment_id: payment_id.clone(),
-                    },
-                ),
-                (
-                    format!("{order_id}:cancelled"),
-                    OrderEvent::OrderCancelled {
-                        order_id: order.id.clone(),
-                        user_id: order.user_id.clone(),
-                        reason: reason.clone(),
-                    },
-                ),
-            ])
-        })?;
+        let cancelled = self
+            .inner
+            .ledger
+            .update(order_id, |order| {
+                order
+                    .transition(OrderStatus::Cancelled, reason.clone())
+                    .ok()?;
+                Some(vec![
+                    (
+                        format!("{key}:refund"),
+                        OrderEvent::PaymentRefunded {
+                            order_id: order.id.clone(),
+                            payment_id: payment_id.clone(),
+                        },
+                    ),
+                    (
+                        format!("{order_id}:cancelled"),
+                        OrderEvent::OrderCancelled {
+                            order_id: order.id.clone(),
+                            user_id: order.user_id.clone(),
+                            reason: reason.clone(),
+                        },
+                    ),
+                ])
+            })
+            .await?;
         cancelled.ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))
     }
 
-    fn owned(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
-        self.order(order_id)?
+    async fn owned(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
+        self.order(order_id)
+            .await?
             .filter(|o| o.user_id == user)
             .ok_or_else(|| ApiError::not_found("order_not_found", format!("no order `{order_id}`")))
     }
 
-    /// Delivers the outbox in order, forever; each event is removed once delivered.
-    async fn relay(self) {
-        let ledger = self.inner.ledger.clone();
-        loop {
-            let pending = ledger
-                .store
-                .list::<micro_events::Event<OrderEvent>>(OUTBOX, "");
-            match pending {
-                Ok(pending) => {
-                    for (seq, event) in pending {
-                        if let Err(error) = self.inner.sink.deliver(&event).await {
-                            tracing::warn!(%error, "an order event was not delivered; retrying");
-                            break;
-                        }
-                        if let Err(error) = ledger.store.write(|tx| tx.delete(OUTBOX, &seq)) {
-                            tracing::error!(%error, "a delivered event stays in the outbox");
-                            break;
-                        }
-                    }
-                }
-                Err(error) => tracing::error!(%error, "the outbox cannot be read"),
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(500), ledger.wake.notified()).await;
-        }
-    }
-
-    /// Events written but not yet delivered.
-    pub fn undelivered(&self) -> anyhow::Result<usize> {
-        Ok(self
-            .inner
-            .ledger
-            .store
-            .list::<serde_json::Value>(OUTBOX, "")?
-            .len())
+    /// Events written but not yet published.
+    pub async fn undelivered(&self) -> anyhow::Result<usize> {
+        self.inner.ledger.undelivered().await
     }
 }
 
@@ -881,7 +763,8 @@ async fn list(
     Query(query): Query<ListOrders>,
 ) -> Result<Json<Vec<Order>>, ApiError> {
     let mut mine: Vec<Order> = orders
-        .all()?
+        .all()
+        .await?
         .into_iter()
         .filter(|o| o.user_id == user && query.status.is_none_or(|s| o.status == s))
         .collect();
@@ -894,7 +777,7 @@ async fn show(
     UserId(user): UserId,
     Path(order_id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
-    orders.owned(&user, &order_id).map(Json)
+    orders.owned(&user, &order_id).await.map(Json)
 }
 
 async fn cancel(
@@ -923,7 +806,7 @@ impl Service for Orders {
     }
 
     async fn start(&self) -> Result<(), BoxError> {
-        let relay = tokio::spawn(self.clone().relay());
+        let relay = tokio::spawn(self.inner.ledger.clone().relay());
         *self.inner.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
         // Recovery calls the other services, which may still be starting: run it aside.
         let this = self.clone();

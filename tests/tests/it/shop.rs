@@ -174,7 +174,7 @@ impl TestShop {
     /// The shop's invariants: stock is conserved, and every captured payment belongs to
     /// a confirmed order (refunds for the rest), and the outbox drains.
     async fn check_invariants(&self) {
-        let orders = self.shop.orders.all().unwrap();
+        let orders = self.shop.orders.all().await.unwrap();
         for (sku, stock) in self.shop.inventory.levels().unwrap() {
             let initial = if sku == "SKU-OOS" { 0 } else { INITIAL_STOCK };
             assert_eq!(
@@ -214,7 +214,7 @@ impl TestShop {
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.shop.orders.undelivered().unwrap() > 0 {
+        while self.shop.orders.undelivered().await.unwrap() > 0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the outbox does not drain"

@@ -1,6 +1,7 @@
 //! The shop as separate processes (`shop serve <service>`) on the real servers: services
-//! register in etcd and find each other there; order events go through Kafka (tansu);
-//! carts are kept in Redis.
+//! register in etcd and find each other there; order events go through Kafka (tansu)
+//! from a PostgreSQL outbox; orders and order sagas are kept in PostgreSQL, carts in
+//! Redis.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -59,6 +60,13 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     let etcd = server("MICRO_TEST_ETCD_ENDPOINT", "http://127.0.0.1:23790");
     let kafka = server("MICRO_TEST_KAFKA_BROKERS", "127.0.0.1:19092");
     let redis = server("MICRO_TEST_REDIS_URL", "redis://127.0.0.1:6379");
+    let postgres = std::env::var("MICRO_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:5432").is_ok()
+            || postgres.contains('@') && !postgres.contains("127.0.0.1:5432"),
+        "PostgreSQL ({postgres}) is unreachable"
+    );
     let data = tempfile::tempdir().unwrap();
     let unique = format!(
         "{}-{}",
@@ -68,6 +76,7 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
             .unwrap()
             .as_nanos()
     );
+    let schema = format!("shop_test_{}", unique.replace('-', "_"));
     let env = vec![
         ("SHOP_DATA_DIR", data.path().display().to_string()),
         ("SHOP_ETCD_ENDPOINTS", etcd),
@@ -78,6 +87,10 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         // Carts in the real Redis, under keys of this run's own.
         ("SHOP_REDIS_URL", redis),
         ("SHOP_REDIS_PREFIX", format!("shop-test-{unique}:")),
+        // Orders, their outbox and the order sagas in the real PostgreSQL, in schemas of
+        // this run's own.
+        ("SHOP_POSTGRES_URL", postgres.clone()),
+        ("SHOP_POSTGRES_SCHEMA", schema.clone()),
         // Longer than the order saga's charge timeout, so the timeout card times out.
         ("SHOP_PAYMENT_HANG", "10s".to_owned()),
     ];
@@ -234,6 +247,23 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(processes);
+
+    // The orders were in PostgreSQL: the schema holds them. Then it goes.
+    let (client, connection) = tokio_postgres::connect(&postgres, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(&format!("SELECT count(*) FROM {schema}.orders"), &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, i64>(0) >= 7, "the orders are in PostgreSQL");
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA {schema} CASCADE; DROP SCHEMA {schema}_sagas CASCADE;"
+        ))
+        .await
+        .unwrap();
 }
 
 /// For every SKU, available + reserved + committed is the starting stock, and nothing
