@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the shop as one process per service on the real servers: etcd for discovery and
-# tansu (Kafka) for events, both installed and started by scripts/servers.sh.
+# Runs the shop as one process per service on the real servers: etcd for discovery,
+# tansu (Kafka) for events (both installed and started by scripts/servers.sh), PostgreSQL
+# for users and orders, Redis for carts.
 #
 # Usage: bash scripts/shop-multiprocess.sh      (Ctrl-C stops every process)
 # Data goes to target/shop-multiprocess/; logs to target/shop-multiprocess/<service>.log.
@@ -19,6 +20,8 @@ mkdir -p "$data"
 export SHOP_DATA_DIR="$data"
 export SHOP_ETCD_ENDPOINTS="$MICRO_TEST_ETCD_ENDPOINT"
 export SHOP_KAFKA_BROKERS="$MICRO_TEST_KAFKA_BROKERS"
+export SHOP_POSTGRES_URL="${SHOP_POSTGRES_URL:-$MICRO_TEST_POSTGRES_URL}"
+export SHOP_REDIS_URL="${SHOP_REDIS_URL:-$MICRO_TEST_REDIS_URL}"
 export SHOP_ETCD_PREFIX="${SHOP_ETCD_PREFIX:-/micro/shop/}"
 
 pids=()

@@ -35,7 +35,7 @@ use crate::notification::Notifications;
 use crate::order::{Ledger, Orders, Upstreams};
 use crate::payment::Payments;
 use crate::store::Store;
-use crate::user::Users;
+use crate::user::{UserStore, Users};
 
 /// The gateway configuration the shop ships with.
 pub const GATEWAY_YAML: &str = include_str!("../config/gateway.yaml");
@@ -76,7 +76,9 @@ pub struct ShopConfig {
     /// PostgreSQL (`postgres://user@host/db`): where the order service keeps its orders,
     /// outbox and saga log. Needs the `real-servers` feature.
     pub postgres_url: Option<String>,
-    /// The schema of the order service's tables (its saga log goes in `<schema>_sagas`).
+    /// The prefix of the services' schemas in PostgreSQL: users in `<prefix>_users`,
+    /// orders and their outbox in `<prefix>_orders`, order sagas in
+    /// `<prefix>_order_sagas`.
     pub postgres_schema: String,
     /// Redis (`redis://127.0.0.1:6379`): where the cart service keeps carts, in both
     /// modes; its embedded store when absent.
@@ -171,7 +173,7 @@ impl Default for ShopConfig {
             advertise_host: None,
             event_prefix: String::new(),
             postgres_url: None,
-            postgres_schema: "shop_orders".to_owned(),
+            postgres_schema: "shop".to_owned(),
             redis_url: None,
             redis_prefix: "shop:".to_owned(),
         }
@@ -282,19 +284,36 @@ async fn postgres_order_storage(
     infra: &Infra,
     url: &str,
 ) -> anyhow::Result<(Ledger, Arc<dyn SagaLog>)> {
-    let schema = &config.postgres_schema;
-    let ledger =
-        Ledger::postgres(url, schema, infra.publisher.clone(), config.order_events()).await?;
+    let prefix = &config.postgres_schema;
+    let ledger = Ledger::postgres(
+        url,
+        &format!("{prefix}_orders"),
+        infra.publisher.clone(),
+        config.order_events(),
+    )
+    .await?;
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::error!(%error, "the saga log's PostgreSQL connection failed");
         }
     });
-    let sagas =
-        micro_saga::log::PostgresSagaLog::with_schema(Arc::new(client), format!("{schema}_sagas"))?;
+    let sagas = micro_saga::log::PostgresSagaLog::with_schema(
+        Arc::new(client),
+        format!("{prefix}_order_sagas"),
+    )?;
     sagas.install().await?;
     Ok((ledger, Arc::new(sagas)))
+}
+
+#[cfg(feature = "real-servers")]
+async fn user_store_in_postgres(config: &ShopConfig, url: &str) -> anyhow::Result<UserStore> {
+    UserStore::postgres(url, &format!("{}_users", config.postgres_schema)).await
+}
+
+#[cfg(not(feature = "real-servers"))]
+async fn user_store_in_postgres(_config: &ShopConfig, _url: &str) -> anyhow::Result<UserStore> {
+    anyhow::bail!("users in PostgreSQL need the shop built with `--features real-servers`")
 }
 
 #[cfg(not(feature = "real-servers"))]
@@ -434,11 +453,11 @@ async fn add(
     let discover = &infra.discover;
     Ok(match name {
         "user" => {
-            let users = Users::new(
-                store(config, "user")?,
-                &config.jwt_secret,
-                config.token_lifetime,
-            );
+            let users_store = match &config.postgres_url {
+                Some(url) => user_store_in_postgres(config, url).await?,
+                None => UserStore::Embedded(store(config, "user")?),
+            };
+            let users = Users::new(users_store, &config.jwt_secret, config.token_lifetime);
             hosted(builder, infra, config, users, listen.user).await?
         }
         "product" => hosted(builder, infra, config, Catalog::seeded(), listen.product).await?,

@@ -149,6 +149,40 @@ impl Tx<'_> {
     }
 }
 
+/// Connections to PostgreSQL for the services that keep their data there.
+#[cfg(feature = "real-servers")]
+pub mod postgres {
+    use anyhow::Context as _;
+    use tokio_postgres::{Client, NoTls};
+
+    /// Connects to `url` and creates `schema` if it is missing; the connection runs in a
+    /// task of its own.
+    ///
+    /// # Errors
+    ///
+    /// When PostgreSQL cannot be reached, or `schema` is not a plain lowercase name.
+    pub async fn connect(url: &str, schema: &str) -> anyhow::Result<Client> {
+        let plain = !schema.is_empty()
+            && !schema.starts_with(|c: char| c.is_ascii_digit())
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        anyhow::ensure!(plain, "`{schema}` is not a plain lowercase schema name");
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .context("connecting to PostgreSQL")?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::error!(%error, "a PostgreSQL connection failed");
+            }
+        });
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .await?;
+        Ok(client)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,10 +91,119 @@ struct Claims<'a> {
     scope: &'a str,
 }
 
+/// Where users are kept: the service's embedded store, or PostgreSQL.
+#[derive(Clone)]
+pub enum UserStore {
+    /// The service's own embedded store.
+    Embedded(Store),
+    /// A `users` table in PostgreSQL (feature `real-servers`).
+    #[cfg(feature = "real-servers")]
+    Postgres {
+        /// The connection.
+        client: std::sync::Arc<tokio_postgres::Client>,
+        /// The schema of the table.
+        schema: String,
+    },
+}
+
+impl std::fmt::Debug for UserStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded(store) => f.debug_tuple("Embedded").field(store).finish(),
+            #[cfg(feature = "real-servers")]
+            Self::Postgres { schema, .. } => {
+                f.debug_struct("Postgres").field("schema", schema).finish()
+            }
+        }
+    }
+}
+
+impl UserStore {
+    /// Users in PostgreSQL at `url`, in `schema` (created if missing).
+    ///
+    /// # Errors
+    ///
+    /// When PostgreSQL cannot be reached or the schema is not a plain name.
+    #[cfg(feature = "real-servers")]
+    pub async fn postgres(url: &str, schema: &str) -> anyhow::Result<Self> {
+        let client = crate::store::postgres::connect(url, schema).await?;
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.users (
+                     id text PRIMARY KEY,
+                     email text NOT NULL UNIQUE,
+                     doc jsonb NOT NULL
+                 )"
+            ))
+            .await?;
+        Ok(Self::Postgres {
+            client: std::sync::Arc::new(client),
+            schema: schema.to_owned(),
+        })
+    }
+
+    /// Adds a user unless the email is taken; whether it was added.
+    async fn insert(&self, stored: &Stored) -> anyhow::Result<bool> {
+        match self {
+            Self::Embedded(store) => store.write(|tx| {
+                if tx.get::<String>(BY_EMAIL, &stored.profile.email)?.is_some() {
+                    return Ok(false);
+                }
+                tx.put(USERS, &stored.profile.id, stored)?;
+                tx.put(BY_EMAIL, &stored.profile.email, &stored.profile.id)?;
+                Ok(true)
+            }),
+            #[cfg(feature = "real-servers")]
+            Self::Postgres { client, schema } => Ok(client
+                .execute(
+                    &format!(
+                        "INSERT INTO {schema}.users (id, email, doc) VALUES ($1, $2, $3)
+                         ON CONFLICT (email) DO NOTHING"
+                    ),
+                    &[
+                        &stored.profile.id,
+                        &stored.profile.email,
+                        &serde_json::to_value(stored)?,
+                    ],
+                )
+                .await?
+                == 1),
+        }
+    }
+
+    async fn find(&self, by_email: bool, value: &str) -> anyhow::Result<Option<Stored>> {
+        match self {
+            Self::Embedded(store) => {
+                let id = if by_email {
+                    match store.get::<String>(BY_EMAIL, value)? {
+                        Some(id) => id,
+                        None => return Ok(None),
+                    }
+                } else {
+                    value.to_owned()
+                };
+                store.get(USERS, &id)
+            }
+            #[cfg(feature = "real-servers")]
+            Self::Postgres { client, schema } => {
+                let column = if by_email { "email" } else { "id" };
+                let row = client
+                    .query_opt(
+                        &format!("SELECT doc FROM {schema}.users WHERE {column} = $1"),
+                        &[&value],
+                    )
+                    .await?;
+                row.map(|r| Ok(serde_json::from_value(r.get(0))?))
+                    .transpose()
+            }
+        }
+    }
+}
+
 /// The user service.
 #[derive(Clone)]
 pub struct Users {
-    store: Store,
+    store: UserStore,
     key: EncodingKey,
     lifetime: Duration,
 }
@@ -124,7 +233,7 @@ fn iterations() -> NonZeroU32 {
 
 impl Users {
     /// The service over `store`, signing tokens that live `lifetime` with `secret`.
-    pub fn new(store: Store, secret: &str, lifetime: Duration) -> Self {
+    pub fn new(store: UserStore, secret: &str, lifetime: Duration) -> Self {
         Self {
             store,
             key: EncodingKey::from_secret(secret.as_bytes()),
@@ -133,7 +242,7 @@ impl Users {
     }
 
     /// Registers a user.
-    pub fn register(&self, request: &Register) -> Result<Profile, ApiError> {
+    pub async fn register(&self, request: &Register) -> Result<Profile, ApiError> {
         let email = request.email.trim().to_lowercase();
         let valid_email = email.len() <= 254
             && email
@@ -160,14 +269,21 @@ impl Users {
         }
         let mut salt = [0u8; 16];
         rand::fill(&mut salt).map_err(|_| anyhow::anyhow!("no randomness"))?;
-        let mut hash = [0u8; 32];
-        pbkdf2::derive(
-            pbkdf2::PBKDF2_HMAC_SHA256,
-            iterations(),
-            &salt,
-            request.password.as_bytes(),
-            &mut hash,
-        );
+        let password = request.password.clone();
+        // Hashing takes milliseconds of CPU: keep it off the async workers.
+        let hash = tokio::task::spawn_blocking(move || {
+            let mut hash = [0u8; 32];
+            pbkdf2::derive(
+                pbkdf2::PBKDF2_HMAC_SHA256,
+                iterations(),
+                &salt,
+                password.as_bytes(),
+                &mut hash,
+            );
+            hash
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
         let stored = Stored {
             profile: Profile {
                 id: format!("usr-{}", uuid::Uuid::new_v4().simple()),
@@ -177,23 +293,17 @@ impl Users {
             salt: hex(&salt),
             hash: hex(&hash),
         };
-        self.store
-            .write(|tx| {
-                if tx.get::<String>(BY_EMAIL, &email)?.is_some() {
-                    return Ok(Err(ApiError::conflict(
-                        "email_taken",
-                        "a user with this email exists",
-                    )));
-                }
-                tx.put(USERS, &stored.profile.id, &stored)?;
-                tx.put(BY_EMAIL, &email, &stored.profile.id)?;
-                Ok(Ok(stored.profile.clone()))
-            })
-            .map_err(ApiError::from)?
+        if !self.store.insert(&stored).await? {
+            return Err(ApiError::conflict(
+                "email_taken",
+                "a user with this email exists",
+            ));
+        }
+        Ok(stored.profile)
     }
 
     /// Checks a password and issues a token.
-    pub fn login(&self, request: &Login) -> Result<Token, ApiError> {
+    pub async fn login(&self, request: &Login) -> Result<Token, ApiError> {
         let refused = || {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -202,23 +312,25 @@ impl Users {
             )
         };
         let email = request.email.trim().to_lowercase();
-        let Some(id) = self.store.get::<String>(BY_EMAIL, &email)? else {
-            return Err(refused());
-        };
-        let Some(stored) = self.store.get::<Stored>(USERS, &id)? else {
+        let Some(stored) = self.store.find(true, &email).await? else {
             return Err(refused());
         };
         let (Some(salt), Some(hash)) = (unhex(&stored.salt), unhex(&stored.hash)) else {
             return Err(anyhow::anyhow!("a stored password hash is corrupt").into());
         };
-        pbkdf2::verify(
-            pbkdf2::PBKDF2_HMAC_SHA256,
-            iterations(),
-            &salt,
-            request.password.as_bytes(),
-            &hash,
-        )
-        .map_err(|_| refused())?;
+        let password = request.password.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            pbkdf2::verify(
+                pbkdf2::PBKDF2_HMAC_SHA256,
+                iterations(),
+                &salt,
+                password.as_bytes(),
+                &hash,
+            )
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+        verified.map_err(|_| refused())?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|e| anyhow::anyhow!(e))?
@@ -242,9 +354,10 @@ impl Users {
     }
 
     /// The profile of a user.
-    pub fn profile(&self, id: &str) -> Result<Profile, ApiError> {
+    pub async fn profile(&self, id: &str) -> Result<Profile, ApiError> {
         self.store
-            .get::<Stored>(USERS, id)?
+            .find(false, id)
+            .await?
             .map(|s| s.profile)
             .ok_or_else(|| ApiError::not_found("user_not_found", "no such user"))
     }
@@ -254,10 +367,7 @@ async fn register(
     State(users): State<Users>,
     Body(request): Body<Register>,
 ) -> Result<(StatusCode, Json<Profile>), ApiError> {
-    // Hashing takes milliseconds of CPU: keep it off the async workers.
-    let profile = tokio::task::spawn_blocking(move || users.register(&request))
-        .await
-        .map_err(|e| anyhow::anyhow!(e))??;
+    let profile = users.register(&request).await?;
     Ok((StatusCode::CREATED, Json(profile)))
 }
 
@@ -265,14 +375,11 @@ async fn login(
     State(users): State<Users>,
     Body(request): Body<Login>,
 ) -> Result<Json<Token>, ApiError> {
-    let token = tokio::task::spawn_blocking(move || users.login(&request))
-        .await
-        .map_err(|e| anyhow::anyhow!(e))??;
-    Ok(Json(token))
+    users.login(&request).await.map(Json)
 }
 
 async fn me(State(users): State<Users>, UserId(id): UserId) -> Result<Json<Profile>, ApiError> {
-    users.profile(&id).map(Json)
+    users.profile(&id).await.map(Json)
 }
 
 impl Service for Users {
@@ -297,38 +404,44 @@ impl Service for Users {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_registered_user_logs_in_with_the_right_password_only() {
-        let users = Users::new(
-            Store::in_memory().unwrap(),
-            "secret",
-            Duration::from_secs(60),
-        );
+    fn register(email: &str, password: &str, name: &str) -> Register {
+        Register {
+            email: email.into(),
+            password: password.into(),
+            name: name.into(),
+        }
+    }
+
+    fn login(email: &str, password: &str) -> Login {
+        Login {
+            email: email.into(),
+            password: password.into(),
+        }
+    }
+
+    async fn a_registered_user_logs_in_with_the_right_password_only(store: UserStore) {
+        let users = Users::new(store, "secret", Duration::from_secs(60));
         let profile = users
-            .register(&Register {
-                email: " Alice@Example.com ".into(),
-                password: "correct horse".into(),
-                name: "Alice".into(),
-            })
+            .register(&register(" Alice@Example.com ", "correct horse", "Alice"))
+            .await
             .unwrap();
         assert_eq!(profile.email, "alice@example.com");
-        let again = users.register(&Register {
-            email: "alice@example.com".into(),
-            password: "another one".into(),
-            name: "A".into(),
-        });
+        let again = users
+            .register(&register("alice@example.com", "another one", "A"))
+            .await;
         assert_eq!(again.unwrap_err().code(), "email_taken");
 
-        let wrong = users.login(&Login {
-            email: "alice@example.com".into(),
-            password: "wrong horse".into(),
-        });
+        let wrong = users
+            .login(&login("alice@example.com", "wrong horse"))
+            .await;
         assert_eq!(wrong.unwrap_err().code(), "invalid_credentials");
+        let nobody = users
+            .login(&login("bob@example.com", "correct horse"))
+            .await;
+        assert_eq!(nobody.unwrap_err().code(), "invalid_credentials");
         let token = users
-            .login(&Login {
-                email: "ALICE@example.com".into(),
-                password: "correct horse".into(),
-            })
+            .login(&login("ALICE@example.com", "correct horse"))
+            .await
             .unwrap();
         let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
         validation.set_audience(&[AUDIENCE]);
@@ -337,30 +450,44 @@ mod tests {
         let decoded =
             jsonwebtoken::decode::<serde_json::Value>(&token.token, &key, &validation).unwrap();
         assert_eq!(decoded.claims["sub"], profile.id.as_str());
+        assert_eq!(users.profile(&profile.id).await.unwrap(), profile);
     }
 
-    #[test]
-    fn bad_registrations_are_refused_with_a_reason() {
-        let users = Users::new(
-            Store::in_memory().unwrap(),
-            "secret",
-            Duration::from_secs(60),
-        );
-        let try_register = |email: &str, password: &str, name: &str| {
-            users
-                .register(&Register {
-                    email: email.into(),
-                    password: password.into(),
-                    name: name.into(),
-                })
-                .unwrap_err()
-                .code()
-        };
-        assert_eq!(try_register("nobody", "long enough", "N"), "invalid_email");
-        assert_eq!(try_register("n@example.com", "short", "N"), "weak_password");
-        assert_eq!(
-            try_register("n@example.com", "long enough", " "),
-            "invalid_name"
-        );
+    #[tokio::test]
+    async fn users_in_the_embedded_store() {
+        let store = UserStore::Embedded(Store::in_memory().unwrap());
+        a_registered_user_logs_in_with_the_right_password_only(store).await;
+    }
+
+    #[cfg(feature = "real-servers")]
+    #[tokio::test]
+    async fn users_in_postgres() {
+        let url = std::env::var("MICRO_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = format!("shop_users_test_{}", uuid::Uuid::new_v4().simple());
+        let store = UserStore::postgres(&url, &schema)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e:#}"));
+        a_registered_user_logs_in_with_the_right_password_only(store.clone()).await;
+        if let UserStore::Postgres { client, schema } = store {
+            client
+                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_registrations_are_refused_with_a_reason() {
+        let store = UserStore::Embedded(Store::in_memory().unwrap());
+        let users = Users::new(store, "secret", Duration::from_secs(60));
+        for (email, password, name, code) in [
+            ("nobody", "long enough", "N", "invalid_email"),
+            ("n@example.com", "short", "N", "weak_password"),
+            ("n@example.com", "long enough", " ", "invalid_name"),
+        ] {
+            let refused = users.register(&register(email, password, name)).await;
+            assert_eq!(refused.unwrap_err().code(), code);
+        }
     }
 }

@@ -254,13 +254,14 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         .unwrap();
     tokio::spawn(connection);
     let row = client
-        .query_one(&format!("SELECT count(*) FROM {schema}.orders"), &[])
+        .query_one(&format!("SELECT count(*) FROM {schema}_orders.orders"), &[])
         .await
         .unwrap();
     assert!(row.get::<_, i64>(0) >= 7, "the orders are in PostgreSQL");
     client
         .batch_execute(&format!(
-            "DROP SCHEMA {schema} CASCADE; DROP SCHEMA {schema}_sagas CASCADE;"
+            "DROP SCHEMA {schema}_orders CASCADE; DROP SCHEMA {schema}_order_sagas CASCADE;
+             DROP SCHEMA {schema}_users CASCADE;"
         ))
         .await
         .unwrap();
