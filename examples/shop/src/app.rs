@@ -77,8 +77,8 @@ pub struct ShopConfig {
     /// outbox and saga log. Needs the `real-servers` feature.
     pub postgres_url: Option<String>,
     /// The prefix of the services' schemas in PostgreSQL: users in `<prefix>_users`,
-    /// orders and their outbox in `<prefix>_orders`, order sagas in
-    /// `<prefix>_order_sagas`.
+    /// products in `<prefix>_products`, orders and their outbox in `<prefix>_orders`,
+    /// order sagas in `<prefix>_order_sagas`.
     pub postgres_schema: String,
     /// Redis (`redis://127.0.0.1:6379`): where the cart service keeps carts, in both
     /// modes; its embedded store when absent.
@@ -311,6 +311,17 @@ async fn user_store_in_postgres(config: &ShopConfig, url: &str) -> anyhow::Resul
     UserStore::postgres(url, &format!("{}_users", config.postgres_schema)).await
 }
 
+#[cfg(feature = "real-servers")]
+async fn catalog_in_postgres(config: &ShopConfig, url: &str) -> anyhow::Result<Catalog> {
+    let schema = format!("{}_products", config.postgres_schema);
+    Catalog::in_postgres(url, &schema, &Catalog::seeded()).await
+}
+
+#[cfg(not(feature = "real-servers"))]
+async fn catalog_in_postgres(_config: &ShopConfig, _url: &str) -> anyhow::Result<Catalog> {
+    anyhow::bail!("the catalog in PostgreSQL needs the shop built with `--features real-servers`")
+}
+
 #[cfg(not(feature = "real-servers"))]
 async fn user_store_in_postgres(_config: &ShopConfig, _url: &str) -> anyhow::Result<UserStore> {
     anyhow::bail!("users in PostgreSQL need the shop built with `--features real-servers`")
@@ -460,7 +471,13 @@ async fn add(
             let users = Users::new(users_store, &config.jwt_secret, config.token_lifetime);
             hosted(builder, infra, config, users, listen.user).await?
         }
-        "product" => hosted(builder, infra, config, Catalog::seeded(), listen.product).await?,
+        "product" => {
+            let catalog = match &config.postgres_url {
+                Some(url) => catalog_in_postgres(config, url).await?,
+                None => Catalog::seeded(),
+            };
+            hosted(builder, infra, config, catalog, listen.product).await?
+        }
         "inventory" => {
             let initial: BTreeMap<String, i64> = Catalog::seeded()
                 .products()

@@ -36,10 +36,28 @@ pub struct Product {
     pub price: Money,
 }
 
-/// The catalog service.
+/// The catalog service: its products in memory, or in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Catalog {
     products: Arc<Vec<Product>>,
+    #[cfg(feature = "real-servers")]
+    postgres: Option<Arc<PgCatalog>>,
+}
+
+/// A `products` table in PostgreSQL.
+#[cfg(feature = "real-servers")]
+struct PgCatalog {
+    client: tokio_postgres::Client,
+    schema: String,
+}
+
+#[cfg(feature = "real-servers")]
+impl std::fmt::Debug for PgCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCatalog")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Catalog {
@@ -47,7 +65,118 @@ impl Catalog {
     pub fn new(products: Vec<Product>) -> Self {
         Self {
             products: Arc::new(products),
+            #[cfg(feature = "real-servers")]
+            postgres: None,
         }
+    }
+
+    /// The catalog in PostgreSQL at `url`, in `schema` (created if missing), holding at
+    /// least the products of `seed`.
+    ///
+    /// # Errors
+    ///
+    /// When PostgreSQL cannot be reached or the schema is not a plain name.
+    #[cfg(feature = "real-servers")]
+    pub async fn in_postgres(url: &str, schema: &str, seed: &Catalog) -> anyhow::Result<Self> {
+        let client = crate::store::postgres::connect(url, schema).await?;
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {schema}.products (
+                     id text PRIMARY KEY,
+                     doc jsonb NOT NULL
+                 )"
+            ))
+            .await?;
+        for product in seed.products.iter() {
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO {schema}.products (id, doc) VALUES ($1, $2)
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    &[&product.id, &serde_json::to_value(product)?],
+                )
+                .await?;
+        }
+        Ok(Self {
+            products: seed.products.clone(),
+            postgres: Some(Arc::new(PgCatalog {
+                client,
+                schema: schema.to_owned(),
+            })),
+        })
+    }
+
+    /// The products matching `needle` (lowercase), a page of them and how many in all.
+    async fn find(
+        &self,
+        needle: Option<&str>,
+        page: usize,
+        per_page: usize,
+    ) -> anyhow::Result<(Vec<Product>, usize)> {
+        #[cfg(feature = "real-servers")]
+        if let Some(pg) = &self.postgres {
+            let s = &pg.schema;
+            let filter = "$1::text IS NULL OR strpos(lower(doc->>'name'), $1) > 0 \
+                          OR strpos(lower(doc->>'description'), $1) > 0";
+            let total: i64 = pg
+                .client
+                .query_one(
+                    &format!("SELECT count(*) FROM {s}.products WHERE {filter}"),
+                    &[&needle],
+                )
+                .await?
+                .get(0);
+            let (limit, offset) = (
+                i64::try_from(per_page)?,
+                i64::try_from((page - 1) * per_page)?,
+            );
+            let rows = pg
+                .client
+                .query(
+                    &format!(
+                        "SELECT doc FROM {s}.products WHERE {filter} ORDER BY id LIMIT $2 OFFSET $3"
+                    ),
+                    &[&needle, &limit, &offset],
+                )
+                .await?;
+            let items = rows
+                .into_iter()
+                .map(|row| serde_json::from_value(row.get(0)))
+                .collect::<Result<_, _>>()?;
+            return Ok((items, usize::try_from(total)?));
+        }
+        let matching: Vec<&Product> = self
+            .products
+            .iter()
+            .filter(|p| {
+                needle.is_none_or(|n| {
+                    p.name.to_lowercase().contains(n) || p.description.to_lowercase().contains(n)
+                })
+            })
+            .collect();
+        let items = matching
+            .iter()
+            .skip((page - 1) * per_page)
+            .take(per_page)
+            .map(|p| (*p).clone())
+            .collect();
+        Ok((items, matching.len()))
+    }
+
+    async fn get(&self, id: &str) -> anyhow::Result<Option<Product>> {
+        #[cfg(feature = "real-servers")]
+        if let Some(pg) = &self.postgres {
+            let row = pg
+                .client
+                .query_opt(
+                    &format!("SELECT doc FROM {}.products WHERE id = $1", pg.schema),
+                    &[&id],
+                )
+                .await?;
+            return Ok(row.map(|r| serde_json::from_value(r.get(0))).transpose()?);
+        }
+        Ok(self.products.iter().find(|p| p.id == id).cloned())
     }
 
     /// Every product.
@@ -151,26 +280,22 @@ async fn list(
         });
     }
     let needle = query.q.as_deref().map(str::to_lowercase);
-    let matching: Vec<&Product> = catalog
-        .products
-        .iter()
-        .filter(|p| {
-            needle.as_deref().is_none_or(|n| {
-                p.name.to_lowercase().contains(n) || p.description.to_lowercase().contains(n)
-            })
-        })
-        .collect();
-    let items = matching
-        .iter()
-        .skip((query.page - 1) * query.per_page)
-        .take(query.per_page)
-        .map(|p| (*p).clone())
-        .collect();
+    let (items, total) = catalog
+        .find(needle.as_deref(), query.page, query.per_page)
+        .await
+        .map_err(|error| {
+            tracing::error!(error = format!("{error:#}"), "the catalog cannot be read");
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "catalog_unavailable",
+                message: "the catalog cannot be read now".to_owned(),
+            }
+        })?;
     Ok(Json(Page {
         items,
         page: query.page,
         per_page: query.per_page,
-        total: matching.len(),
+        total,
     }))
 }
 
@@ -178,17 +303,19 @@ async fn product(
     State(catalog): State<Catalog>,
     Path(id): Path<String>,
 ) -> Result<Json<Product>, ApiError> {
-    catalog
-        .products
-        .iter()
-        .find(|p| p.id == id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "product_not_found",
-            message: format!("no product with id `{id}`"),
-        })
+    let found = catalog.get(&id).await.map_err(|error| {
+        tracing::error!(error = format!("{error:#}"), "the catalog cannot be read");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "catalog_unavailable",
+            message: "the catalog cannot be read now".to_owned(),
+        }
+    })?;
+    found.map(Json).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "product_not_found",
+        message: format!("no product with id `{id}`"),
+    })
 }
 
 impl Service for Catalog {
@@ -271,5 +398,41 @@ mod tests {
         let (status, body) = call("/products/SKU-9").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"]["code"], "product_not_found");
+    }
+
+    #[cfg(feature = "real-servers")]
+    #[tokio::test]
+    async fn the_catalog_in_postgres_pages_searches_and_gets_like_the_one_in_memory() {
+        let url = std::env::var("MICRO_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = format!("shop_products_test_{}", uuid::Uuid::new_v4().simple());
+        let memory = Catalog::seeded();
+        let pg = Catalog::in_postgres(&url, &schema, &memory)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e:#}"));
+        for (needle, page, per_page) in [
+            (None, 2, 4),
+            (None, 3, 4),
+            (Some("kettle"), 1, 20),
+            (Some("steel"), 1, 2),
+            (Some("nothing"), 1, 5),
+        ] {
+            let expected = memory.find(needle, page, per_page).await.unwrap();
+            assert_eq!(
+                pg.find(needle, page, per_page).await.unwrap(),
+                expected,
+                "{needle:?} {page}"
+            );
+        }
+        assert_eq!(
+            pg.get("SKU-1002").await.unwrap(),
+            memory.get("SKU-1002").await.unwrap()
+        );
+        assert!(pg.get("SKU-9").await.unwrap().is_none());
+        let pg = pg.postgres.unwrap();
+        pg.client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
     }
 }

@@ -261,7 +261,7 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     client
         .batch_execute(&format!(
             "DROP SCHEMA {schema}_orders CASCADE; DROP SCHEMA {schema}_order_sagas CASCADE;
-             DROP SCHEMA {schema}_users CASCADE;"
+             DROP SCHEMA {schema}_users CASCADE; DROP SCHEMA {schema}_products CASCADE;"
         ))
         .await
         .unwrap();
