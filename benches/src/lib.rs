@@ -4,6 +4,8 @@
 //! in one run (no layer, the full chain), because absolute figures on a shared machine
 //! mean little.
 
+pub mod gateway;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;

@@ -16,18 +16,24 @@
 //!   [`KafkaConfig::commit_interval`]; a graceful stop commits synchronously.
 //!   A new group starts at the earliest offset.
 //! - Topics are not created implicitly: create them with
-//!   [`KafkaBus::create_topic`] (some brokers do not auto-create).
+//!   [`KafkaBus::create_topic`] (some brokers do not auto-create), the
+//!   dead-letter topics (`<topic>.dlq`) included; a dead letter that cannot be
+//!   published is retried, and its event not committed, until it can.
+//! - Consumer lag comes from librdkafka's statistics, every
+//!   [`KafkaConfig::lag_interval`]: per assigned partition, the records
+//!   between the partition's end and the offset of the first unfinished one.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use micro_core::service::BoxFuture;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::error::{Error, Result};
@@ -45,6 +51,7 @@ pub struct KafkaConfig {
     session_timeout: Duration,
     max_poll_interval: Duration,
     commit_interval: Duration,
+    lag_interval: Duration,
     close_timeout: Duration,
     producer: Vec<(String, String)>,
     consumer: Vec<(String, String)>,
@@ -60,6 +67,7 @@ impl KafkaConfig {
             session_timeout: Duration::from_secs(45),
             max_poll_interval: Duration::from_secs(300),
             commit_interval: Duration::from_secs(1),
+            lag_interval: Duration::from_secs(5),
             close_timeout: Duration::from_secs(10),
             producer: Vec::new(),
             consumer: Vec::new(),
@@ -97,6 +105,13 @@ impl KafkaConfig {
     /// (`auto.commit.interval.ms`, default 1 s).
     pub fn commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;
+        self
+    }
+
+    /// How often consumers report their lag (`statistics.interval.ms`,
+    /// default 5 s); zero turns the reports off.
+    pub fn lag_interval(mut self, interval: Duration) -> Self {
+        self.lag_interval = interval;
         self
     }
 
@@ -150,7 +165,11 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("auto.commit.interval.ms", millis(self.commit_interval))
             .set("session.timeout.ms", millis(self.session_timeout))
-            .set("max.poll.interval.ms", millis(self.max_poll_interval));
+            .set("max.poll.interval.ms", millis(self.max_poll_interval))
+            .set(
+                "statistics.interval.ms",
+                self.lag_interval.as_millis().to_string(),
+            );
         for (k, v) in &self.consumer {
             config.set(k, v);
         }
@@ -295,7 +314,13 @@ impl Subscriber for KafkaBus {
         group: &'a str,
     ) -> BoxFuture<'a, Result<Box<dyn Source>>> {
         Box::pin(async move {
-            let consumer: StreamConsumer = self.inner.config.consumer_config(group).create()?;
+            let consumer: StreamConsumer<LagReporter> = self
+                .inner
+                .config
+                .consumer_config(group)
+                .create_with_context(LagReporter {
+                    group: group.to_owned(),
+                })?;
             consumer.subscribe(&[topic])?;
             Ok(Box::new(KafkaSource {
                 topic: topic.to_owned(),
@@ -310,15 +335,41 @@ impl Subscriber for KafkaBus {
     }
 }
 
+/// Turns librdkafka's statistics into the consumer lag gauge.
+struct LagReporter {
+    group: String,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (&partition, p) in &t.partitions {
+                // Offsets are stored as events finish, so the stored lag is the
+                // current one; -1 marks a partition this member does not own.
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else {
+                    p.consumer_lag
+                };
+                if partition >= 0 && lag >= 0 {
+                    metrics::group_lag(topic, &self.group, partition, lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
+
 /// One consumer of a group.
 struct KafkaSource {
     topic: String,
-    consumer: Mutex<Option<Arc<StreamConsumer>>>,
+    consumer: Mutex<Option<Arc<StreamConsumer<LagReporter>>>>,
     close_timeout: Duration,
 }
 
 impl KafkaSource {
-    fn consumer(&self) -> Result<Arc<StreamConsumer>> {
+    fn consumer(&self) -> Result<Arc<StreamConsumer<LagReporter>>> {
         self.consumer
             .lock()
             .expect("kafka source lock")

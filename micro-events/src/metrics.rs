@@ -23,8 +23,8 @@ pub const RETRIED: &str = "micro_events_retried_total";
 pub const DEAD_LETTERED: &str = "micro_events_dead_lettered_total";
 /// How long each handler call took.
 pub const HANDLER_DURATION: &str = "micro_events_handler_duration_seconds";
-/// Records behind the partition's end when a record was read, where the
-/// backend knows the end.
+/// Records behind the partition's end: on the memory bus when a record is
+/// read, on Kafka from librdkafka's statistics (records not yet finished).
 pub const CONSUMER_LAG: &str = "micro_events_consumer_lag";
 
 pub(crate) fn published(topic: &str, n: usize) {
@@ -57,10 +57,14 @@ pub(crate) fn handler_duration(ctx: &Context, outcome: &'static str, elapsed: Du
 }
 
 pub(crate) fn lag(ctx: &Context, partition: i32, lag: i64) {
+    group_lag(&ctx.topic, &ctx.group, partition, lag);
+}
+
+pub(crate) fn group_lag(topic: &str, group: &str, partition: i32, lag: i64) {
     metrics::gauge!(
         CONSUMER_LAG,
-        "topic" => ctx.topic.to_string(),
-        "group" => ctx.group.to_string(),
+        "topic" => topic.to_owned(),
+        "group" => group.to_owned(),
         "partition" => partition.to_string(),
     )
     .set(lag as f64);

@@ -82,6 +82,11 @@ pub struct DeclarativeConfig {
     /// Routes answered by calling several services and merging their JSON (our addition).
     #[serde(default)]
     pub compositions: Vec<CompositionSpec>,
+    /// Where `discovery:` services are found, for the `micro-gateway` binary (our
+    /// addition); see [`DiscoverySpec`]. A program that embeds the gateway passes its own
+    /// registry in [`Resources`] instead.
+    #[serde(default)]
+    pub discovery: Option<DiscoverySpec>,
     /// Kong's consumers; their `jwt_secrets` are keys of every `jwt` plugin.
     #[serde(default)]
     pub consumers: Vec<JwtConsumer>,
@@ -140,6 +145,74 @@ pub struct LegSpec {
     /// Whether the answer can do without it.
     #[serde(default)]
     pub optional: bool,
+}
+
+/// Where the services named by `discovery:` are found (our addition):
+///
+/// ```yaml
+/// discovery:
+///   static:                       # always available
+///     services:
+///       order-service: ["10.0.0.7:8003", "10.0.0.8:8003"]
+/// # or  etcd: { endpoints: ["http://127.0.0.1:2379"] }        (feature `etcd`)
+/// # or  consul: { address: "http://127.0.0.1:8500" }          (feature `consul`)
+/// ```
+///
+/// It is read when the binary starts; a reload of the file keeps the registry it has.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DiscoverySpec {
+    /// A fixed list; see [`micro_discovery::static_list`].
+    #[serde(rename = "static")]
+    pub static_list: Option<micro_discovery::static_list::StaticConfig>,
+    /// An etcd cluster; see [`micro_discovery::etcd`].
+    #[cfg(feature = "etcd")]
+    pub etcd: Option<micro_discovery::etcd::EtcdConfig>,
+    /// A Consul agent; see [`micro_discovery::consul`].
+    #[cfg(feature = "consul")]
+    pub consul: Option<micro_discovery::consul::ConsulConfig>,
+}
+
+impl DiscoverySpec {
+    /// Connects to the registry it names.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] at `discovery` when it names no registry or several, the list is
+    /// invalid, or the registry client cannot be made.
+    pub async fn connect(&self) -> Result<Arc<dyn Discover>, ConfigError> {
+        let failed = |e: micro_discovery::Error| ConfigError::at("discovery", e);
+        let mut found: Vec<Arc<dyn Discover>> = Vec::new();
+        if let Some(config) = &self.static_list {
+            found.push(Arc::new(
+                micro_discovery::static_list::StaticDiscover::from_config(config)
+                    .map_err(failed)?,
+            ));
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(config) = &self.etcd {
+            found.push(Arc::new(
+                micro_discovery::etcd::EtcdRegistry::connect(config)
+                    .await
+                    .map_err(failed)?,
+            ));
+        }
+        #[cfg(feature = "consul")]
+        if let Some(config) = &self.consul {
+            found.push(Arc::new(
+                micro_discovery::consul::ConsulRegistry::new(config.clone()).map_err(failed)?,
+            ));
+        }
+        if found.len() != 1 {
+            return Err(ConfigError::at(
+                "discovery",
+                "name exactly one registry: `static`, `etcd` (feature `etcd`) or `consul` \
+                 (feature `consul`)",
+            ));
+        }
+        Ok(found.remove(0))
+    }
 }
 
 /// What a configuration may refer to beyond itself, given when it is built.

@@ -91,11 +91,17 @@ async fn main() -> ExitCode {
         eprintln!("micro-gateway: {error}");
         return ExitCode::FAILURE;
     }
-    let resources = Resources::new();
-    let gateway = match DeclarativeConfig::from_file(&args.config)
-        .and_then(|config| config.build_with(&resources))
-    {
-        Ok(gateway) => gateway,
+    let built = async {
+        let config = DeclarativeConfig::from_file(&args.config)?;
+        let mut resources = Resources::new();
+        if let Some(discovery) = &config.discovery {
+            resources = resources.discover(discovery.connect().await?);
+        }
+        let gateway = config.build_with(&resources)?;
+        Ok::<_, micro_gateway::config::ConfigError>((gateway, resources))
+    };
+    let (gateway, resources) = match built.await {
+        Ok(built) => built,
         Err(error) => {
             eprintln!("micro-gateway: invalid configuration: {error}");
             return ExitCode::from(2);

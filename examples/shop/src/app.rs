@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use micro_events::host::ServiceHostBuilderExt as _;
-use micro_events::MemoryBus;
+use micro_events::{MemoryBus, Publisher, Subscriber};
 
 use crate::cart::Carts;
 use crate::catalog::Catalog;
@@ -65,6 +65,17 @@ pub struct ShopConfig {
     /// How long a login token lives.
     #[serde(with = "micro_core::config::duration")]
     pub token_lifetime: Duration,
+    /// etcd endpoints, comma-separated (`http://127.0.0.1:2379`): where the services of
+    /// `shop serve` register and find each other. Needs the `real-servers` feature.
+    pub etcd_endpoints: Option<String>,
+    /// The key prefix of the shop's registrations in etcd.
+    pub etcd_prefix: String,
+    /// Kafka bootstrap servers (`127.0.0.1:9092`): the event bus of `shop serve`. Needs
+    /// the `real-servers` feature.
+    pub kafka_brokers: Option<String>,
+    /// The host other services reach this process at, registered in discovery (a pod's
+    /// IP, say); the address each service bound when absent.
+    pub advertise_host: Option<String>,
 }
 
 /// Where each service listens; port 0 picks a free port.
@@ -134,6 +145,10 @@ impl Default for ShopConfig {
             initial_stock: 100,
             jwt_secret: "micro-shop-development-secret-change-me".to_owned(),
             token_lifetime: Duration::from_secs(3600),
+            etcd_endpoints: None,
+            etcd_prefix: "/micro/shop/".to_owned(),
+            kafka_brokers: None,
+            advertise_host: None,
         }
     }
 }
@@ -209,19 +224,29 @@ pub fn gateway_yaml(config: &ShopConfig) -> anyhow::Result<String> {
 /// Binds `addr`, adds `service` on it, and registers it in `registry` once ready.
 async fn hosted<S: Service>(
     builder: ServiceHostBuilder,
-    registry: &MemoryRegistry,
+    registry: &Arc<dyn Registry>,
     service: S,
     addr: SocketAddr,
+    advertise: Option<&str>,
 ) -> anyhow::Result<ServiceHostBuilder> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("{} cannot listen on {addr}", service.name()))?;
     let bound = listener.local_addr()?;
-    let instance = Instance::from_addr(service.name(), bound).with_version(service.version());
-    let registry: Arc<dyn Registry> = Arc::new(registry.clone());
+    let instance = match advertise {
+        Some(host) => Instance::new(
+            service.name(),
+            format!("{}-{host}-{}", service.name(), bound.port()),
+            host,
+            bound.port(),
+        ),
+        None => Instance::from_addr(service.name(), bound),
+    }
+    .with_version(service.version());
+    let registration = Registration::new(instance).ttl(Duration::from_secs(10));
     Ok(builder
         .service_on(service, listener)
-        .register_in(registry, Registration::new(instance)))
+        .register_in(registry.clone(), registration))
 }
 
 fn client(discover: &Arc<dyn Discover>, service: &str) -> anyhow::Result<HttpClient> {
@@ -231,11 +256,215 @@ fn client(discover: &Arc<dyn Discover>, service: &str) -> anyhow::Result<HttpCli
         .into_http())
 }
 
-/// Starts every service and the gateway.
+/// Where the services find each other and send their events.
+struct Infra {
+    registry: Arc<dyn Registry>,
+    discover: Arc<dyn Discover>,
+    publisher: Arc<dyn Publisher>,
+    subscriber: Arc<dyn Subscriber>,
+}
+
+impl Infra {
+    fn embedded(registry: &MemoryRegistry, bus: &MemoryBus) -> Self {
+        Self {
+            registry: Arc::new(registry.clone()),
+            discover: Arc::new(registry.clone()),
+            publisher: Arc::new(bus.clone()),
+            subscriber: Arc::new(bus.clone()),
+        }
+    }
+
+    /// etcd and Kafka, as configured, for `shop serve`.
+    #[cfg(feature = "real-servers")]
+    async fn real(config: &ShopConfig) -> anyhow::Result<Self> {
+        use micro_discovery::etcd::{EtcdConfig, EtcdRegistry};
+        use micro_events::kafka::{KafkaBus, KafkaConfig};
+        let (Some(endpoints), Some(brokers)) = (&config.etcd_endpoints, &config.kafka_brokers)
+        else {
+            anyhow::bail!("`shop serve` needs SHOP_ETCD_ENDPOINTS and SHOP_KAFKA_BROKERS");
+        };
+        let mut etcd = EtcdConfig::new(endpoints.split(',').map(str::trim));
+        etcd.prefix = config.etcd_prefix.clone();
+        let registry = EtcdRegistry::connect(&etcd).await?;
+        let bus = KafkaBus::new(KafkaConfig::new(brokers.as_str()))?;
+        bus.create_topic(crate::events::ORDER_EVENTS, 4, 1).await?;
+        Ok(Self {
+            registry: Arc::new(registry.clone()),
+            discover: Arc::new(registry),
+            publisher: Arc::new(bus.clone()),
+            subscriber: Arc::new(bus),
+        })
+    }
+
+    #[cfg(not(feature = "real-servers"))]
+    async fn real(_config: &ShopConfig) -> anyhow::Result<Self> {
+        anyhow::bail!(
+            "`shop serve` needs etcd and Kafka: build the shop with `--features real-servers`"
+        )
+    }
+}
+
+/// The services of the shop, by the name `shop serve` knows them.
+pub const SERVICES: &[&str] = &[
+    "user",
+    "product",
+    "order",
+    "cart",
+    "payment",
+    "inventory",
+    "notification",
+    "gateway",
+];
+
+/// Adds the service called `name` to `builder`, built over `infra`.
+async fn add(
+    builder: ServiceHostBuilder,
+    name: &str,
+    config: &ShopConfig,
+    infra: &Infra,
+) -> anyhow::Result<ServiceHostBuilder> {
+    let listen = &config.listen;
+    let registry = &infra.registry;
+    let discover = &infra.discover;
+    Ok(match name {
+        "user" => {
+            let users = Users::new(
+                store(config, "user")?,
+                &config.jwt_secret,
+                config.token_lifetime,
+            );
+            hosted(
+                builder,
+                registry,
+                users,
+                listen.user,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        "product" => {
+            hosted(
+                builder,
+                registry,
+                Catalog::seeded(),
+                listen.product,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        "inventory" => {
+            let initial: BTreeMap<String, i64> = Catalog::seeded()
+                .products()
+                .iter()
+                .map(|p| (p.id.clone(), config.initial_stock))
+                .collect();
+            let inventory = Inventory::new(store(config, "inventory")?, &initial)?;
+            hosted(
+                builder,
+                registry,
+                inventory,
+                listen.inventory,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        "payment" => {
+            let payments = Payments::new(store(config, "payment")?, config.payment_hang);
+            hosted(
+                builder,
+                registry,
+                payments,
+                listen.payment,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        "notification" => {
+            let notifications = Notifications::new(store(config, "notification")?);
+            let subscription = notifications.subscribe(infra.subscriber.as_ref()).await?;
+            hosted(
+                builder,
+                registry,
+                notifications,
+                listen.notification,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+            .subscription(subscription)
+        }
+        "cart" => {
+            let carts = Carts::new(store(config, "cart")?, client(discover, "product-service")?);
+            hosted(
+                builder,
+                registry,
+                carts,
+                listen.cart,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        "order" => {
+            let upstreams = Upstreams {
+                carts: client(discover, "cart-service")?,
+                payments: client(discover, "payment-service")?,
+                inventory: client(discover, "inventory-service")?,
+            };
+            let orders = Orders::new(
+                store(config, "order")?,
+                saga_log(config)?,
+                upstreams,
+                Arc::new(BusSink::new(infra.publisher.clone())),
+            )?;
+            hosted(
+                builder,
+                registry,
+                orders,
+                listen.order,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        "gateway" => {
+            let gateway = DeclarativeConfig::from_yaml(&gateway_yaml(config)?)?
+                .build_with(&Resources::new().discover(discover.clone()))?;
+            let gateway = GatewayService(Reloadable::new(gateway).into_router());
+            hosted(
+                builder,
+                registry,
+                gateway,
+                listen.gateway,
+                config.advertise_host.as_deref(),
+            )
+            .await?
+        }
+        other => anyhow::bail!(
+            "there is no service `{other}`; the shop has {}",
+            SERVICES.join(", ")
+        ),
+    })
+}
+
+/// Runs one service of the shop in this process (`shop serve <name>`), finding the others
+/// in etcd and publishing and consuming events on Kafka.
+pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHost> {
+    if !SERVICES.contains(&name) {
+        anyhow::bail!(
+            "there is no service `{name}`; the shop has {}",
+            SERVICES.join(", ")
+        );
+    }
+    let infra = Infra::real(config).await?;
+    let builder = ServiceHost::builder().config(config.host.clone());
+    let builder = add(builder, name, config, &infra).await?;
+    Ok(builder.build()?.start().await?)
+}
+
+/// Starts every service and the gateway in this process, on embedded defaults.
 pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     let registry = MemoryRegistry::new();
     let bus = MemoryBus::new();
-    let discover: Arc<dyn Discover> = Arc::new(registry.clone());
+    let infra = Infra::embedded(&registry, &bus);
+    let discover = &infra.discover;
     let catalog = Catalog::seeded();
     let initial: BTreeMap<String, i64> = catalog
         .products()
@@ -245,48 +474,58 @@ pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     let inventory = Inventory::new(store(config, "inventory")?, &initial)?;
     let payments = Payments::new(store(config, "payment")?, config.payment_hang);
     let notifications = Notifications::new(store(config, "notification")?);
-    let carts = Carts::new(
-        store(config, "cart")?,
-        client(&discover, "product-service")?,
-    );
     let upstreams = Upstreams {
-        carts: client(&discover, "cart-service")?,
-        payments: client(&discover, "payment-service")?,
-        inventory: client(&discover, "inventory-service")?,
+        carts: client(discover, "cart-service")?,
+        payments: client(discover, "payment-service")?,
+        inventory: client(discover, "inventory-service")?,
     };
     let orders = Orders::new(
         store(config, "order")?,
         saga_log(config)?,
         upstreams,
-        Arc::new(BusSink::new(Arc::new(bus.clone()))),
+        Arc::new(BusSink::new(infra.publisher.clone())),
     )?;
     let notified = notifications.subscribe(&bus).await?;
 
-    let users = Users::new(
-        store(config, "user")?,
-        &config.jwt_secret,
-        config.token_lifetime,
-    );
-    let gateway = DeclarativeConfig::from_yaml(&gateway_yaml(config)?)?
-        .build_with(&Resources::new().discover(discover.clone()))?;
-    let gateway = GatewayService(Reloadable::new(gateway).into_router());
-
     let listen = &config.listen;
+    let registry_dyn = &infra.registry;
     let mut builder = ServiceHost::builder().config(config.host.clone());
-    builder = hosted(builder, &registry, users, listen.user).await?;
-    builder = hosted(builder, &registry, catalog, listen.product).await?;
-    builder = hosted(builder, &registry, inventory.clone(), listen.inventory).await?;
-    builder = hosted(builder, &registry, payments.clone(), listen.payment).await?;
+    builder = add(builder, "user", config, &infra).await?;
+    builder = add(builder, "product", config, &infra).await?;
     builder = hosted(
         builder,
-        &registry,
-        notifications.clone(),
-        listen.notification,
+        registry_dyn,
+        inventory.clone(),
+        listen.inventory,
+        config.advertise_host.as_deref(),
     )
     .await?;
-    builder = hosted(builder, &registry, carts, listen.cart).await?;
-    builder = hosted(builder, &registry, orders.clone(), listen.order).await?;
-    builder = hosted(builder, &registry, gateway, listen.gateway).await?;
+    builder = hosted(
+        builder,
+        registry_dyn,
+        payments.clone(),
+        listen.payment,
+        config.advertise_host.as_deref(),
+    )
+    .await?;
+    builder = hosted(
+        builder,
+        registry_dyn,
+        notifications.clone(),
+        listen.notification,
+        config.advertise_host.as_deref(),
+    )
+    .await?;
+    builder = add(builder, "cart", config, &infra).await?;
+    builder = hosted(
+        builder,
+        registry_dyn,
+        orders.clone(),
+        listen.order,
+        config.advertise_host.as_deref(),
+    )
+    .await?;
+    builder = add(builder, "gateway", config, &infra).await?;
     let host = builder.subscription(notified).build()?.start().await?;
     Ok(Shop {
         host,

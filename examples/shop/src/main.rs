@@ -5,6 +5,11 @@
 //! prints where to send requests. Configuration comes from `shop.toml` in the working
 //! directory and from `SHOP_` environment variables (`SHOP_LISTEN__GATEWAY=0.0.0.0:8080`,
 //! `SHOP_LOG__FORMAT=json`); `RUST_LOG` sets the log filter.
+//!
+//! `shop serve <service>` runs one service (user, product, order, cart, payment,
+//! inventory, notification or gateway) in this process, finding the others in etcd
+//! (`SHOP_ETCD_ENDPOINTS`) and using Kafka (`SHOP_KAFKA_BROKERS`) for events; it needs
+//! the `real-servers` feature.
 
 use anyhow::Context as _;
 use micro_core::config::ConfigLoader;
@@ -23,6 +28,37 @@ async fn main() -> anyhow::Result<()> {
         log.filter = filter;
     }
     telemetry::init(&log)?;
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [] => {}
+        ["serve", service] => {
+            let host = app::serve(&config, service)
+                .await
+                .with_context(|| format!("{service} could not start"))?;
+            for (name, addr) in host.addrs() {
+                println!("{name:<22} http://{addr}");
+            }
+            let report = host.run_until(micro_core::shutdown::signal()).await;
+            if report.aborted_connections > 0 || !report.failed_hooks.is_empty() {
+                tracing::warn!(?report, "{service} did not shut down cleanly");
+            }
+            return Ok(());
+        }
+        _ => {
+            eprintln!(
+                "usage: shop                    every service and the gateway in one process\n       \
+                 shop serve <service>    one of: {}",
+                app::SERVICES.join(", ")
+            );
+            std::process::exit(2);
+        }
+    }
 
     let shop = app::start(&config)
         .await

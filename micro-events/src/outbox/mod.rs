@@ -241,6 +241,48 @@ mod tests {
         assert_eq!(bus.records("odd").len(), 2);
     }
 
+    /// Fails its first publish, then forwards to the bus.
+    struct FlakyOnce(MemoryBus, std::sync::atomic::AtomicBool);
+
+    impl Publisher for FlakyOnce {
+        fn publish_records<'a>(
+            &'a self,
+            topic: &'a str,
+            records: Vec<Record>,
+        ) -> micro_core::service::BoxFuture<'a, Result<Vec<crate::Delivery>>> {
+            if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(std::future::ready(Err(crate::Error::Closed)));
+            }
+            self.0.publish_records(topic, records)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_publish_keeps_the_events_and_is_retried() {
+        let bus = MemoryBus::with_partitions(1);
+        let outbox = MemoryOutbox::new();
+        outbox.write("t", "k", &event(1)).unwrap();
+        let relay = outbox.relay(FlakyOnce(bus.clone(), false.into()));
+        assert!(relay.relay_once().await.is_err());
+        assert_eq!(outbox.len(), 1, "kept for the next round");
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let outbox2 = outbox.clone();
+        let running = tokio::spawn(
+            outbox
+                .relay(FlakyOnce(bus.clone(), false.into()))
+                .run(async {
+                    let _ = stopped.await;
+                }),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !outbox2.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "never retried");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(bus.records("t").len(), 1);
+        running.abort();
+    }
+
     #[tokio::test]
     async fn run_publishes_as_events_are_written_and_flushes_on_shutdown() {
         let bus = MemoryBus::with_partitions(1);

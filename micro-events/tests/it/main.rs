@@ -5,7 +5,10 @@
 
 mod conformance;
 mod host;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod support;
+mod trace;

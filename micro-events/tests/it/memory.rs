@@ -136,6 +136,29 @@ async fn members_of_a_group_share_the_partitions() {
     let pa: std::collections::HashSet<i32> = a.snapshot().into_iter().map(|(p, _)| p).collect();
     let pb: std::collections::HashSet<i32> = b.snapshot().into_iter().map(|(p, _)| p).collect();
     assert!(pa.is_disjoint(&pb), "{pa:?} {pb:?}");
+
+    // Both left having committed everything: a third member sees only what comes next.
+    bus.publish("t", "k0", &micro_events::Event::new("/s", "t", 99).unwrap())
+        .await
+        .unwrap();
+    let c = Log::new();
+    let log = c.clone();
+    let third = bus
+        .subscribe_with("t", "g", fast(), move |e: Received<i32>| {
+            let log = log.clone();
+            async move {
+                log.push(*e.data());
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the next event", || {
+        (c.len() == 1).then_some(())
+    })
+    .await;
+    third.shutdown().await.unwrap();
+    assert_eq!(c.snapshot(), [99]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -284,4 +307,77 @@ fn metrics_count_every_outcome() {
         Some(DebugValue::Gauge(_))
     ));
     let _ = unique("unused");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dead_letter_topic_is_configurable() {
+    let bus = MemoryBus::with_partitions(1);
+    bus.publish(
+        "t",
+        "k",
+        &micro_events::Event::new("/s", "t", 1u32).unwrap(),
+    )
+    .await
+    .unwrap();
+    let sub = bus
+        .subscribe_with(
+            "t",
+            "g",
+            fast().max_attempts(1).dead_letter_topic("parked"),
+            |_: Received<u32>| async { Err::<(), _>(std::io::Error::other("no")) },
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the dead letter", || {
+        (bus.records("parked").len() == 1).then_some(())
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    assert!(bus.records("t.dlq").is_empty());
+    assert_eq!(bus.committed("t", "g").get(&0), Some(&1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_does_not_wait_forever_nor_commit_a_stuck_event() {
+    let bus = MemoryBus::with_partitions(1);
+    for n in 0..3u32 {
+        bus.publish("t", "k", &micro_events::Event::new("/s", "t", n).unwrap())
+            .await
+            .unwrap();
+    }
+    let started = Log::new();
+    let log = started.clone();
+    let sub = bus
+        .subscribe_with(
+            "t",
+            "g",
+            fast().stop_timeout(Duration::from_secs(5)),
+            move |e: Received<u32>| {
+                let log = log.clone();
+                async move {
+                    log.push(*e.data());
+                    if *e.data() == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the stuck event", || {
+        started.snapshot().contains(&1).then_some(())
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    assert_eq!(
+        bus.committed("t", "g").get(&0),
+        Some(&1),
+        "only event 0 finished"
+    );
+    assert_eq!(
+        started.snapshot(),
+        [0, 1],
+        "nothing after the stuck event of its key"
+    );
 }

@@ -382,3 +382,39 @@ async fn a_relay_killed_before_marking_publishes_again_and_the_inbox_absorbs_it(
     let ledger: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(ledger, [0, 1, 2, 3, 4], "each payment applied once");
 }
+
+#[tokio::test]
+async fn a_running_relay_publishes_rows_as_they_commit_and_stops_on_shutdown() {
+    let mut client = connect().await;
+    let s = schema(&client).await;
+    let outbox = PgOutbox::new(&format!("{s}.outbox")).unwrap();
+    outbox.create_table(&client).await.unwrap();
+    let bus = MemoryBus::with_partitions(1);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(
+        outbox
+            .relay(connect().await, bus.clone())
+            .poll_interval(Duration::from_millis(20))
+            .run(async {
+                let _ = stopped.await;
+            }),
+    );
+    for n in 0..3 {
+        let tx = client.transaction().await.unwrap();
+        outbox
+            .write(&tx, "orders", "o-1", &numbered("o-1", n))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        eventually(SETTLE, "the row on the bus", || {
+            (bus.records("orders").len() == n as usize + 1).then_some(())
+        })
+        .await;
+    }
+    stop.send(()).unwrap();
+    within(SETTLE, "the relay to stop", relay)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outbox.unsent(&client).await.unwrap(), 0);
+}

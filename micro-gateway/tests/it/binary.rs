@@ -138,8 +138,16 @@ async fn serves_a_config_file_and_stops_on_sigterm() {
     let (status, seen) = get_json(addr, "/api/hello", &[]).await;
     assert_eq!(status, 200);
     assert_eq!(seen["uri"], "/hello");
-    let (status, ready) = get_json(addr, "/health/ready", &[]).await;
-    assert_eq!(status, 200);
+    // Readiness turns on once the start sequence has run, just after the port listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let (status, ready) = get_json(addr, "/health/ready", &[]).await;
+        if status == 200 {
+            break ready;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {ready}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(ready["service"], "gateway");
 
     let killed = Command::new("kill")
@@ -187,4 +195,21 @@ fn a_bad_config_stops_it_with_the_place_of_the_problem() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--config is required"));
     std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn the_file_names_where_discovery_services_are_found() {
+    let upstream = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = format!(
+        "discovery:\n  static:\n    services:\n      echo-service: [\"{}\"]\nservices:\n  - name: echo\n    discovery: echo-service\n    routes:\n      - paths: [/api]\n",
+        upstream.addr
+    );
+    std::fs::write(&config, yaml).unwrap();
+    let (mut child, addr) = spawn(&config, &[]);
+    let _kill = KillOnDrop(&mut child);
+    let (status, seen) = get_json(addr, "/api/hello", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["uri"], "/hello");
 }

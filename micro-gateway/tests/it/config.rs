@@ -121,3 +121,18 @@ fn errors_name_the_place_in_the_file() {
         .unwrap_err();
     assert!(error.place().contains("line 4"), "{error}");
 }
+
+#[tokio::test]
+async fn the_guide_s_example_file_builds() {
+    let guide = include_str!("../../../docs/src/gateway.md");
+    let example = guide
+        .split("```yaml\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .find(|block| block.contains("compositions:"))
+        .expect("the guide has the example");
+    let config = DeclarativeConfig::from_yaml(example).unwrap();
+    let discover = config.discovery.as_ref().unwrap().connect().await.unwrap();
+    let resources = micro_gateway::config::Resources::new().discover(discover);
+    config.build_with(&resources).unwrap();
+}

@@ -1,3 +1,6 @@
-//! The `shop` binary as a process.
+//! The `shop` binary as processes.
 
+#[cfg(feature = "real-servers")]
+mod multiprocess;
 mod restart;
+mod support;

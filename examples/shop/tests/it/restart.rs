@@ -4,11 +4,13 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Method;
 use micro_core::client::HttpClient;
-use serde_json::{json, Value};
+use serde_json::json;
+
+use crate::support::{checkout, send, settled, KillOnDrop};
 
 /// Starts the shop on free ports with its data in `data`; returns it and its gateway.
 fn start(data: &Path) -> (Child, HttpClient) {
@@ -50,86 +52,6 @@ fn start(data: &Path) -> (Child, HttpClient) {
     (child, client)
 }
 
-async fn send(
-    client: &HttpClient,
-    method: Method,
-    path: &str,
-    token: Option<&str>,
-    key: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = client.request(method, path);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    if let Some(key) = key {
-        request = request.idempotency_key(key);
-    }
-    if let Some(body) = &body {
-        request = request.json(body);
-    }
-    match request.send().await {
-        Ok(response) => (
-            response.status().as_u16(),
-            serde_json::from_slice(response.body()).unwrap_or(Value::Null),
-        ),
-        Err(error) => (
-            error.status().map_or(0, |s| s.as_u16()),
-            error.body_json().unwrap_or(Value::Null),
-        ),
-    }
-}
-
-async fn checkout(client: &HttpClient, token: &str, key: &str, sku: &str, card: &str) -> String {
-    let item = json!({"sku": sku, "quantity": 1});
-    let (status, body) = send(
-        client,
-        Method::POST,
-        "/api/carts/me/items",
-        Some(token),
-        None,
-        Some(item),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let card = json!({"card_number": card});
-    let (status, order) = send(
-        client,
-        Method::POST,
-        "/api/orders",
-        Some(token),
-        Some(key),
-        Some(card),
-    )
-    .await;
-    assert_eq!(status, 202, "{order}");
-    order["id"].as_str().unwrap().to_owned()
-}
-
-async fn settled(client: &HttpClient, token: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (status, order) = send(
-            client,
-            Method::GET,
-            &format!("/api/orders/{id}"),
-            Some(token),
-            None,
-            None,
-        )
-        .await;
-        assert_eq!(status, 200, "{order}");
-        if !["PENDING", "PAID"].contains(&order["status"].as_str().unwrap_or("")) {
-            return order;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the order never settled: {order}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_shop_finishes_its_orders_after_a_restart() {
     let data = tempfile::tempdir().unwrap();
@@ -168,7 +90,8 @@ async fn a_killed_shop_finishes_its_orders_after_a_restart() {
     shop.kill().unwrap();
     shop.wait().unwrap();
 
-    let (mut shop, client) = start(data.path());
+    let (shop, client) = start(data.path());
+    let _shop = KillOnDrop(shop);
     let order = settled(&client, &token, &in_flight).await;
     assert_eq!(order["status"], "CANCELLED", "{order}");
     let order = settled(&client, &token, &confirmed).await;
@@ -207,6 +130,4 @@ async fn a_killed_shop_finishes_its_orders_after_a_restart() {
         json!([]),
         "nothing was charged for the cancelled order"
     );
-    shop.kill().unwrap();
-    shop.wait().unwrap();
 }

@@ -1,0 +1,1544 @@
+//! The shop's deployment artifacts (`examples/shop/deploy/`): no Docker engine or cluster
+//! runs here, so the Dockerfile and the Kubernetes manifests are parsed and checked against
+//! what the shop binary does: its services and ports, its health endpoints, its drain
+//! deadline and the `SHOP_` settings its configuration accepts.
+//!
+//! Each check returns the problems it finds instead of panicking at the first, and the
+//! tests at the end break a good manifest on purpose to show that every check can fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use micro_core::config::ConfigLoader;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+use shop::app::ShopConfig;
+
+/// Every process of the shop: `shop serve <arg>`, its Kubernetes name, its port.
+const SERVICES: [(&str, &str, u16); 8] = [
+    ("user", "user-service", 8001),
+    ("product", "product-service", 8002),
+    ("order", "order-service", 8003),
+    ("cart", "cart-service", 8004),
+    ("payment", "payment-service", 8005),
+    ("inventory", "inventory-service", 8006),
+    ("notification", "notification-service", 8007),
+    ("gateway", "gateway", 8080),
+];
+
+/// Settings the lead announced for `shop serve` that `ShopConfig` may not have yet: the
+/// manifests may set them, and they are checked against `ShopConfig` once it has them.
+const ANNOUNCED: [&str; 3] = [
+    "SHOP_KAFKA_BROKERS",
+    "SHOP_ETCD_ENDPOINTS",
+    "SHOP_JWT_SECRET",
+];
+
+/// Variables the binary reads that are not `ShopConfig` settings.
+const OTHER_ENV: [&str; 1] = ["RUST_LOG"];
+
+/// Packages the builder stage needs (cmake for librdkafka, protoc for the etcd client).
+const BUILD_PACKAGES: [&str; 6] = [
+    "cmake",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "pkg-config",
+    "libssl-dev",
+    "zlib1g-dev",
+];
+
+/// The kinds the manifests use and their current stable API versions.
+const API_VERSIONS: [(&str, &str); 9] = [
+    ("Namespace", "v1"),
+    ("ConfigMap", "v1"),
+    ("Secret", "v1"),
+    ("Service", "v1"),
+    ("PersistentVolumeClaim", "v1"),
+    ("Deployment", "apps/v1"),
+    ("PodDisruptionBudget", "policy/v1"),
+    ("HorizontalPodAutoscaler", "autoscaling/v2"),
+    ("Ingress", "networking.k8s.io/v1"),
+];
+
+/// The drain deadline when `SHOP_HOST__DRAIN_TIMEOUT` is not set.
+const DEFAULT_DRAIN_SECONDS: f64 = 30.0;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop/deploy")
+}
+
+// ---------------------------------------------------------------------------------------
+// The subset of the Kubernetes API the checks read. Fields the checks need are required or
+// defaulted; everything else is ignored.
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Object {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Value,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    string_data: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeploymentSpec {
+    replicas: Option<u32>,
+    selector: LabelSelector,
+    #[serde(default)]
+    strategy: Strategy,
+    template: PodTemplate,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LabelSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Strategy {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PodTemplate {
+    #[serde(default)]
+    metadata: Metadata,
+    spec: PodSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    termination_grace_period_seconds: Option<f64>,
+    #[serde(default)]
+    security_context: SecurityContext,
+    containers: Vec<Container>,
+    #[serde(default)]
+    volumes: Vec<Volume>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecurityContext {
+    run_as_non_root: Option<bool>,
+    run_as_user: Option<i64>,
+    read_only_root_filesystem: Option<bool>,
+    allow_privilege_escalation: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Container {
+    name: String,
+    #[serde(default)]
+    image: String,
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    ports: Vec<ContainerPort>,
+    #[serde(default)]
+    env: Vec<EnvVar>,
+    #[serde(default)]
+    env_from: Vec<EnvFrom>,
+    liveness_probe: Option<Probe>,
+    readiness_probe: Option<Probe>,
+    startup_probe: Option<Probe>,
+    lifecycle: Option<Lifecycle>,
+    resources: Option<Resources>,
+    #[serde(default)]
+    security_context: SecurityContext,
+    #[serde(default)]
+    volume_mounts: Vec<VolumeMount>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerPort {
+    name: Option<String>,
+    container_port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvVar {
+    name: String,
+    value: Option<String>,
+    value_from: Option<EnvSource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvSource {
+    secret_key_ref: Option<KeyRef>,
+    config_map_key_ref: Option<KeyRef>,
+    field_ref: Option<FieldRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FieldRef {
+    field_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct KeyRef {
+    name: String,
+    key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnvFrom {
+    prefix: Option<String>,
+    config_map_ref: Option<NameRef>,
+    secret_ref: Option<NameRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NameRef {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Probe {
+    http_get: Option<HttpGet>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HttpGet {
+    path: String,
+    port: IntOrString,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(u16),
+    String(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Lifecycle {
+    pre_stop: Option<Handler>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Handler {
+    exec: Option<ExecAction>,
+    sleep: Option<SleepAction>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ExecAction {
+    command: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SleepAction {
+    seconds: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Resources {
+    #[serde(default)]
+    requests: BTreeMap<String, Value>,
+    #[serde(default)]
+    limits: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VolumeMount {
+    name: String,
+    mount_path: String,
+    #[serde(default)]
+    read_only: bool,
+    sub_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Volume {
+    name: String,
+    persistent_volume_claim: Option<ClaimRef>,
+    config_map: Option<NameRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClaimRef {
+    claim_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ServiceSpec {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePort {
+    port: u16,
+    target_port: Option<IntOrString>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HpaSpec {
+    scale_target_ref: TargetRef,
+    min_replicas: Option<u32>,
+    max_replicas: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct TargetRef {
+    kind: String,
+    name: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading.
+
+/// Every document of every manifest in `k8s/` but the kustomization, with its file.
+fn load_manifests() -> Vec<(String, Value)> {
+    let mut documents = Vec::new();
+    for file in manifest_files() {
+        let text = std::fs::read_to_string(deploy_dir().join("k8s").join(&file))
+            .unwrap_or_else(|e| panic!("cannot read {file}: {e}"));
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{file} is not valid YAML: {e}"));
+            if !value.is_null() {
+                documents.push((file.clone(), value));
+            }
+        }
+    }
+    assert!(
+        !documents.is_empty(),
+        "no manifest in examples/shop/deploy/k8s"
+    );
+    documents
+}
+
+fn manifest_files() -> Vec<String> {
+    let dir = deploy_dir().join("k8s");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    files.sort();
+    files
+}
+
+fn typed<T: DeserializeOwned>(value: &Value, what: &str, problems: &mut Vec<String>) -> Option<T> {
+    serde_yaml_ng::from_value(value.clone())
+        .map_err(|e| problems.push(format!("{what}: {e}")))
+        .ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// Values.
+
+/// A Kubernetes quantity (`250m`, `0.5`, `1`, `128Mi`, `1G`) as a number.
+fn quantity(value: &Value) -> Option<f64> {
+    let text = match value {
+        Value::Number(n) => return n.as_f64(),
+        Value::String(s) => s.trim(),
+        _ => return None,
+    };
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(number * factor)
+}
+
+fn resolve_port(port: &IntOrString, container: &Container) -> Option<u16> {
+    match port {
+        IntOrString::Int(port) => Some(*port),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.container_port),
+    }
+}
+
+/// A `SHOP_` variable as the TOML figment would read from it: `SHOP_HOST__DRAIN_TIMEOUT=30s`
+/// is `host.drain_timeout = "30s"`.
+fn toml_line(name: &str, value: &str) -> String {
+    let key = name
+        .trim_start_matches("SHOP_")
+        .to_lowercase()
+        .split("__")
+        .collect::<Vec<_>>()
+        .join(".");
+    let value = if value.parse::<i64>().is_ok() || value == "true" || value == "false" {
+        value.to_owned()
+    } else {
+        serde_json::to_string(value).unwrap()
+    };
+    format!("{key} = {value}\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// The checks.
+
+/// Every object of the manifests by kind and name, with the file it is in.
+struct Objects {
+    all: BTreeMap<(String, String), (String, Object)>,
+}
+
+impl Objects {
+    fn read(documents: &[(String, Value)], problems: &mut Vec<String>) -> Self {
+        let mut objects = BTreeMap::new();
+        for (file, value) in documents {
+            let Some(object) = typed::<Object>(value, file, problems) else {
+                continue;
+            };
+            let key = (object.kind.clone(), object.metadata.name.clone());
+            if objects.contains_key(&key) {
+                problems.push(format!("{file}: {} {} is defined twice", key.0, key.1));
+            }
+            objects.insert(key, (file.clone(), object));
+        }
+        Self { all: objects }
+    }
+
+    fn get(&self, kind: &str, name: &str) -> Option<&Object> {
+        self.all
+            .get(&(kind.to_owned(), name.to_owned()))
+            .map(|(_, object)| object)
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+        self.all
+            .iter()
+            .filter(move |((k, _), _)| k == kind)
+            .map(|(_, (_, object))| object)
+    }
+
+    /// The keys of a ConfigMap or Secret, with their values.
+    fn keys(&self, kind: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        let object = self.get(kind, name)?;
+        let mut keys = object.data.clone();
+        keys.extend(object.string_data.clone());
+        Some(keys)
+    }
+}
+
+/// Every check on the manifests; empty when they are right.
+fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let objects = Objects::read(documents, &mut problems);
+
+    for ((kind, name), (file, object)) in &objects.all {
+        match API_VERSIONS.iter().find(|(k, _)| k == kind) {
+            None => problems.push(format!(
+                "{file}: {kind} {name}: a kind the shop does not use"
+            )),
+            Some((_, version)) if *version != object.api_version => problems.push(format!(
+                "{file}: {kind} {name} is {}, expected {version}",
+                object.api_version
+            )),
+            Some(_) => {}
+        }
+        if kind == "Namespace" {
+            continue;
+        }
+        if object.metadata.namespace.as_deref() != Some("shop") {
+            problems.push(format!(
+                "{file}: {kind} {name} is not in the shop namespace"
+            ));
+        }
+    }
+    if objects.get("Namespace", "shop").is_none() {
+        problems.push("no Namespace shop".to_owned());
+    }
+
+    let mut images = BTreeSet::new();
+    for (service, name, port) in SERVICES {
+        let Some(deployment) = objects.get("Deployment", name) else {
+            problems.push(format!("{service}: no Deployment {name}"));
+            continue;
+        };
+        let what = format!("Deployment {name}");
+        let Some(spec) = typed::<DeploymentSpec>(&deployment.spec, &what, &mut problems) else {
+            continue;
+        };
+        check_deployment(
+            &objects,
+            service,
+            name,
+            port,
+            &spec,
+            &mut images,
+            &mut problems,
+        );
+        match objects.get("Service", name) {
+            None => problems.push(format!("{service}: no Service {name}")),
+            Some(object) => check_service(service, name, port, object, &spec, &mut problems),
+        }
+    }
+    if images.len() > 1 {
+        problems.push(format!("the services run different images: {images:?}"));
+    }
+
+    let known: BTreeSet<&str> = SERVICES.iter().map(|(_, name, _)| *name).collect();
+    for deployment in objects.of_kind("Deployment") {
+        if !known.contains(deployment.metadata.name.as_str()) {
+            problems.push(format!(
+                "Deployment {} runs no shop service",
+                deployment.metadata.name
+            ));
+        }
+    }
+
+    for hpa in objects.of_kind("HorizontalPodAutoscaler") {
+        let what = format!("HorizontalPodAutoscaler {}", hpa.metadata.name);
+        let Some(spec) = typed::<HpaSpec>(&hpa.spec, &what, &mut problems) else {
+            continue;
+        };
+        let target = &spec.scale_target_ref;
+        if target.kind != "Deployment" || objects.get("Deployment", &target.name).is_none() {
+            problems.push(format!(
+                "{what} scales {} {}, which is not defined",
+                target.kind, target.name
+            ));
+        }
+        let min = spec.min_replicas.unwrap_or(1);
+        if min < 2 || min > spec.max_replicas {
+            problems.push(format!(
+                "{what}: replicas from {min} to {} (at least 2, min <= max)",
+                spec.max_replicas
+            ));
+        }
+    }
+
+    let gateway = objects
+        .get("Service", "gateway")
+        .and_then(|s| typed::<ServiceSpec>(&s.spec, "Service gateway", &mut Vec::new()));
+    let public = gateway.is_some_and(|s| s.kind.as_deref() == Some("LoadBalancer"))
+        || objects.of_kind("Ingress").next().is_some();
+    if !public {
+        problems.push(
+            "the gateway is not reachable from outside: no LoadBalancer Service, no Ingress"
+                .to_owned(),
+        );
+    }
+
+    problems
+}
+
+fn check_deployment(
+    objects: &Objects,
+    service: &str,
+    name: &str,
+    port: u16,
+    spec: &DeploymentSpec,
+    images: &mut BTreeSet<String>,
+    problems: &mut Vec<String>,
+) {
+    let at = format!("Deployment {name}");
+    let pod = &spec.template.spec;
+
+    if spec.selector.match_labels.is_empty()
+        || spec
+            .selector
+            .match_labels
+            .iter()
+            .any(|(k, v)| spec.template.metadata.labels.get(k) != Some(v))
+    {
+        problems.push(format!(
+            "{at}: the selector does not match the pod's labels"
+        ));
+    }
+
+    let [container] = pod.containers.as_slice() else {
+        problems.push(format!(
+            "{at}: one container expected, found {}",
+            pod.containers.len()
+        ));
+        return;
+    };
+    let at = format!("{at}, container {}", container.name);
+    images.insert(container.image.clone());
+    if container.image.is_empty()
+        || container.image.ends_with(":latest")
+        || !container.image.contains(':')
+    {
+        problems.push(format!(
+            "{at}: image `{}` has no fixed tag",
+            container.image
+        ));
+    }
+    if container.command.is_some() {
+        problems.push(format!("{at}: `command` replaces the image's ENTRYPOINT"));
+    }
+    if container.args != ["serve", service] {
+        problems.push(format!(
+            "{at}: args {:?}, expected [\"serve\", \"{service}\"]",
+            container.args
+        ));
+    }
+    let ports: Vec<u16> = container.ports.iter().map(|p| p.container_port).collect();
+    if ports != [port] {
+        problems.push(format!(
+            "{at}: container ports {ports:?}, expected [{port}]"
+        ));
+    }
+
+    // Probes: the right endpoint on the service's own port.
+    let probes = [
+        (
+            "livenessProbe",
+            container.liveness_probe.as_ref(),
+            &["/health/live"][..],
+        ),
+        (
+            "readinessProbe",
+            container.readiness_probe.as_ref(),
+            &["/health/ready"][..],
+        ),
+        (
+            "startupProbe",
+            container.startup_probe.as_ref(),
+            &["/health/live", "/health/ready"][..],
+        ),
+    ];
+    for (probe_name, probe, paths) in probes {
+        let Some(probe) = probe else {
+            if probe_name != "startupProbe" {
+                problems.push(format!("{at}: no {probe_name}"));
+            }
+            continue;
+        };
+        let Some(get) = &probe.http_get else {
+            problems.push(format!("{at}: {probe_name} is not an httpGet"));
+            continue;
+        };
+        if !paths.contains(&get.path.as_str()) {
+            problems.push(format!(
+                "{at}: {probe_name} asks {}, expected {paths:?}",
+                get.path
+            ));
+        }
+        if resolve_port(&get.port, container) != Some(port) {
+            problems.push(format!(
+                "{at}: {probe_name} asks port {:?}, expected {port}",
+                get.port
+            ));
+        }
+    }
+
+    // Metrics are scraped from the same port.
+    let annotations = &spec.template.metadata.annotations;
+    if annotations.get("prometheus.io/port") != Some(&port.to_string())
+        || annotations.get("prometheus.io/path").map(String::as_str) != Some("/metrics")
+    {
+        problems.push(format!(
+            "{at}: prometheus annotations do not point at :{port}/metrics"
+        ));
+    }
+
+    // Resources: requests and limits for cpu and memory, requests <= limits.
+    match &container.resources {
+        None => problems.push(format!("{at}: no resources")),
+        Some(resources) => {
+            for resource in ["cpu", "memory"] {
+                let request = resources.requests.get(resource);
+                let limit = resources.limits.get(resource);
+                match (request.map(quantity), limit.map(quantity)) {
+                    (Some(Some(request)), Some(Some(limit))) => {
+                        if request > limit {
+                            problems.push(format!(
+                                "{at}: {resource} request {request} is above its limit {limit}"
+                            ));
+                        }
+                    }
+                    (None, _) => problems.push(format!("{at}: no {resource} request")),
+                    (_, None) => problems.push(format!("{at}: no {resource} limit")),
+                    _ => problems.push(format!("{at}: a {resource} quantity does not parse")),
+                }
+            }
+        }
+    }
+
+    // Environment: names and values the shop's configuration accepts.
+    let (env, config) = check_env(objects, &at, service, port, container, problems);
+
+    // Shutdown: the preStop pause, then the drain, both inside the grace period.
+    let pause = container
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .and_then(|handler| match (&handler.sleep, &handler.exec) {
+            (Some(sleep), _) => Some(sleep.seconds),
+            (None, Some(exec)) => match exec.command.as_slice() {
+                [sleep, seconds] if sleep == "sleep" || sleep.ends_with("/sleep") => {
+                    seconds.parse().ok()
+                }
+                _ => None,
+            },
+            (None, None) => None,
+        });
+    let pause = match pause {
+        Some(pause) if pause > 0.0 => pause,
+        _ => {
+            problems.push(format!("{at}: no preStop pause (`sleep N`)"));
+            0.0
+        }
+    };
+    let drain = config.as_ref().map_or(DEFAULT_DRAIN_SECONDS, |config| {
+        config.host.drain_timeout.as_secs_f64()
+    });
+    match pod.termination_grace_period_seconds {
+        None => problems.push(format!(
+            "{at}: no terminationGracePeriodSeconds (the default 30 s cuts the drain short)"
+        )),
+        Some(grace) if grace <= pause + drain || grace <= 30.0 => problems.push(format!(
+            "{at}: terminationGracePeriodSeconds {grace} leaves no time for the {pause} s \
+             pause and the {drain} s drain"
+        )),
+        Some(_) => {}
+    }
+
+    // Security: non-root, no escalation, a read-only root with writable volumes where needed.
+    let non_root = container
+        .security_context
+        .run_as_non_root
+        .or(pod.security_context.run_as_non_root);
+    if non_root != Some(true) {
+        problems.push(format!("{at}: runAsNonRoot is not set"));
+    }
+    let user = container
+        .security_context
+        .run_as_user
+        .or(pod.security_context.run_as_user);
+    if user == Some(0) {
+        problems.push(format!("{at}: runs as root"));
+    }
+    if container.security_context.allow_privilege_escalation != Some(false) {
+        problems.push(format!("{at}: allowPrivilegeEscalation is not false"));
+    }
+    if container.security_context.read_only_root_filesystem != Some(true) {
+        problems.push(format!("{at}: the root filesystem is writable"));
+    }
+
+    let volumes: BTreeMap<&str, &Volume> =
+        pod.volumes.iter().map(|v| (v.name.as_str(), v)).collect();
+    for mount in &container.volume_mounts {
+        if !volumes.contains_key(mount.name.as_str()) {
+            problems.push(format!("{at}: mounts undefined volume {}", mount.name));
+        }
+    }
+    let writable = |path: &str| {
+        container
+            .volume_mounts
+            .iter()
+            .any(|m| m.mount_path == path && !m.read_only)
+    };
+    let data_dir = config
+        .as_ref()
+        .and_then(|config| config.data_dir.as_ref())
+        .map(|dir| dir.to_string_lossy().into_owned());
+    match &data_dir {
+        Some(dir) if writable(dir) => {}
+        Some(dir) => problems.push(format!(
+            "{at}: the data directory {dir} is not a writable mount (SHOP_DATA_DIR)"
+        )),
+        None => {}
+    }
+
+    // Replicas: a service whose data is on a claimed volume runs alone and is replaced,
+    // not rolled; the others run at least two pods.
+    let data_volume = container
+        .volume_mounts
+        .iter()
+        .find(|m| Some(&m.mount_path) == data_dir.as_ref())
+        .and_then(|m| volumes.get(m.name.as_str()));
+    let replicas = spec.replicas.unwrap_or(1);
+    match data_volume.and_then(|v| v.persistent_volume_claim.as_ref()) {
+        Some(claim) => {
+            if replicas != 1 || spec.strategy.kind.as_deref() != Some("Recreate") {
+                problems.push(format!(
+                    "{at}: its data is on claim {} (embedded storage): one replica and the \
+                     Recreate strategy, found {replicas} and {:?}",
+                    claim.claim_name, spec.strategy.kind
+                ));
+            }
+            if objects
+                .get("PersistentVolumeClaim", &claim.claim_name)
+                .is_none()
+            {
+                problems.push(format!(
+                    "{at}: no PersistentVolumeClaim {}",
+                    claim.claim_name
+                ));
+            }
+        }
+        None if replicas < 2 => {
+            problems.push(format!("{at}: {replicas} replica(s), at least 2 expected"));
+        }
+        None => {}
+    }
+
+    if service == "gateway" {
+        check_gateway_config(objects, &at, container, &volumes, &env, problems);
+    }
+}
+
+/// The container's environment resolved (ConfigMaps and Secrets read); records unknown
+/// names, dangling references and values `ShopConfig` rejects.
+fn check_env(
+    objects: &Objects,
+    at: &str,
+    service: &str,
+    port: u16,
+    container: &Container,
+    problems: &mut Vec<String>,
+) -> (BTreeMap<String, String>, Option<ShopConfig>) {
+    let mut env = BTreeMap::new();
+    for from in &container.env_from {
+        let (kind, reference) = match (&from.config_map_ref, &from.secret_ref) {
+            (Some(r), None) => ("ConfigMap", r),
+            (None, Some(r)) => ("Secret", r),
+            _ => {
+                problems.push(format!(
+                    "{at}: an envFrom names neither one ConfigMap nor one Secret"
+                ));
+                continue;
+            }
+        };
+        match objects.keys(kind, &reference.name) {
+            None => problems.push(format!(
+                "{at}: envFrom {kind} {} is not defined",
+                reference.name
+            )),
+            Some(keys) => {
+                let prefix = from.prefix.clone().unwrap_or_default();
+                env.extend(keys.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+            }
+        }
+    }
+    for var in &container.env {
+        let value = match (&var.value, &var.value_from) {
+            (Some(value), None) => Some(value.clone()),
+            (
+                None,
+                Some(EnvSource {
+                    field_ref: Some(field),
+                    ..
+                }),
+            ) => {
+                // The pod's own IP, which the service registers in discovery.
+                if field.field_path == "status.podIP" {
+                    Some("10.0.0.1".to_owned())
+                } else {
+                    problems.push(format!(
+                        "{at}: {} comes from {}, not the pod's IP",
+                        var.name, field.field_path
+                    ));
+                    None
+                }
+            }
+            (None, Some(source)) => {
+                let (kind, key_ref) = match (&source.config_map_key_ref, &source.secret_key_ref) {
+                    (Some(r), None) => ("ConfigMap", r),
+                    (None, Some(r)) => ("Secret", r),
+                    _ => {
+                        problems.push(format!(
+                            "{at}: {} comes from neither a ConfigMap nor a Secret",
+                            var.name
+                        ));
+                        continue;
+                    }
+                };
+                let value = objects
+                    .keys(kind, &key_ref.name)
+                    .and_then(|keys| keys.get(&key_ref.key).cloned());
+                if value.is_none() {
+                    problems.push(format!(
+                        "{at}: {} refers to {kind} {} key {}, which is not defined",
+                        var.name, key_ref.name, key_ref.key
+                    ));
+                }
+                value
+            }
+            _ => {
+                problems.push(format!("{at}: {} has no value", var.name));
+                None
+            }
+        };
+        if let Some(value) = value {
+            env.insert(var.name.clone(), value);
+        }
+    }
+
+    if service != "gateway" && !env.contains_key("SHOP_ADVERTISE_HOST") {
+        problems.push(format!(
+            "{at}: SHOP_ADVERTISE_HOST is not set, so the service would register 0.0.0.0"
+        ));
+    }
+    let (found, config) = check_env_names(&env);
+    problems.extend(found.into_iter().map(|problem| format!("{at}: {problem}")));
+    if let Some(config) = &config {
+        let listen = serde_json::to_value(&config.listen).unwrap();
+        let addr: Option<SocketAddr> = listen
+            .get(service)
+            .and_then(|addr| serde_json::from_value(addr.clone()).ok());
+        if !addr.is_some_and(|addr| addr.ip().is_unspecified() && addr.port() == port) {
+            problems.push(format!(
+                "{at}: listens on {addr:?}, expected every interface at :{port} \
+                 (SHOP_LISTEN__{})",
+                service.to_uppercase()
+            ));
+        }
+    }
+    (env, config)
+}
+
+/// Whether `ShopConfig` accepts these variables, as the binary's figment would read them.
+/// Settings announced but not in `ShopConfig` yet are left out of the load.
+fn check_env_names(env: &BTreeMap<String, String>) -> (Vec<String>, Option<ShopConfig>) {
+    let mut problems = Vec::new();
+    let defaults = serde_json::to_value(ShopConfig::default()).unwrap();
+    let mut toml = String::new();
+    for (name, value) in env {
+        if OTHER_ENV.contains(&name.as_str()) {
+            continue;
+        }
+        let Some(setting) = name.strip_prefix("SHOP_") else {
+            problems.push(format!("{name} is not a setting of the shop"));
+            continue;
+        };
+        let top = setting.split("__").next().unwrap().to_lowercase();
+        if ANNOUNCED.contains(&name.as_str()) && defaults.get(&top).is_none() {
+            continue;
+        }
+        toml.push_str(&toml_line(name, value));
+    }
+    let config = ConfigLoader::new()
+        .defaults(&ShopConfig::default())
+        .toml_str(&toml)
+        .load::<ShopConfig>()
+        .map_err(|error| {
+            problems.push(format!(
+                "the shop's configuration rejects its environment: {error}"
+            ));
+        })
+        .ok();
+    (problems, config)
+}
+
+/// The gateway reads its YAML from the ConfigMap built from examples/shop/config/gateway.yaml,
+/// mounted as a directory so that updates reach the file.
+fn check_gateway_config(
+    objects: &Objects,
+    at: &str,
+    container: &Container,
+    volumes: &BTreeMap<&str, &Volume>,
+    env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    let Some(path) = env.get("SHOP_GATEWAY_CONFIG") else {
+        problems.push(format!("{at}: no SHOP_GATEWAY_CONFIG"));
+        return;
+    };
+    let path = Path::new(path);
+    let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+        problems.push(format!("{at}: SHOP_GATEWAY_CONFIG is not a file path"));
+        return;
+    };
+    let mount = container
+        .volume_mounts
+        .iter()
+        .find(|m| Path::new(&m.mount_path) == dir);
+    let Some(mount) = mount else {
+        problems.push(format!("{at}: nothing is mounted at {}", dir.display()));
+        return;
+    };
+    if mount.sub_path.is_some() {
+        problems.push(format!(
+            "{at}: the gateway configuration is a subPath mount, which never updates"
+        ));
+    }
+    let config_map = volumes
+        .get(mount.name.as_str())
+        .and_then(|v| v.config_map.as_ref());
+    let keys = config_map.and_then(|c| objects.keys("ConfigMap", &c.name));
+    let file = file.to_string_lossy();
+    if keys
+        .as_ref()
+        .and_then(|keys| keys.get(file.as_ref()))
+        .is_none()
+    {
+        problems.push(format!(
+            "{at}: {} is not a key of a ConfigMap mounted at {}",
+            file,
+            dir.display()
+        ));
+    }
+}
+
+fn check_service(
+    service: &str,
+    name: &str,
+    port: u16,
+    object: &Object,
+    deployment: &DeploymentSpec,
+    problems: &mut Vec<String>,
+) {
+    let at = format!("Service {name}");
+    let Some(spec) = typed::<ServiceSpec>(&object.spec, &at, problems) else {
+        return;
+    };
+    let labels = &deployment.template.metadata.labels;
+    if spec.selector.is_empty() || spec.selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+        problems.push(format!(
+            "{at}: the selector does not select the pods of Deployment {name}"
+        ));
+    }
+    let Some(container) = deployment.template.spec.containers.first() else {
+        return;
+    };
+    let targets: Vec<Option<u16>> = spec
+        .ports
+        .iter()
+        .map(|p| {
+            resolve_port(
+                p.target_port.as_ref().unwrap_or(&IntOrString::Int(p.port)),
+                container,
+            )
+        })
+        .collect();
+    if targets.is_empty() || targets.iter().any(|t| *t != Some(port)) {
+        problems.push(format!("{at}: target ports {targets:?}, expected {port}"));
+    }
+    if service != "gateway" && !spec.ports.iter().any(|p| p.port == port) {
+        problems.push(format!(
+            "{at}: does not serve port {port} inside the cluster"
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The Dockerfile.
+
+/// The Dockerfile's instructions: continuation lines joined, comments dropped.
+fn instructions(text: &str) -> Vec<(String, String)> {
+    let mut instructions = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                let (keyword, rest) = current
+                    .split_once(char::is_whitespace)
+                    .unwrap_or((&current, ""));
+                instructions.push((keyword.to_uppercase(), rest.trim().to_owned()));
+                current.clear();
+            }
+        }
+    }
+    instructions
+}
+
+/// Every check on the Dockerfile; empty when it is right. `run_as_user` is the user the
+/// pods run as.
+fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut stages: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for (keyword, rest) in instructions(text) {
+        if keyword == "FROM" {
+            stages.push((rest, Vec::new()));
+        } else if let Some((_, body)) = stages.last_mut() {
+            body.push((keyword, rest));
+        } else if keyword != "ARG" {
+            problems.push(format!("{keyword} before the first FROM"));
+        }
+    }
+    let froms: Vec<&str> = stages.iter().map(|(from, _)| from.as_str()).collect();
+    if froms
+        != [
+            "rust:1.95-slim-bookworm AS builder",
+            "debian:bookworm-slim AS runtime",
+        ]
+    {
+        problems.push(format!(
+            "stages {froms:?}, expected a rust:1.95-slim-bookworm builder and a \
+             debian:bookworm-slim runtime"
+        ));
+    }
+    let runs = |stage: usize| -> Vec<&str> {
+        stages.get(stage).map_or(Vec::new(), |(_, body)| {
+            body.iter()
+                .filter(|(k, _)| k == "RUN")
+                .map(|(_, rest)| rest.as_str())
+                .collect()
+        })
+    };
+
+    let builder = runs(0);
+    let installed: BTreeSet<&str> = builder
+        .iter()
+        .filter(|run| run.contains("apt-get install"))
+        .flat_map(|run| run.split_whitespace())
+        .collect();
+    for package in BUILD_PACKAGES {
+        if !installed.contains(package) {
+            problems.push(format!("the builder does not install {package}"));
+        }
+    }
+    let builds = builder.iter().any(|run| {
+        let words: Vec<&str> = run.split_whitespace().collect();
+        words.windows(2).any(|w| w == ["cargo", "build"])
+            && words.contains(&"--release")
+            && words.windows(2).any(|w| w == ["-p", "shop"])
+    });
+    if !builds {
+        problems.push("the builder does not run `cargo build --release -p shop`".to_owned());
+    }
+
+    let Some((_, runtime)) = stages.get(1) else {
+        return problems;
+    };
+    let last = |keyword: &str| {
+        runtime
+            .iter()
+            .rev()
+            .find(|(k, _)| k == keyword)
+            .map(|(_, rest)| rest.as_str())
+    };
+    if !runtime.iter().any(|(k, rest)| {
+        k == "COPY" && rest.starts_with("--from=builder") && rest.ends_with("/shop")
+    }) {
+        problems.push("the runtime does not copy the shop binary from the builder".to_owned());
+    }
+    match last("ENTRYPOINT").map(serde_json::from_str::<Vec<String>>) {
+        Some(Ok(entrypoint)) if entrypoint == ["shop"] => {}
+        other => problems.push(format!(
+            "ENTRYPOINT is {other:?}, expected [\"shop\"] in exec form"
+        )),
+    }
+    let uid = last("USER")
+        .and_then(|user| user.split(':').next())
+        .and_then(|uid| uid.parse::<i64>().ok());
+    match uid {
+        Some(uid) if uid != 0 => {
+            if run_as_user.is_some_and(|pods| pods != uid) {
+                problems.push(format!(
+                    "the image runs as {uid} but the pods as {}",
+                    run_as_user.unwrap()
+                ));
+            }
+        }
+        _ => problems.push(format!(
+            "USER is {:?}: a numeric user other than 0, for runAsNonRoot",
+            last("USER")
+        )),
+    }
+
+    let mut env = BTreeMap::new();
+    for (_, rest) in runtime.iter().filter(|(k, _)| k == "ENV") {
+        for pair in rest.split_whitespace() {
+            match pair.split_once('=') {
+                Some((name, value)) => {
+                    env.insert(name.to_owned(), value.to_owned());
+                }
+                None => problems.push(format!("ENV `{rest}`: write NAME=value")),
+            }
+        }
+    }
+    let (found, _) = check_env_names(&env);
+    problems.extend(found.into_iter().map(|p| format!("ENV: {p}")));
+    problems
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+fn dockerfile() -> String {
+    std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("the Dockerfile")
+}
+
+fn pods_user() -> Option<i64> {
+    let documents = load_manifests();
+    let objects = Objects::read(&documents, &mut Vec::new());
+    let deployment = objects.get("Deployment", "gateway")?;
+    let spec: DeploymentSpec = serde_yaml_ng::from_value(deployment.spec.clone()).ok()?;
+    spec.template.spec.security_context.run_as_user
+}
+
+fn assert_no_problem(problems: &[String]) {
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n  {}",
+        problems.len(),
+        problems.join("\n  ")
+    );
+}
+
+fn assert_found(problems: &[String], expected: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(expected)),
+        "expected a problem containing `{expected}`, found {problems:#?}"
+    );
+}
+
+#[test]
+fn the_manifests_pass_every_check() {
+    assert_no_problem(&check_manifests(&load_manifests()));
+}
+
+#[test]
+fn the_dockerfile_builds_the_shop_and_runs_it_as_a_user() {
+    assert_no_problem(&check_dockerfile(&dockerfile(), pods_user()));
+}
+
+#[test]
+fn the_kustomization_lists_every_manifest() {
+    let text = std::fs::read_to_string(deploy_dir().join("k8s/kustomization.yaml")).unwrap();
+    let kustomization: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let listed: Vec<String> =
+        serde_yaml_ng::from_value(kustomization["resources"].clone()).unwrap();
+    assert_eq!(listed, manifest_files(), "kustomization.yaml resources");
+}
+
+#[test]
+fn the_gateway_config_map_holds_the_shipped_gateway_yaml() {
+    let shipped = std::fs::read_to_string(deploy_dir().join("../config/gateway.yaml")).unwrap();
+    let documents = load_manifests();
+    let objects = Objects::read(&documents, &mut Vec::new());
+    let keys = objects
+        .keys("ConfigMap", "shop-gateway")
+        .expect("a ConfigMap shop-gateway");
+    assert!(
+        keys.get("gateway.yaml") == Some(&shipped),
+        "k8s/02-gateway-config.yaml differs from examples/shop/config/gateway.yaml: \
+         regenerate it with the command at its top"
+    );
+}
+
+/// The manifests with one change made by `edit` to the document of `kind` `name`.
+fn broken(kind: &str, name: &str, edit: impl FnOnce(&mut Value)) -> Vec<(String, Value)> {
+    let mut documents = load_manifests();
+    let (_, document) = documents
+        .iter_mut()
+        .find(|(_, d)| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"));
+    edit(document);
+    documents
+}
+
+fn container(document: &mut Value) -> &mut Value {
+    &mut document["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn remove(value: &mut Value, key: &str) {
+    value.as_mapping_mut().unwrap().remove(key).unwrap();
+}
+
+#[test]
+fn a_missing_probe_is_caught() {
+    let documents = broken("Deployment", "order-service", |d| {
+        remove(container(d), "readinessProbe");
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "order-service, container order: no readinessProbe",
+    );
+
+    let documents = broken("Deployment", "cart-service", |d| {
+        container(d)["livenessProbe"]["httpGet"]["path"] = "/health".into();
+    });
+    assert_found(&check_manifests(&documents), "livenessProbe asks /health,");
+}
+
+#[test]
+fn a_probe_on_another_port_is_caught() {
+    let documents = broken("Deployment", "user-service", |d| {
+        container(d)["readinessProbe"]["httpGet"]["port"] = 8002.into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "readinessProbe asks port Int(8002), expected 8001",
+    );
+}
+
+#[test]
+fn a_wrong_port_is_caught() {
+    let documents = broken("Deployment", "payment-service", |d| {
+        container(d)["ports"][0]["containerPort"] = 8004.into();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "container ports [8004], expected [8005]");
+    // The probes and the Service follow the named port, so they are wrong too.
+    assert_found(
+        &problems,
+        "Service payment-service: target ports [Some(8004)]",
+    );
+}
+
+#[test]
+fn a_listener_or_data_directory_out_of_reach_is_caught() {
+    let documents = broken("Deployment", "order-service", |d| {
+        container(d)["env"][0]["value"] = "127.0.0.1:8003".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "listens on Some(127.0.0.1:8003)",
+    );
+
+    let documents = broken("ConfigMap", "shop-env", |d| {
+        remove(&mut d["data"], "SHOP_DATA_DIR");
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "target/shop-data is not a writable mount",
+    );
+}
+
+#[test]
+fn a_missing_service_is_caught() {
+    let mut documents = load_manifests();
+    documents
+        .retain(|(_, d)| !(d["kind"] == "Service" && d["metadata"]["name"] == "inventory-service"));
+    assert_found(
+        &check_manifests(&documents),
+        "inventory: no Service inventory-service",
+    );
+
+    let documents = broken("HorizontalPodAutoscaler", "gateway", |d| {
+        d["apiVersion"] = "autoscaling/v2beta2".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "is autoscaling/v2beta2, expected autoscaling/v2",
+    );
+
+    let mut documents = load_manifests();
+    documents.retain(|(_, d)| !(d["kind"] == "Deployment" && d["metadata"]["name"] == "gateway"));
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "gateway: no Deployment gateway");
+    assert_found(&problems, "scales Deployment gateway, which is not defined");
+}
+
+#[test]
+fn resources_missing_or_inverted_are_caught() {
+    let documents = broken("Deployment", "product-service", |d| {
+        container(d)["resources"]["requests"]["memory"] = "1Gi".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "memory request 1073741824 is above its limit",
+    );
+
+    let documents = broken("Deployment", "notification-service", |d| {
+        remove(&mut container(d)["resources"], "limits");
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "no cpu limit");
+    assert_found(&problems, "no memory limit");
+}
+
+#[test]
+fn a_short_grace_period_is_caught() {
+    let documents = broken("Deployment", "gateway", |d| {
+        d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30.into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "terminationGracePeriodSeconds 30 leaves no time",
+    );
+
+    let documents = broken("Deployment", "gateway", |d| {
+        remove(container(d), "lifecycle");
+    });
+    assert_found(&check_manifests(&documents), "no preStop pause");
+}
+
+#[test]
+fn a_different_image_is_caught() {
+    let documents = broken("Deployment", "cart-service", |d| {
+        container(d)["image"] = "shop:latest".into();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "the services run different images");
+    assert_found(&problems, "image `shop:latest` has no fixed tag");
+}
+
+#[test]
+fn unknown_settings_are_caught() {
+    let documents = broken("Deployment", "order-service", |d| {
+        let env = container(d)["env"].as_sequence_mut().unwrap();
+        env.push(
+            serde_yaml_ng::from_str("{name: SHOP_DATABASE_URL, value: postgres://x}").unwrap(),
+        );
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "the shop's configuration rejects its environment",
+    );
+
+    let documents = broken("ConfigMap", "shop-env", |d| {
+        d["data"]["DB_HOST"] = "user-db".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "DB_HOST is not a setting of the shop",
+    );
+
+    let documents = broken("ConfigMap", "shop-env", |d| {
+        d["data"]["SHOP_HOST__DRAIN_TIMEOUT"] = "30 seconds".into();
+    });
+    assert_found(&check_manifests(&documents), "rejects its environment");
+}
+
+#[test]
+fn a_dangling_reference_is_caught() {
+    let documents = broken("Secret", "shop-secrets", |d| {
+        remove(&mut d["stringData"], "SHOP_JWT_SECRET");
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "SHOP_JWT_SECRET refers to Secret shop-secrets key SHOP_JWT_SECRET, which is not defined",
+    );
+
+    let documents = broken("Deployment", "gateway", |d| {
+        let spec = &mut d["spec"]["template"]["spec"];
+        spec["volumes"][2]["configMap"]["name"] = "gateway-yaml".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "gateway.yaml is not a key of a ConfigMap mounted at /etc/shop",
+    );
+}
+
+#[test]
+fn an_unsafe_security_context_is_caught() {
+    let documents = broken("Deployment", "inventory-service", |d| {
+        container(d)["securityContext"]["readOnlyRootFilesystem"] = false.into();
+        d["spec"]["template"]["spec"]["securityContext"]["runAsUser"] = 0.into();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "the root filesystem is writable");
+    assert_found(&problems, "runs as root");
+}
+
+#[test]
+fn replicas_that_do_not_fit_the_storage_are_caught() {
+    let documents = broken("Deployment", "inventory-service", |d| {
+        d["spec"]["replicas"] = 2.into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "one replica and the Recreate strategy",
+    );
+
+    let documents = broken("Deployment", "user-service", |d| {
+        d["spec"]["replicas"] = 1.into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "1 replica(s), at least 2 expected",
+    );
+}
+
+#[test]
+fn a_broken_dockerfile_is_caught() {
+    let good = dockerfile();
+    let user = pods_user();
+
+    let text = good.replace("ENTRYPOINT [\"shop\"]", "ENTRYPOINT shop");
+    assert_found(&check_dockerfile(&text, user), "ENTRYPOINT is");
+
+    let text = good.replace(
+        "FROM debian:bookworm-slim AS runtime",
+        "FROM debian:bookworm AS runtime",
+    );
+    assert_found(&check_dockerfile(&text, user), "stages");
+
+    let text = good.replace(" protobuf-compiler ", " ");
+    assert_found(
+        &check_dockerfile(&text, user),
+        "the builder does not install protobuf-compiler",
+    );
+
+    let text = good.replace("USER 10001:10001", "USER root");
+    assert_found(&check_dockerfile(&text, user), "USER is Some(\"root\")");
+
+    assert_found(&check_dockerfile(&good, Some(1000)), "the pods as 1000");
+
+    let text = good.replace("-p shop", "-p micro-gateway");
+    assert_found(
+        &check_dockerfile(&text, user),
+        "cargo build --release -p shop",
+    );
+}
+
+#[test]
+fn quantities_parse_as_kubernetes_writes_them() {
+    let q = |text: &str| quantity(&Value::String(text.to_owned()));
+    assert_eq!(q("250m"), Some(0.25));
+    assert_eq!(q("1"), Some(1.0));
+    assert_eq!(q("0.5"), Some(0.5));
+    assert_eq!(q("128Mi"), Some(128.0 * 1024.0 * 1024.0));
+    assert_eq!(q("1G"), Some(1e9));
+    assert_eq!(q("12 parsecs"), None);
+    assert_eq!(quantity(&Value::Number(2.into())), Some(2.0));
+}
