@@ -80,15 +80,28 @@ impl Service<Request<Body>> for Reloadable {
     }
 }
 
+/// Rewrites a configuration file's text before it is parsed.
+type Preprocess = Box<dyn Fn(&str) -> String + Send + Sync>;
+
 /// Watches a configuration file and replaces a [`Reloadable`]'s gateway when the file's
 /// content changes and the new content builds.
-#[derive(Debug)]
 pub struct ConfigWatcher {
     path: PathBuf,
     resources: Resources,
     target: Reloadable,
     applied: Option<Vec<u8>>,
     pending: Option<Vec<u8>>,
+    preprocess: Option<Preprocess>,
+}
+
+impl fmt::Debug for ConfigWatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigWatcher")
+            .field("path", &self.path)
+            .field("resources", &self.resources)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConfigWatcher {
@@ -103,7 +116,15 @@ impl ConfigWatcher {
             target,
             applied,
             pending: None,
+            preprocess: None,
         }
+    }
+
+    /// Rewrites the file's text before it is parsed, as the program did with the text it
+    /// started from (filling in a secret, say).
+    pub fn preprocess(mut self, f: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
+        self.preprocess = Some(Box::new(f));
+        self
     }
 
     /// Reads the file now; if its content changed and read the same at the previous check
@@ -131,7 +152,11 @@ impl ConfigWatcher {
         self.applied = Some(content.clone());
         let built = std::str::from_utf8(&content)
             .map_err(|e| ConfigError::unreadable(&self.path, e))
-            .and_then(|text| DeclarativeConfig::from_yaml(text).map_err(|e| e.in_file(&self.path)))
+            .map(|text| match &self.preprocess {
+                Some(preprocess) => preprocess(text),
+                None => text.to_owned(),
+            })
+            .and_then(|text| DeclarativeConfig::from_yaml(&text).map_err(|e| e.in_file(&self.path)))
             .and_then(|config| {
                 config
                     .build_with(&self.resources)

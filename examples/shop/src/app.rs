@@ -18,7 +18,7 @@ use micro_discovery::host::ServiceHostBuilderExt;
 use micro_discovery::memory::MemoryRegistry;
 use micro_discovery::{Discover, Instance, Registration, Registry};
 use micro_gateway::config::{DeclarativeConfig, Resources};
-use micro_gateway::reload::Reloadable;
+use micro_gateway::reload::{ConfigWatcher, Reloadable};
 use micro_saga::log::EmbeddedSagaLog;
 use micro_saga::{MemorySagaLog, SagaLog};
 use serde::{Deserialize, Serialize};
@@ -182,7 +182,12 @@ impl Shop {
 }
 
 /// The gateway as a hosted service.
-struct GatewayService(Router);
+/// The gateway as a hosted service; it follows its configuration file, when it has one.
+struct GatewayService {
+    router: Router,
+    watcher: std::sync::Mutex<Option<ConfigWatcher>>,
+    watching: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
 
 impl Service for GatewayService {
     fn name(&self) -> &str {
@@ -190,7 +195,32 @@ impl Service for GatewayService {
     }
 
     fn router(&self) -> Router {
-        self.0.clone()
+        self.router.clone()
+    }
+
+    async fn start(&self) -> Result<(), micro_core::error::BoxError> {
+        let watcher = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(watcher) = watcher {
+            let task = tokio::spawn(watcher.run(Duration::from_secs(2)));
+            *self.watching.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), micro_core::error::BoxError> {
+        if let Some(task) = self
+            .watching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        Ok(())
     }
 }
 
@@ -425,9 +455,22 @@ async fn add(
             .await?
         }
         "gateway" => {
-            let gateway = DeclarativeConfig::from_yaml(&gateway_yaml(config)?)?
-                .build_with(&Resources::new().discover(discover.clone()))?;
-            let gateway = GatewayService(Reloadable::new(gateway).into_router());
+            let resources = Resources::new().discover(discover.clone());
+            let gateway =
+                DeclarativeConfig::from_yaml(&gateway_yaml(config)?)?.build_with(&resources)?;
+            let reloadable = Reloadable::new(gateway);
+            // A file given in the configuration is followed: a changed file is applied
+            // without closing a connection, with the same secret filled in.
+            let watcher = config.gateway_config.as_ref().map(|path| {
+                let secret = config.jwt_secret.clone();
+                ConfigWatcher::new(path, resources, reloadable.clone())
+                    .preprocess(move |text| text.replace("${JWT_SECRET}", &secret))
+            });
+            let gateway = GatewayService {
+                router: reloadable.into_router(),
+                watcher: std::sync::Mutex::new(watcher),
+                watching: std::sync::Mutex::new(None),
+            };
             hosted(
                 builder,
                 registry,

@@ -527,4 +527,27 @@ async fn tokens_are_checked_at_the_gateway_and_limits_hold() {
         .call(Method::GET, "/api/products/SKU-1001", None, None, None)
         .await;
     assert_eq!(status, 200);
+
+    // A changed file is applied while the shop runs, with the token secret filled in:
+    // the new gateway's limits start afresh and the old token is still good.
+    let relaxed = app::GATEWAY_YAML.replace(
+        "      second: 50\n      minute: 1000\n",
+        "      minute: 100\n",
+    );
+    std::fs::write(dir.path().join("gateway.yaml"), relaxed).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = shop
+            .call(Method::GET, "/api/carts/me", Some("heidi"), None, None)
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changed file was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
