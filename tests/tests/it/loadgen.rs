@@ -80,7 +80,6 @@ async fn the_smoke_run_meets_no_unexpected_error_and_runs_every_journey() {
     println!("{report}");
 
     assert_eq!(report.unexpected_errors(), 0, "{report}");
-    assert_eq!(report.expected_errors(), 0, "{report}");
     for journey in Journey::ALL {
         let ran = report.journey(*journey).map_or(0, |r| r.ok);
         assert_eq!(
