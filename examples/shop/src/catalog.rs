@@ -1,7 +1,7 @@
-//! The product catalog service: list with paging, search, get by id.
+//! The product catalog service: list with paging, search, get by id, batch get.
 //!
-//! This is the first service of the reference shop; it keeps its catalog in memory, seeded
-//! at start. Prices are integer minor units with a currency, never floats.
+//! The catalog is seeded at start, in memory, or once into PostgreSQL when the shop is
+//! configured for it. Prices are integer minor units with a currency, never floats.
 
 use std::sync::Arc;
 
@@ -318,6 +318,64 @@ async fn product(
     })
 }
 
+/// `GET /products/batch?ids=SKU-1001,SKU-1002`.
+#[derive(Debug, Deserialize)]
+pub struct BatchQuery {
+    /// Product ids, comma-separated, at most 100.
+    pub ids: String,
+}
+
+/// The answer to a batch get.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Batch {
+    /// The products found, in the order asked.
+    pub items: Vec<Product>,
+    /// The ids with no product.
+    pub missing: Vec<String>,
+}
+
+async fn batch(
+    State(catalog): State<Catalog>,
+    query: Result<Query<BatchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Batch>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "invalid_query",
+        message: rejection.body_text(),
+    })?;
+    let ids: Vec<&str> = query
+        .ids
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .collect();
+    if ids.is_empty() || ids.len() > 100 {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_ids",
+            message: "give 1 to 100 product ids, comma-separated".to_owned(),
+        });
+    }
+    let mut found = Batch {
+        items: Vec::with_capacity(ids.len()),
+        missing: Vec::new(),
+    };
+    for id in ids {
+        match catalog.get(id).await.map_err(|error| {
+            tracing::error!(error = format!("{error:#}"), "the catalog cannot be read");
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "catalog_unavailable",
+                message: "the catalog cannot be read now".to_owned(),
+            }
+        })? {
+            Some(product) => found.items.push(product),
+            None => found.missing.push(id.to_owned()),
+        }
+    }
+    Ok(Json(found))
+}
+
 impl Service for Catalog {
     fn name(&self) -> &str {
         "product-service"
@@ -330,6 +388,7 @@ impl Service for Catalog {
     fn router(&self) -> Router {
         Router::new()
             .route("/products", get(list))
+            .route("/products/batch", get(batch))
             .route("/products/{id}", get(product))
             .with_state(self.clone())
     }
@@ -385,6 +444,18 @@ mod tests {
         assert_eq!(page["items"][0]["price"]["amount"], 4900);
         let (_, page) = call("/products?q=steel").await;
         assert_eq!(page["items"][0]["id"], "SKU-1006");
+    }
+
+    #[tokio::test]
+    async fn a_batch_get_answers_in_the_order_asked_and_names_the_missing() {
+        let (status, batch) = call("/products/batch?ids=SKU-1003,SKU-9,SKU-1001").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(batch["items"][0]["id"], "SKU-1003");
+        assert_eq!(batch["items"][1]["id"], "SKU-1001");
+        assert_eq!(batch["missing"], serde_json::json!(["SKU-9"]));
+        let (status, body) = call("/products/batch?ids=").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "invalid_ids");
     }
 
     #[tokio::test]

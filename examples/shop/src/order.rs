@@ -9,7 +9,8 @@
 //!   refunded and the order ends `CANCELLED` with the reason; when the refund keeps
 //!   failing it ends `REQUIRES_ATTENTION`.
 //! - Status moves only through [`Order::transition`], which rejects illegal moves.
-//! - Events go through the outbox of the order's store and a relay to an [`EventSink`].
+//! - Events go through the outbox of the order's [`Ledger`] (its embedded store, or
+//!   PostgreSQL with micro-events' outbox) and a relay to the bus.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

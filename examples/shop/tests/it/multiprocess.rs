@@ -59,6 +59,7 @@ fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
 async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     let etcd = server("MICRO_TEST_ETCD_ENDPOINT", "http://127.0.0.1:23790");
     let kafka = server("MICRO_TEST_KAFKA_BROKERS", "127.0.0.1:19092");
+    let kafka_brokers = kafka.clone();
     let redis = server("MICRO_TEST_REDIS_URL", "redis://127.0.0.1:6379");
     let postgres = std::env::var("MICRO_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
@@ -77,6 +78,17 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
             .as_nanos()
     );
     let schema = format!("shop_test_{}", unique.replace('-', "_"));
+    // The shop's gateway file, with a limit of three profile reads a minute per user.
+    let profile_route = "        rewrite: /me\n        methods: [GET]\n";
+    assert!(shop::app::GATEWAY_YAML.contains(profile_route));
+    let yaml = shop::app::GATEWAY_YAML.replace(
+        profile_route,
+        &format!(
+            "{profile_route}        plugins:\n          - name: rate-limiting\n            config: {{ minute: 3, limit_by: consumer }}\n"
+        ),
+    );
+    let gateway_file = data.path().join("gateway.yaml");
+    std::fs::write(&gateway_file, yaml).unwrap();
     let env = vec![
         ("SHOP_DATA_DIR", data.path().display().to_string()),
         ("SHOP_ETCD_ENDPOINTS", etcd),
@@ -93,6 +105,7 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         ("SHOP_POSTGRES_SCHEMA", schema.clone()),
         // Longer than the order saga's charge timeout, so the timeout card times out.
         ("SHOP_PAYMENT_HANG", "10s".to_owned()),
+        ("SHOP_GATEWAY_CONFIG", gateway_file.display().to_string()),
     ];
     let mut processes = Vec::new();
     let mut gateway = String::new();
@@ -180,6 +193,24 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     assert_eq!(settled(&client, &token, &kept).await["status"], "CONFIRMED");
     let (status, _) = send(&client, Method::GET, "/api/orders", None, None, None).await;
     assert_eq!(status, 401);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let (status, _) = send(
+            &client,
+            Method::GET,
+            "/api/users/me",
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+        statuses.push(status);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429],
+        "three profile reads a minute"
+    );
 
     // Every charge is matched by a confirmed order, a refund, or an order needing
     // attention; nothing is left reserved; stock is conserved.
@@ -246,6 +277,64 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The confirmation delivered again over Kafka sends nothing twice: a duplicate, then a
+    // marker on the same key (so the same partition, consumed after it).
+    let path_sent = path.clone();
+    let (_, sent) = send(&client, Method::GET, &path_sent, Some(&token), None, None).await;
+    let confirmation = sent
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "order_confirmed")
+        .unwrap()
+        .clone();
+    let total = shop::catalog::Money {
+        amount: 1450,
+        currency: "USD".to_owned(),
+    };
+    let duplicate = shop::events::OrderEvent::OrderConfirmed {
+        order_id: order.clone(),
+        user_id: confirmation["user_id"].as_str().unwrap().to_owned(),
+        total: total.clone(),
+    }
+    .envelope(confirmation["event_id"].as_str().unwrap())
+    .unwrap();
+    let marker_order = format!("marker-{unique}");
+    let marker = shop::events::OrderEvent::OrderConfirmed {
+        order_id: marker_order.clone(),
+        user_id: "marker".to_owned(),
+        total,
+    }
+    .envelope(&format!("{marker_order}:notify"))
+    .unwrap();
+    let bus = micro_events::kafka::KafkaBus::new(micro_events::kafka::KafkaConfig::new(
+        kafka_brokers.as_str(),
+    ))
+    .unwrap();
+    let topic = format!("test-{unique}-order-events");
+    use micro_events::PublisherExt as _;
+    bus.publish(&topic, &order, &duplicate).await.unwrap();
+    bus.publish(&topic, &order, &marker).await.unwrap();
+    let marker_path = format!("/api/notifications?order_id={marker_order}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, sent) = send(&client, Method::GET, &marker_path, Some(&token), None, None).await;
+        if sent.as_array().is_some_and(|s| !s.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the marker event was not consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, sent) = send(&client, Method::GET, &path_sent, Some(&token), None, None).await;
+    assert_eq!(
+        sent.as_array().map(Vec::len),
+        Some(2),
+        "the duplicate sent nothing: {sent}"
+    );
     drop(processes);
 
     // The orders were in PostgreSQL: the schema holds them. Then it goes.
