@@ -361,7 +361,7 @@ impl Gateway {
             name: route.name.clone(),
             params: found.params,
         });
-        let name = route.name.to_string();
+        let name = route.name.clone();
         let started = Instant::now();
         let response = match route.service.clone().oneshot(request).await {
             Ok(response) => response,

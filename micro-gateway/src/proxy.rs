@@ -223,6 +223,7 @@ type Pipeline = BoxCloneSyncService<Request<Body>, Response<Incoming>, BoxError>
 pub struct Proxy {
     pipeline: Pipeline,
     target: Target,
+    label: Arc<str>,
     config: Arc<ProxyConfig>,
 }
 
@@ -267,19 +268,23 @@ impl Proxy {
             )),
             None => pipeline,
         };
+        // Named once: the name labels every request's metrics.
+        let label = match &target {
+            Target::Fixed(upstream) => upstream.to_string(),
+            Target::Discovered { service, .. } => format!("discovery:{service}"),
+        };
         Self {
             pipeline,
             target,
+            label: label.into(),
             config: Arc::new(config),
         }
     }
 
-    /// Where requests go, for logs: the upstream's URL or `discovery:<service>`.
-    pub fn target(&self) -> String {
-        match &self.target {
-            Target::Fixed(upstream) => upstream.to_string(),
-            Target::Discovered { service, .. } => format!("discovery:{service}"),
-        }
+    /// Where requests go, for logs and metrics: the upstream's URL or
+    /// `discovery:<service>`.
+    pub fn target(&self) -> &str {
+        &self.label
     }
 
     /// This proxy with [`ProxyConfig::preserve_host`] set, sharing its connection pool,
@@ -392,8 +397,8 @@ impl Proxy {
         };
         metrics::histogram!(
             "micro_gateway_upstream_duration_seconds",
-            "route" => route.to_string(),
-            "upstream" => self.target(),
+            "route" => route.clone(),
+            "upstream" => self.label.clone(),
         )
         .record(started.elapsed().as_secs_f64());
         match outcome {
@@ -413,8 +418,8 @@ impl Proxy {
                     );
                 metrics::counter!(
                     "micro_gateway_upstream_errors_total",
-                    "route" => route.to_string(),
-                    "upstream" => self.target(),
+                    "route" => route,
+                    "upstream" => self.label.clone(),
                     "reason" => reason,
                 )
                 .increment(1);
