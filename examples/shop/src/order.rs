@@ -218,6 +218,28 @@ fn step_error(error: micro_core::client::Error, what: &str) -> StepError {
     }
 }
 
+/// A write to the order's ledger failed: the step may succeed when it runs again.
+fn unstored(error: anyhow::Error) -> StepError {
+    StepError::retryable(error.to_string())
+}
+
+/// Records the event of a step that failed for good (`event` gets the reason) and hands
+/// the failure back; a failure that may pass on a retry records nothing.
+async fn failed(
+    ledger: &Ledger,
+    id: String,
+    failure: StepError,
+    event: impl FnOnce(String) -> OrderEvent,
+) -> StepError {
+    if failure.is_retryable() {
+        return failure;
+    }
+    match ledger.event(id, event(failure.to_string())).await {
+        Ok(()) => failure,
+        Err(error) => unstored(error),
+    }
+}
+
 /// The message of a shop error answer, or the error itself.
 fn describe(error: &micro_core::client::Error) -> String {
     error
@@ -278,22 +300,18 @@ fn order_saga(
                                     Some(&payment.id),
                                 )
                                 .await
-                                .map_err(|e| StepError::retryable(e.to_string()))?;
+                                .map_err(unstored)?;
                             StepOutput::json(&payment.id)
                         }
                         Err(error) => {
                             let failure = step_error(error, "payment failed");
-                            if !failure.is_retryable() {
-                                let event = OrderEvent::PaymentFailed {
+                            Err(
+                                failed(&ledger, id, failure, |reason| OrderEvent::PaymentFailed {
                                     order_id: checkout.order_id.clone(),
-                                    reason: failure.to_string(),
-                                };
-                                ledger
-                                    .event(id, event)
-                                    .await
-                                    .map_err(|e| StepError::retryable(e.to_string()))?;
-                            }
-                            Err(failure)
+                                    reason,
+                                })
+                                .await,
+                            )
                         }
                     }
                 }
@@ -320,7 +338,7 @@ fn order_saga(
                     ledger
                         .event(format!("{}:refund", cx.idempotency_key()), event)
                         .await
-                        .map_err(|e| StepError::retryable(e.to_string()))?;
+                        .map_err(unstored)?;
                     Ok(())
                 }
             },
@@ -348,22 +366,15 @@ fn order_saga(
                             ledger
                                 .event(id, OrderEvent::InventoryReserved { order_id })
                                 .await
-                                .map_err(|e| StepError::retryable(e.to_string()))?;
+                                .map_err(unstored)?;
                             Ok(StepOutput::empty())
                         }
                         Err(error) => {
                             let failure = step_error(error, "reservation failed");
-                            if !failure.is_retryable() {
-                                let event = OrderEvent::InventoryReservationFailed {
-                                    order_id,
-                                    reason: failure.to_string(),
-                                };
-                                ledger
-                                    .event(id, event)
-                                    .await
-                                    .map_err(|e| StepError::retryable(e.to_string()))?;
-                            }
-                            Err(failure)
+                            Err(failed(&ledger, id, failure, |reason| {
+                                OrderEvent::InventoryReservationFailed { order_id, reason }
+                            })
+                            .await)
                         }
                     }
                 }
@@ -404,7 +415,7 @@ fn order_saga(
                         None,
                     )
                     .await
-                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                    .map_err(unstored)?;
                 Ok(StepOutput::empty())
             }
         })
@@ -414,7 +425,7 @@ fn order_saga(
                 let order = ledger
                     .order(&cx.data().order_id)
                     .await
-                    .map_err(|e| StepError::retryable(e.to_string()))?
+                    .map_err(unstored)?
                     .ok_or_else(|| StepError::permanent("the order is gone"))?;
                 let event = OrderEvent::OrderConfirmed {
                     order_id: order.id.clone(),
@@ -424,7 +435,7 @@ fn order_saga(
                 ledger
                     .event(cx.idempotency_key().to_owned(), event)
                     .await
-                    .map_err(|e| StepError::retryable(e.to_string()))?;
+                    .map_err(unstored)?;
                 Ok(StepOutput::empty())
             }
         })
