@@ -292,12 +292,7 @@ async fn postgres_order_storage(
         config.order_events(),
     )
     .await?;
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::error!(%error, "the saga log's PostgreSQL connection failed");
-        }
-    });
+    let client = crate::store::postgres::connect(url).await?;
     let sagas = micro_saga::log::PostgresSagaLog::with_schema(
         Arc::new(client),
         format!("{prefix}_order_sagas"),

@@ -155,19 +155,12 @@ pub mod postgres {
     use anyhow::Context as _;
     use tokio_postgres::{Client, NoTls};
 
-    /// Connects to `url` and creates `schema` if it is missing; the connection runs in a
-    /// task of its own.
+    /// Connects to `url`; the connection runs in a task of its own.
     ///
     /// # Errors
     ///
-    /// When PostgreSQL cannot be reached, or `schema` is not a plain lowercase name.
-    pub async fn connect(url: &str, schema: &str) -> anyhow::Result<Client> {
-        let plain = !schema.is_empty()
-            && !schema.starts_with(|c: char| c.is_ascii_digit())
-            && schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        anyhow::ensure!(plain, "`{schema}` is not a plain lowercase schema name");
+    /// When PostgreSQL cannot be reached.
+    pub async fn connect(url: &str) -> anyhow::Result<Client> {
         let (client, connection) = tokio_postgres::connect(url, NoTls)
             .await
             .context("connecting to PostgreSQL")?;
@@ -176,6 +169,22 @@ pub mod postgres {
                 tracing::error!(%error, "a PostgreSQL connection failed");
             }
         });
+        Ok(client)
+    }
+
+    /// Connects to `url` and creates `schema` if it is missing.
+    ///
+    /// # Errors
+    ///
+    /// When PostgreSQL cannot be reached, or `schema` is not a plain lowercase name.
+    pub async fn connect_to_schema(url: &str, schema: &str) -> anyhow::Result<Client> {
+        let plain = !schema.is_empty()
+            && !schema.starts_with(|c: char| c.is_ascii_digit())
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        anyhow::ensure!(plain, "`{schema}` is not a plain lowercase schema name");
+        let client = connect(url).await?;
         client
             .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
             .await?;

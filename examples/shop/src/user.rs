@@ -126,7 +126,7 @@ impl UserStore {
     /// When PostgreSQL cannot be reached or the schema is not a plain name.
     #[cfg(feature = "real-servers")]
     pub async fn postgres(url: &str, schema: &str) -> anyhow::Result<Self> {
-        let client = crate::store::postgres::connect(url, schema).await?;
+        let client = crate::store::postgres::connect_to_schema(url, schema).await?;
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.users (

@@ -288,10 +288,11 @@ mod postgres {
     use micro_events::Publisher;
     use serde_json::Value;
     use tokio::sync::Mutex;
-    use tokio_postgres::{Client, NoTls};
+    use tokio_postgres::Client;
 
     use super::Pending;
     use crate::order::{Checkout, Order};
+    use crate::store::postgres::{connect, connect_to_schema};
 
     /// Orders in PostgreSQL: a table of documents with their idempotency index, and
     /// micro-events' outbox in the same schema.
@@ -315,18 +316,6 @@ mod postgres {
         }
     }
 
-    async fn connect(url: &str) -> anyhow::Result<Client> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .with_context(|| "connecting to PostgreSQL")?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::error!(%error, "the PostgreSQL connection failed");
-            }
-        });
-        Ok(client)
-    }
-
     fn doc<T: serde::de::DeserializeOwned>(value: Value) -> anyhow::Result<T> {
         serde_json::from_value(value).context("decoding a stored order")
     }
@@ -338,18 +327,11 @@ mod postgres {
             publisher: Arc<dyn Publisher>,
             topic: String,
         ) -> anyhow::Result<Self> {
-            let plain = !schema.is_empty()
-                && schema
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                && !schema.starts_with(|c: char| c.is_ascii_digit());
-            anyhow::ensure!(plain, "`{schema}` is not a plain lowercase schema name");
-            let writer = connect(url).await?;
+            let writer = connect_to_schema(url, schema).await?;
             let reader = connect(url).await?;
             writer
                 .batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {schema};
-                     CREATE TABLE IF NOT EXISTS {schema}.orders (
+                    "CREATE TABLE IF NOT EXISTS {schema}.orders (
                          id text PRIMARY KEY,
                          user_id text NOT NULL,
                          idempotency text NOT NULL UNIQUE,
