@@ -267,12 +267,20 @@ impl Recorder for TestRecorder {
     }
 }
 
+// The breaker's state gauge is only ever set, and its counter only incremented: any other
+// call is a bug that fails the test.
 impl GaugeFn for Handle {
     fn increment(&self, _: f64) {
-        unimplemented!("breakers set their gauge")
+        panic!(
+            "{} was incremented; a breaker sets its state gauge",
+            self.key
+        )
     }
     fn decrement(&self, _: f64) {
-        unimplemented!("breakers set their gauge")
+        panic!(
+            "{} was decremented; a breaker sets its state gauge",
+            self.key
+        )
     }
     fn set(&self, value: f64) {
         let entry = (self.key.clone(), value);
@@ -286,7 +294,10 @@ impl CounterFn for Handle {
         self.recorded.counters.lock().unwrap().push(entry);
     }
     fn absolute(&self, _: u64) {
-        unimplemented!("breakers increment their counter")
+        panic!(
+            "{} was set absolutely; a breaker increments its counter",
+            self.key
+        )
     }
 }
 
