@@ -20,7 +20,7 @@
 //! A hook that fails or outlives [`HostConfig::hook_timeout`] is logged and reported, and
 //! the sequence goes on: a stuck hook must not keep a process from exiting.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,6 +39,7 @@ use tokio::task::JoinHandle;
 use tower::BoxError;
 
 use crate::health::{self, HealthCheck, Readiness};
+use crate::listener::{InvalidListenerConfig, ListenerConfig};
 use crate::metrics::{self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle};
 use crate::middleware::{RequestSpanLayer, SetRequestIdLayer};
 use crate::serve::{self, Drained};
@@ -60,6 +61,15 @@ pub struct HostConfig {
     /// How long each lifecycle hook may take.
     #[serde(with = "crate::config::duration")]
     pub hook_timeout: Duration,
+    /// The limits of every listener (timeouts, sizes, connections); see
+    /// [`listener`](crate::listener).
+    pub listener: ListenerConfig,
+    /// Limits of one service's listener, by service name, in place of
+    /// [`listener`](Self::listener) (and of what the code set with
+    /// [`ServiceHostBuilder::service_with`]). Keys left out of an entry take
+    /// [`ListenerConfig`]'s defaults. A name that no service has fails
+    /// [`ServiceHostBuilder::build`].
+    pub listeners: BTreeMap<String, ListenerConfig>,
 }
 
 impl Default for HostConfig {
@@ -68,6 +78,8 @@ impl Default for HostConfig {
             drain_timeout: Duration::from_secs(30),
             readiness_grace: Duration::ZERO,
             hook_timeout: Duration::from_secs(10),
+            listener: ListenerConfig::default(),
+            listeners: BTreeMap::new(),
         }
     }
 }
@@ -108,6 +120,18 @@ pub enum HostError {
         #[source]
         source: BoxError,
     },
+    /// A listener's limits can't be used.
+    #[error("the listener of service `{service}` is misconfigured")]
+    Listener {
+        /// The service the listener is for.
+        service: String,
+        /// Which setting, and why.
+        #[source]
+        source: InvalidListenerConfig,
+    },
+    /// [`HostConfig::listeners`] names a service the host does not run.
+    #[error("`listeners.{0}` names no service of this host")]
+    UnknownListener(String),
     /// The metrics recorder could not be installed.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -130,6 +154,12 @@ enum Listen {
 
 type HookFn = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 
+struct Planned {
+    service: Arc<dyn DynService>,
+    listen: Listen,
+    limits: Option<ListenerConfig>,
+}
+
 struct Hook {
     name: String,
     run: HookFn,
@@ -150,7 +180,7 @@ impl Hook {
 
 /// Collects the services and hooks of a [`ServiceHost`].
 pub struct ServiceHostBuilder {
-    services: Vec<(Arc<dyn DynService>, Listen)>,
+    services: Vec<Planned>,
     config: HostConfig,
     metrics: Option<PrometheusHandle>,
     on_ready: Vec<Hook>,
@@ -160,15 +190,38 @@ pub struct ServiceHostBuilder {
 
 impl ServiceHostBuilder {
     /// Adds a service that listens on `addr` (port 0 picks a free port).
-    pub fn service(mut self, service: impl Service, addr: SocketAddr) -> Self {
-        self.services.push((Arc::new(service), Listen::Addr(addr)));
-        self
+    pub fn service(self, service: impl Service, addr: SocketAddr) -> Self {
+        self.plan(service, Listen::Addr(addr), None)
+    }
+
+    /// Adds a service that listens on `addr` with its own listener limits, in place of
+    /// [`HostConfig::listener`]. An entry for the service in [`HostConfig::listeners`]
+    /// still replaces them, so operators have the last word.
+    pub fn service_with(
+        self,
+        service: impl Service,
+        addr: SocketAddr,
+        limits: ListenerConfig,
+    ) -> Self {
+        self.plan(service, Listen::Addr(addr), Some(limits))
     }
 
     /// Adds a service that serves on an already bound listener.
-    pub fn service_on(mut self, service: impl Service, listener: TcpListener) -> Self {
-        self.services
-            .push((Arc::new(service), Listen::Listener(listener)));
+    pub fn service_on(self, service: impl Service, listener: TcpListener) -> Self {
+        self.plan(service, Listen::Listener(listener), None)
+    }
+
+    fn plan(
+        mut self,
+        service: impl Service,
+        listen: Listen,
+        limits: Option<ListenerConfig>,
+    ) -> Self {
+        self.services.push(Planned {
+            service: Arc::new(service),
+            listen,
+            limits,
+        });
         self
     }
 
@@ -221,13 +274,40 @@ impl ServiceHostBuilder {
     ///
     /// # Errors
     ///
-    /// [`HostError::DuplicateService`] when two services share a name.
-    pub fn build(self) -> Result<ServiceHost, HostError> {
+    /// [`HostError::DuplicateService`] when two services share a name,
+    /// [`HostError::UnknownListener`] when [`HostConfig::listeners`] names no service, and
+    /// [`HostError::Listener`] when a listener's limits can't be used.
+    pub fn build(mut self) -> Result<ServiceHost, HostError> {
         let mut names = HashSet::new();
-        for (service, _) in &self.services {
-            if !names.insert(service.name().to_owned()) {
-                return Err(HostError::DuplicateService(service.name().to_owned()));
+        for planned in &self.services {
+            if !names.insert(planned.service.name().to_owned()) {
+                return Err(HostError::DuplicateService(
+                    planned.service.name().to_owned(),
+                ));
             }
+        }
+        if let Some(unknown) = self
+            .config
+            .listeners
+            .keys()
+            .find(|name| !names.contains(name.as_str()))
+        {
+            return Err(HostError::UnknownListener(unknown.clone()));
+        }
+        for planned in &mut self.services {
+            let name = planned.service.name();
+            let limits = self
+                .config
+                .listeners
+                .get(name)
+                .or(planned.limits.as_ref())
+                .unwrap_or(&self.config.listener)
+                .clone();
+            limits.validate().map_err(|source| HostError::Listener {
+                service: name.to_owned(),
+                source,
+            })?;
+            planned.limits = Some(limits);
         }
         Ok(ServiceHost { builder: self })
     }
@@ -241,7 +321,7 @@ impl fmt::Debug for ServiceHostBuilder {
                 &self
                     .services
                     .iter()
-                    .map(|(s, _)| s.name())
+                    .map(|planned| planned.service.name())
                     .collect::<Vec<_>>(),
             )
             .field("config", &self.config)
@@ -325,7 +405,12 @@ impl ServiceHost {
         };
 
         let mut bound = Vec::with_capacity(services.len());
-        for (service, listen) in services {
+        for Planned {
+            service,
+            listen,
+            limits,
+        } in services
+        {
             let listener = match listen {
                 Listen::Listener(listener) => listener,
                 Listen::Addr(addr) => {
@@ -339,14 +424,14 @@ impl ServiceHost {
                         .0
                 }
             };
-            bound.push((service, listener));
+            bound.push((service, listener, limits.unwrap_or_default()));
         }
 
         let phase = Arc::new(Phase::new());
         let stop = Shutdown::new();
         let mut started: Vec<Arc<dyn DynService>> = Vec::new();
         let mut servers = Vec::new();
-        for (service, listener) in bound {
+        for (service, listener, limits) in bound {
             if let Err(source) = service.start().await {
                 let error = HostError::Start {
                     service: service.name().to_owned(),
@@ -364,6 +449,7 @@ impl ServiceHost {
             let task = tokio::spawn(serve::serve(
                 listener,
                 app,
+                limits,
                 stop.wait(),
                 config.drain_timeout,
             ));

@@ -69,6 +69,7 @@
 //! |---|---|
 //! | [`service`] | the [`Service`](service::Service) trait |
 //! | [`host`] | [`ServiceHost`](host::ServiceHost), its configuration and the shutdown sequence |
+//! | [`listener`] | the limits every listener enforces: timeouts, sizes, connections, HTTP/2 |
 //! | [`health`] | [`HealthCheck`](health::HealthCheck) and the readiness report |
 //! | [`metrics`] | the Prometheus recorder and the HTTP metrics every service records |
 //! | [`middleware`] | request ids and the per-request span, for any tower HTTP service |
@@ -101,6 +102,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod host;
+pub mod listener;
 pub mod metrics;
 pub mod middleware;
 pub mod resilience;

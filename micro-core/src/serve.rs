@@ -1,18 +1,33 @@
-//! The accept loop of one listener, with a graceful drain bounded by a deadline.
+//! The accept loop of one listener: the [`ListenerConfig`] limits, and a graceful drain
+//! bounded by a deadline.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
+
+use crate::listener::ListenerConfig;
+use crate::shutdown::Shutdown;
 
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,32 +42,40 @@ pub(crate) struct Drained {
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
+    limits: ListenerConfig,
     stop: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) -> Drained {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(&limits));
+    let limits = Arc::new(limits);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let draining = Shutdown::new();
     let mut connections = JoinSet::new();
     tokio::pin!(stop);
     loop {
+        // Past `max_connections`, no accept is attempted: new connections wait in the
+        // kernel's backlog, and the ones being served are left alone.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = &mut stop => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     // Nagle only adds latency to small request/response exchanges.
                     let _ = stream.set_nodelay(true);
-                    let app = app.clone();
-                    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                        request.extensions_mut().insert(ConnectInfo(peer));
-                        app.clone().oneshot(request)
-                    });
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let connection = graceful.watch(connection);
+                    let connection = Connection {
+                        stream,
+                        peer,
+                        app: app.clone(),
+                        builder: builder.clone(),
+                        limits: limits.clone(),
+                    };
+                    let draining = draining.clone();
                     connections.spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, error = %error, "connection ended with an error");
-                        }
+                        connection.run(draining.wait()).await;
+                        drop(permit);
                     });
                 }
                 Err(error) => {
@@ -66,17 +89,324 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
-    let local_drain = tokio::time::timeout(drain_timeout, graceful.shutdown()).await;
+    draining.trigger();
+    let finished = tokio::time::timeout(drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     let mut drained = Drained::default();
-    if local_drain.is_err() {
+    if finished.is_err() {
         connections.abort_all();
-    }
-    while let Some(joined) = connections.join_next().await {
-        if matches!(joined, Err(ref error) if error.is_cancelled()) {
-            drained.aborted += 1;
+        while let Some(joined) = connections.join_next().await {
+            if matches!(joined, Err(ref error) if error.is_cancelled()) {
+                drained.aborted += 1;
+            }
         }
     }
     drained
+}
+
+fn builder(limits: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2.max_concurrent_streams)
+        .max_header_list_size(limits.http2.max_header_list_size)
+        .max_pending_accept_reset_streams(limits.http2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.http2.max_local_error_reset_streams);
+    builder
+}
+
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Arc<ListenerConfig>,
+}
+
+impl Connection {
+    /// Serves one connection until it ends, the watchdog closes it, or `drain` resolves
+    /// and its in-flight requests finish.
+    async fn run(self, drain: impl Future<Output = ()>) {
+        let Self {
+            stream,
+            peer,
+            app,
+            builder,
+            limits,
+        } = self;
+        let activity = Arc::new(Activity::new());
+        let body_timeout = limits.body_read_timeout;
+        let service = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let guard = activity.request_started();
+                let mut request = request.map(|body| {
+                    if body.is_end_stream() {
+                        Body::new(body)
+                    } else {
+                        Body::new(TimedBody::new(body, body_timeout))
+                    }
+                });
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let response = app.clone().oneshot(request);
+                async move {
+                    let response = response.await;
+                    drop(guard);
+                    response
+                }
+            })
+        };
+        let io = TokioIo::new(Watched {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let connection = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection, drain);
+        let watchdog = tokio::time::sleep(limits.header_read_timeout.min(limits.idle_timeout));
+        tokio::pin!(watchdog);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(error) = ended {
+                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = &mut drain, if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = watchdog.as_mut() => match activity.check(&limits) {
+                    Check::Busy(next) => watchdog.as_mut().reset(next),
+                    Check::NoRequest => {
+                        tracing::debug!(%peer, "no request head within the header-read timeout: closing");
+                        return;
+                    }
+                    Check::Idle if closing => {
+                        tracing::debug!(%peer, "idle connection did not close after GOAWAY: closing");
+                        return;
+                    }
+                    Check::Idle => {
+                        tracing::debug!(%peer, "idle timeout: closing");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                        watchdog.as_mut().reset(Instant::now() + limits.header_read_timeout);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// What one connection has been doing, for its watchdog.
+struct Activity {
+    born: Instant,
+    /// Milliseconds after `born` of the last byte read or written.
+    last_io: AtomicU64,
+    in_flight: AtomicUsize,
+    started: AtomicBool,
+}
+
+enum Check {
+    /// Nothing to do before this instant.
+    Busy(Instant),
+    /// No request began within the header-read timeout (a client stuck before or inside
+    /// the protocol preface, which hyper's own header timer does not cover).
+    NoRequest,
+    /// No request in flight and no bytes moving for the idle timeout.
+    Idle,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            last_io: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        let elapsed = self.born.elapsed().as_millis();
+        self.last_io.store(
+            u64::try_from(elapsed).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        self.started.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn check(&self, limits: &ListenerConfig) -> Check {
+        let now = Instant::now();
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Check::Busy(now + limits.idle_timeout);
+        }
+        if !self.started.load(Ordering::Relaxed) {
+            let deadline = self.born + limits.header_read_timeout;
+            if now >= deadline {
+                return Check::NoRequest;
+            }
+            return Check::Busy(deadline.min(self.idle_deadline(limits)));
+        }
+        let deadline = self.idle_deadline(limits);
+        if now >= deadline {
+            Check::Idle
+        } else {
+            Check::Busy(deadline)
+        }
+    }
+
+    fn idle_deadline(&self, limits: &ListenerConfig) -> Instant {
+        let last = self.born + Duration::from_millis(self.last_io.load(Ordering::Relaxed));
+        last + limits.idle_timeout
+    }
+}
+
+/// Counts a request as in flight until its response head is ready.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// A socket that notes when bytes move, for the idle timeout.
+    struct Watched {
+        #[pin]
+        inner: TcpStream,
+        activity: Arc<Activity>,
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// A request body's client paused longer than the listener's `body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no part of the request body for {0:?}")]
+pub(crate) struct BodyReadTimeout(Duration);
+
+pin_project! {
+    /// A request body that fails when its client pauses longer than `timeout` between
+    /// two frames.
+    struct TimedBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        pause: Sleep,
+        timeout: Duration,
+    }
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, timeout: Duration) -> Self {
+        Self {
+            inner,
+            pause: tokio::time::sleep(timeout),
+            timeout,
+        }
+    }
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.pause.as_mut().reset(Instant::now() + *this.timeout);
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => match this.pause.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyReadTimeout(*this.timeout).into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Binds `addr`, returning the listener and the address it really got (port 0 picks one).
