@@ -13,7 +13,7 @@ use crate::definition::{BoxFuture, SagaContext, SagaDefinition};
 use crate::error::{Error, Result};
 use crate::log::{Append, SagaLog, SagaRecord};
 use crate::metrics;
-use crate::state::{NextAction, SagaInstance};
+use crate::state::{NextAction, Resolution, SagaInstance};
 use crate::step::{idempotency_key, Phase, StepContext, StepError, StepOutput};
 use crate::transition::Transition;
 
@@ -46,6 +46,13 @@ pub enum MoveOutcome {
         error: String,
         /// The delay before the next attempt.
         backoff: Duration,
+    },
+    /// No attempt at an action got a definite answer, and that is recorded:
+    /// the step may have taken effect, and the saga compensates it as if it
+    /// had succeeded.
+    Uncertain {
+        /// Why, with the last attempt's error.
+        error: String,
     },
     /// It failed for good, and that is recorded: the saga compensates (after
     /// an action) or needs attention (after a compensation).
@@ -215,18 +222,37 @@ impl<C: SagaContext> Driver<C> {
                 self.record(vec![succeeded], context).await?;
                 MoveOutcome::Succeeded
             }
-            Err(err) if err.is_retryable() && attempt < step.policy.attempts(false) => {
-                self.retry_later(&step.policy, attempt, &err)
-            }
             Err(err) => {
-                let error = give_up_message(&err, attempt);
-                let failed = Transition::StepFailed {
-                    step: index,
-                    error: error.clone(),
-                    at: now(),
-                };
-                self.record(vec![failed], None).await?;
-                MoveOutcome::Failed { error }
+                let at = now();
+                match self
+                    .saga
+                    .resolve_failure(err.failure(), step.policy.action_limits(), at)
+                {
+                    Resolution::Retry => self.retry_later(&step.policy, attempt, &err),
+                    Resolution::Fail => {
+                        let error = give_up_message(&err, attempt);
+                        let failed = Transition::StepFailed {
+                            step: index,
+                            error: error.clone(),
+                            at,
+                        };
+                        self.record(vec![failed], None).await?;
+                        MoveOutcome::Failed { error }
+                    }
+                    Resolution::Uncertain => {
+                        let error = format!(
+                            "no definite answer after {attempt} attempts, compensating: {}",
+                            err.chain_message()
+                        );
+                        let uncertain = Transition::StepUncertain {
+                            step: index,
+                            error: error.clone(),
+                            at,
+                        };
+                        self.record(vec![uncertain], None).await?;
+                        MoveOutcome::Uncertain { error }
+                    }
+                }
             }
         };
         Ok(self.moved(index, Phase::Action, attempt, outcome))

@@ -164,7 +164,10 @@ pub use error::{Error, Result};
 pub use log::{LogError, MemorySagaLog, SagaLog, SagaRecord, SagaSummary};
 pub use orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, SagaHandle};
 pub use policy::StepPolicy;
-pub use state::{NextAction, SagaInstance, SagaStatus, StepState, StepStatus};
+pub use state::{
+    AttemptFailure, AttemptLimits, NextAction, Resolution, SagaInstance, SagaStatus, StepState,
+    StepStatus,
+};
 pub use step::{idempotency_key, Phase, StepContext, StepError, StepOutput, StepTimedOut};
 pub use transition::Transition;
 
