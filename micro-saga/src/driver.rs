@@ -452,7 +452,7 @@ impl<C: SagaContext> Driver<C> {
             next.status(),
             context_json,
         );
-        self.version = self.log.append(&append).await?;
+        self.version = self.append(&append, &next).await?;
         if next.is_finished() && !self.saga.is_finished() {
             metrics::finished(&self.definition, next.status());
         }
@@ -462,6 +462,48 @@ impl<C: SagaContext> Driver<C> {
             self.context = context;
         }
         Ok(())
+    }
+}
+
+impl<C: SagaContext> Driver<C> {
+    /// Appends to the log, retrying a transient failure with backoff for as
+    /// long as it lasts, so that a saga is never left unowned in memory. A
+    /// failed write may have been applied all the same (the answer was
+    /// lost): a conflict after such a failure is checked against the log,
+    /// and taken as success when the log holds exactly this write.
+    async fn append(&self, append: &Append, next: &SagaInstance) -> Result<u64> {
+        let backoff = crate::policy::StepPolicy::new()
+            .initial_backoff(Duration::from_millis(50))
+            .max_backoff(Duration::from_secs(5));
+        let mut failures = 0u32;
+        loop {
+            match self.log.append(append).await {
+                Ok(version) => return Ok(version),
+                Err(err) if err.is_conflict() && failures > 0 => {
+                    let record = self.log.load(&self.saga_id).await;
+                    match record {
+                        Ok(Some(record)) if record.transitions == next.history() => {
+                            return Ok(record.version());
+                        }
+                        Ok(_) => return Err(err.into()),
+                        Err(load) if load.is_retryable() => {}
+                        Err(load) => return Err(load.into()),
+                    }
+                }
+                Err(err) if err.is_retryable() => {}
+                Err(err) => return Err(err.into()),
+            }
+            failures += 1;
+            let delay = backoff.backoff(failures);
+            tracing::warn!(
+                saga.id = %self.saga_id,
+                failures,
+                delay_ms = delay.as_millis() as u64,
+                "saga log write failed; retrying"
+            );
+            metrics::log_retry(&self.definition);
+            tokio::time::sleep(delay).await;
+        }
     }
 }
 
