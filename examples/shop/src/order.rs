@@ -206,6 +206,7 @@ struct Inner {
     orchestrator: Orchestrator,
     saga: SagaDefinition<Checkout>,
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    recovery: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A call's failure as a saga step error: a `4xx` answer is final; a call never sent,
@@ -489,6 +490,7 @@ impl Orders {
                 orchestrator,
                 saga,
                 relay: std::sync::Mutex::new(None),
+                recovery: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -852,12 +854,32 @@ impl Service for Orders {
         let relay = tokio::spawn(self.inner.ledger.clone().relay());
         *self.inner.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
         // Recovery calls the other services, which may still be starting: run it aside.
+        // Then recovery goes on: sagas abandoned while the service runs (their driver
+        // stopped, another instance died) are picked up once idle past any step's
+        // attempts and backoffs.
         let this = self.clone();
-        tokio::spawn(async move {
+        let recovery = tokio::spawn(async move {
             if let Err(error) = this.recover().await {
                 tracing::error!(error = format!("{error:#}"), "order recovery failed");
             }
+            let mut sweeping = this
+                .inner
+                .orchestrator
+                .keep_recovering(Duration::from_secs(5), Duration::from_secs(60));
+            while let Some(handle) = sweeping.resumed().await {
+                let this = this.clone();
+                tokio::spawn(async move {
+                    if let Ok(saga) = handle.finished().await {
+                        this.settle(&saga).await;
+                    }
+                });
+            }
         });
+        *self
+            .inner
+            .recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(recovery);
         Ok(())
     }
 
@@ -870,6 +892,15 @@ impl Service for Orders {
             .take()
         {
             relay.abort();
+        }
+        if let Some(recovery) = self
+            .inner
+            .recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            recovery.abort();
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `4242 4242 4242 4242` (and any other valid number) | charged, refundable |
 //! | `4000 0000 0000 0002` | declined (`402 card_declined`) |
-//! | `4000 0000 0000 0119` | charged, but no answer ever arrives, for a repeat of the key either (the caller times out; the saga refunds it by its key) |
+//! | `4000 0000 0000 0119` | charged, but the processor never answers: a `504 processor_timeout` after the hang, for a repeat of the key too (the saga refunds it by its key) |
 //! | `4000 0000 0000 0259` | charged, but the first answer comes late (the caller times out); a repeat of the key answers at once |
 //! | `4000 0000 0000 0341` | charged, but every refund fails (`503 refund_failed`) |
 //!
@@ -146,7 +146,7 @@ impl Payments {
         if let Some(id) = self.store.get::<String>(BY_KEY, key)? {
             if let Some(stored) = self.store.get::<Stored>(PAYMENTS, &id)? {
                 if number == TIMEOUT_CARD {
-                    self.lose_answer().await;
+                    return Err(self.lose_answer().await);
                 }
                 return answer(stored.payment);
             }
@@ -185,15 +185,24 @@ impl Payments {
                 "this key was refunded before anything was charged with it",
             ));
         };
-        if [TIMEOUT_CARD, LATE_CARD].contains(&number.as_str()) {
+        match number.as_str() {
+            TIMEOUT_CARD => return Err(self.lose_answer().await),
             // Captured; the answer comes after the caller stopped waiting.
-            self.lose_answer().await;
+            LATE_CARD => tokio::time::sleep(self.hang).await,
+            _ => {}
         }
         answer(payment)
     }
 
-    async fn lose_answer(&self) {
+    /// The answer of a charge captured behind a processor that never answered: a
+    /// `504` after the hang, which tells the caller nothing about the money.
+    async fn lose_answer(&self) -> ApiError {
         tokio::time::sleep(self.hang).await;
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "processor_timeout",
+            "the card processor did not answer",
+        )
     }
 
     /// Refunds what the charge with `key` captured, for a caller that never got the
