@@ -13,7 +13,7 @@ use crate::definition::{BoxFuture, SagaContext, SagaDefinition};
 use crate::error::{Error, Result};
 use crate::log::{Append, SagaLog, SagaRecord};
 use crate::metrics;
-use crate::state::{NextAction, SagaInstance};
+use crate::state::{NextAction, Resolution, SagaInstance};
 use crate::step::{idempotency_key, Phase, StepContext, StepError, StepOutput};
 use crate::transition::Transition;
 
@@ -46,6 +46,13 @@ pub enum MoveOutcome {
         error: String,
         /// The delay before the next attempt.
         backoff: Duration,
+    },
+    /// No attempt at an action got a definite answer, and that is recorded:
+    /// the step may have taken effect, and the saga compensates it as if it
+    /// had succeeded.
+    Uncertain {
+        /// Why, with the last attempt's error.
+        error: String,
     },
     /// It failed for good, and that is recorded: the saga compensates (after
     /// an action) or needs attention (after a compensation).
@@ -215,18 +222,37 @@ impl<C: SagaContext> Driver<C> {
                 self.record(vec![succeeded], context).await?;
                 MoveOutcome::Succeeded
             }
-            Err(err) if err.is_retryable() && attempt < step.policy.attempts(false) => {
-                self.retry_later(&step.policy, attempt, &err)
-            }
             Err(err) => {
-                let error = give_up_message(&err, attempt);
-                let failed = Transition::StepFailed {
-                    step: index,
-                    error: error.clone(),
-                    at: now(),
-                };
-                self.record(vec![failed], None).await?;
-                MoveOutcome::Failed { error }
+                let at = now();
+                match self
+                    .saga
+                    .resolve_failure(err.failure(), step.policy.action_limits(), at)
+                {
+                    Resolution::Retry => self.retry_later(&step.policy, attempt, &err),
+                    Resolution::Fail => {
+                        let error = give_up_message(&err, attempt);
+                        let failed = Transition::StepFailed {
+                            step: index,
+                            error: error.clone(),
+                            at,
+                        };
+                        self.record(vec![failed], None).await?;
+                        MoveOutcome::Failed { error }
+                    }
+                    Resolution::Uncertain => {
+                        let error = format!(
+                            "no definite answer after {attempt} attempts, compensating: {}",
+                            err.chain_message()
+                        );
+                        let uncertain = Transition::StepUncertain {
+                            step: index,
+                            error: error.clone(),
+                            at,
+                        };
+                        self.record(vec![uncertain], None).await?;
+                        MoveOutcome::Uncertain { error }
+                    }
+                }
             }
         };
         Ok(self.moved(index, Phase::Action, attempt, outcome))
@@ -426,7 +452,7 @@ impl<C: SagaContext> Driver<C> {
             next.status(),
             context_json,
         );
-        self.version = self.log.append(&append).await?;
+        self.version = self.append(&append, &next).await?;
         if next.is_finished() && !self.saga.is_finished() {
             metrics::finished(&self.definition, next.status());
         }
@@ -436,6 +462,48 @@ impl<C: SagaContext> Driver<C> {
             self.context = context;
         }
         Ok(())
+    }
+}
+
+impl<C: SagaContext> Driver<C> {
+    /// Appends to the log, retrying a transient failure with backoff for as
+    /// long as it lasts, so that a saga is never left unowned in memory. A
+    /// failed write may have been applied all the same (the answer was
+    /// lost): a conflict after such a failure is checked against the log,
+    /// and taken as success when the log holds exactly this write.
+    async fn append(&self, append: &Append, next: &SagaInstance) -> Result<u64> {
+        let backoff = crate::policy::StepPolicy::new()
+            .initial_backoff(Duration::from_millis(50))
+            .max_backoff(Duration::from_secs(5));
+        let mut failures = 0u32;
+        loop {
+            match self.log.append(append).await {
+                Ok(version) => return Ok(version),
+                Err(err) if err.is_conflict() && failures > 0 => {
+                    let record = self.log.load(&self.saga_id).await;
+                    match record {
+                        Ok(Some(record)) if record.transitions == next.history() => {
+                            return Ok(record.version());
+                        }
+                        Ok(_) => return Err(err.into()),
+                        Err(load) if load.is_retryable() => {}
+                        Err(load) => return Err(load.into()),
+                    }
+                }
+                Err(err) if err.is_retryable() => {}
+                Err(err) => return Err(err.into()),
+            }
+            failures += 1;
+            let delay = backoff.backoff(failures);
+            tracing::warn!(
+                saga.id = %self.saga_id,
+                failures,
+                delay_ms = delay.as_millis() as u64,
+                "saga log write failed; retrying"
+            );
+            metrics::log_retry(&self.definition);
+            tokio::time::sleep(delay).await;
+        }
     }
 }
 

@@ -21,7 +21,10 @@
 //!   retrying each compensation up to a bound; then the saga is
 //!   [`Failed`](SagaStatus::Failed) and needs attention, with the error in its
 //!   history. [`Orchestrator::recover`] resumes every unfinished saga after a
-//!   crash: the step in doubt runs again with the same idempotency key.
+//!   crash: the step in doubt runs again with the same idempotency key;
+//!   [`Orchestrator::keep_recovering`] goes on picking up abandoned sagas
+//!   while the process runs, and a transient log failure is retried, never
+//!   leaving a saga unowned.
 //! - Queries: [`Orchestrator::saga`] (state, context, history) and
 //!   [`Orchestrator::sagas_by_status`]. Metrics: see [`metrics`]. Every step
 //!   attempt runs in a `saga_step` span and inside the saga's W3C trace
@@ -122,11 +125,16 @@
 //!   `step_started` and its outcome. Each run carries the same idempotency
 //!   key, so the service it calls must honour it (micro-core's client sends
 //!   it as the `Idempotency-Key` header).
-//! - **Timeouts are retried.** A timed-out attempt's outcome is unknown, so
-//!   it is retried like a retryable failure. When the attempts run out the
-//!   step is recorded as failed and only the *completed* steps are
-//!   compensated: a step whose service might still act after the timeout
-//!   should have enough attempts to get a definite answer.
+//! - **An unknown outcome is never taken as "did not happen".** A timed-out
+//!   attempt, or one made with [`StepError::unknown`] (the connection was
+//!   lost after the command was sent), is retried with the same idempotency
+//!   key until the participant answers definitely, within the step's
+//!   limits. If none does, the step is recorded
+//!   [`StepUncertain`](Transition::StepUncertain) and compensated as if it
+//!   had succeeded, so a compensation must tolerate "nothing to undo" (and
+//!   may run without the action's output). Only a definite refusal records
+//!   [`StepFailed`](Transition::StepFailed); the state machine decides
+//!   ([`SagaInstance::resolve_failure`]).
 //! - **Attempts are counted over the saga's life.** The log records every
 //!   attempt, so a crash does not reset the count; a step in doubt after a
 //!   crash is always run once more.
@@ -162,9 +170,12 @@ pub use definition::{
 pub use driver::{Move, MoveOutcome};
 pub use error::{Error, Result};
 pub use log::{LogError, MemorySagaLog, SagaLog, SagaRecord, SagaSummary};
-pub use orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, SagaHandle};
+pub use orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, RecoveryLoop, SagaHandle};
 pub use policy::StepPolicy;
-pub use state::{NextAction, SagaInstance, SagaStatus, StepState, StepStatus};
+pub use state::{
+    AttemptFailure, AttemptLimits, NextAction, Resolution, SagaInstance, SagaStatus, StepState,
+    StepStatus,
+};
 pub use step::{idempotency_key, Phase, StepContext, StepError, StepOutput, StepTimedOut};
 pub use transition::Transition;
 

@@ -9,6 +9,7 @@
 //! | `saga_in_flight` | gauge | `definition` |
 //! | `saga_step_duration_seconds` | histogram | `definition`, `step`, `phase`, `outcome` (`ok`, `retry`, `error`) |
 //! | `saga_compensations_total` | counter | `definition`, `step`, `outcome` (`ok`, `error`) |
+//! | `saga_log_retries_total` | counter | `definition` |
 //!
 //! `saga_in_flight` counts the sagas this process is driving, recovered ones
 //! included. `saga_compensations_total` counts finished compensations, one per
@@ -33,6 +34,12 @@ pub const IN_FLIGHT: &str = "saga_in_flight";
 pub const STEP_DURATION: &str = "saga_step_duration_seconds";
 /// `saga_compensations_total`.
 pub const COMPENSATIONS: &str = "saga_compensations_total";
+/// `saga_log_retries_total`: saga log writes retried after a transient failure.
+pub const LOG_RETRIES: &str = "saga_log_retries_total";
+
+pub(crate) fn log_retry(definition: &str) {
+    metrics::counter!(LOG_RETRIES, "definition" => definition.to_owned()).increment(1);
+}
 
 pub(crate) fn started(definition: &str) {
     metrics::counter!(STARTED, "definition" => definition.to_owned()).increment(1);

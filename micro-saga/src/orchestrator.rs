@@ -6,7 +6,10 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::Duration;
+
 use micro_core::trace::TraceContext;
+use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
 use crate::definition::{SagaContext, SagaDefinition};
@@ -192,6 +195,57 @@ impl Orchestrator {
     ///
     /// [`Error::Log`] when the log cannot be listed or read.
     pub async fn recover(&self) -> Result<Recovery> {
+        self.resume_due(None).await
+    }
+
+    /// Keeps recovering, not only at start-up: every `every`, resumes the
+    /// unfinished sagas in the log that no task of this orchestrator drives
+    /// and that have not moved for `idle_after` by the log's recorded times
+    /// (sagas abandoned by a process that died, or by a driver that stopped).
+    /// A failed sweep (the log is unreachable) is logged and tried again
+    /// with backoff; the loop never gives up. Choose `idle_after` longer than
+    /// a step's longest attempt and backoff, or a saga another live
+    /// orchestrator drives is picked up too (the log's versions then let one
+    /// of the two carry on; steps may run twice, with their idempotency
+    /// keys).
+    ///
+    /// The loop stops when the returned [`RecoveryLoop`] is dropped. Call
+    /// it after [`recover`](Self::recover), which resumes every unfinished
+    /// saga at once.
+    pub fn keep_recovering(&self, every: Duration, idle_after: Duration) -> RecoveryLoop {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let this = self.clone();
+        let backoff = crate::policy::StepPolicy::new()
+            .initial_backoff(every)
+            .max_backoff(every.max(Duration::from_secs(30)));
+        let join = tokio::spawn(async move {
+            let mut failures = 0;
+            loop {
+                let delay = if failures == 0 {
+                    every
+                } else {
+                    backoff.backoff(failures)
+                };
+                tokio::time::sleep(delay).await;
+                match this.resume_due(Some(idle_after)).await {
+                    Ok(recovery) => {
+                        failures = 0;
+                        for handle in recovery.resumed {
+                            // Nobody listening is fine: the saga runs on.
+                            let _ = tx.send(handle);
+                        }
+                    }
+                    Err(err) => {
+                        failures += 1;
+                        tracing::warn!(error = %err, failures, "saga recovery sweep failed; retrying");
+                    }
+                }
+            }
+        });
+        RecoveryLoop { join, resumed: rx }
+    }
+
+    async fn resume_due(&self, idle_after: Option<Duration>) -> Result<Recovery> {
         let mut recovery = Recovery {
             resumed: Vec::new(),
             skipped: Vec::new(),
@@ -204,6 +258,14 @@ impl Orchestrator {
                 continue;
             };
             if record.status.is_terminal() {
+                continue;
+            }
+            if let (Some(idle_after), Some(last)) = (idle_after, record.transitions.last()) {
+                if OffsetDateTime::now_utc() - last.at() < idle_after {
+                    continue;
+                }
+            }
+            if self.inner.running().contains(summary.saga_id.as_str()) {
                 continue;
             }
             let resumed = match self.inner.definitions.get(&record.definition) {
@@ -367,6 +429,28 @@ impl SagaHandle {
                 saga_id: self.saga_id.to_string(),
             }),
         }
+    }
+}
+
+/// The recovery loop of [`Orchestrator::keep_recovering`]; dropping it stops
+/// the loop (not the sagas it resumed).
+#[derive(Debug)]
+pub struct RecoveryLoop {
+    join: JoinHandle<()>,
+    resumed: tokio::sync::mpsc::UnboundedReceiver<SagaHandle>,
+}
+
+impl RecoveryLoop {
+    /// The next saga the loop resumed, to wait for its end; `None` once the
+    /// loop has stopped.
+    pub async fn resumed(&mut self) -> Option<SagaHandle> {
+        self.resumed.recv().await
+    }
+}
+
+impl Drop for RecoveryLoop {
+    fn drop(&mut self) {
+        self.join.abort();
     }
 }
 

@@ -43,6 +43,14 @@ pub struct StepPolicy {
     /// Attempts at the action in all, the first included. Default `3`; `0`
     /// counts as `1`.
     pub max_attempts: u32,
+    /// The longest an action may be tried, from its first attempt as the
+    /// saga log recorded it (so the bound holds across restarts), on top of
+    /// [`max_attempts`](Self::max_attempts). `None`, the default, bounds the
+    /// attempts only. Once either bound is reached, an action whose outcome
+    /// is still unknown is compensated as if it succeeded (see
+    /// [`Resolution`](crate::Resolution)).
+    #[serde(with = "duration::option")]
+    pub resolve_within: Option<Duration>,
     /// Attempts at the compensation in all. Default `10`: a compensation
     /// that cannot run leaves an effect behind, so it is tried harder.
     pub compensation_max_attempts: u32,
@@ -96,6 +104,21 @@ impl StepPolicy {
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
         self
+    }
+
+    /// Sets [`resolve_within`](Self::resolve_within).
+    pub fn resolve_within(mut self, limit: Duration) -> Self {
+        self.resolve_within = Some(limit);
+        self
+    }
+
+    /// The bounds on the action's attempts, for
+    /// [`SagaInstance::resolve_failure`](crate::SagaInstance::resolve_failure).
+    pub fn action_limits(&self) -> crate::AttemptLimits {
+        crate::AttemptLimits {
+            max_attempts: self.attempts(false),
+            within: self.resolve_within,
+        }
     }
 
     /// Sets [`compensation_max_attempts`](Self::compensation_max_attempts).
@@ -166,6 +189,7 @@ impl Default for StepPolicy {
         StepPolicy {
             timeout: Some(Duration::from_secs(30)),
             max_attempts: 3,
+            resolve_within: None,
             compensation_max_attempts: 10,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),

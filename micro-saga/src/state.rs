@@ -70,9 +70,10 @@ impl fmt::Display for SagaStatus {
 
 /// Where one step of a saga is.
 ///
-/// A step goes `Pending → Running → Succeeded` forward, or `Running → Failed`;
-/// a succeeded step may later go `Compensating → Compensated`, or
-/// `Compensating → CompensationFailed`.
+/// A step goes `Pending → Running → Succeeded` forward, or `Running → Failed`
+/// (the participant refused), or `Running → Uncertain` (no definite answer);
+/// a succeeded or uncertain step may later go `Compensating → Compensated`,
+/// or `Compensating → CompensationFailed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepStatus {
@@ -84,6 +85,9 @@ pub enum StepStatus {
     Succeeded,
     /// Its action failed for good, without effect.
     Failed,
+    /// Its action may have taken effect: no attempt got a definite answer.
+    /// It is compensated as if it had succeeded.
+    Uncertain,
     /// Its compensation was started and no outcome is recorded yet.
     Compensating,
     /// Its compensation took effect.
@@ -146,6 +150,60 @@ impl StepState {
     }
 }
 
+/// How an attempt at a step's action ended, when it did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptFailure {
+    /// The participant refused for good (a declined card, a `4xx`): nothing
+    /// took effect.
+    Refused,
+    /// The participant refused for now (a `503`, a connection refused before
+    /// the command was sent): nothing took effect, another attempt may pass.
+    Transient,
+    /// No definite answer: the attempt timed out, or the connection was lost
+    /// after the command was sent. It may have taken effect.
+    Unknown,
+}
+
+/// The bounds on the attempts at a step's action; see
+/// [`StepPolicy::action_limits`](crate::StepPolicy::action_limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AttemptLimits {
+    /// Attempts in all, the first included; `0` counts as `1`.
+    pub max_attempts: u32,
+    /// How long after the first attempt (as recorded) the step may still be
+    /// tried; `None` bounds the attempts only.
+    pub within: Option<std::time::Duration>,
+}
+
+impl AttemptLimits {
+    /// At most `max_attempts` attempts, without a time bound.
+    pub fn attempts(max_attempts: u32) -> Self {
+        AttemptLimits {
+            max_attempts,
+            within: None,
+        }
+    }
+
+    /// Adds a bound on the time since the first attempt.
+    pub fn within(mut self, limit: std::time::Duration) -> Self {
+        self.within = Some(limit);
+        self
+    }
+}
+
+/// What [`SagaInstance::resolve_failure`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resolution {
+    /// Try the action again, with the same idempotency key.
+    Retry,
+    /// Record [`Transition::StepFailed`]: the action had no effect.
+    Fail,
+    /// Record [`Transition::StepUncertain`]: the action may have taken
+    /// effect and is compensated as if it succeeded.
+    Uncertain,
+}
+
 /// What the orchestrator should do next for a saga.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NextAction {
@@ -173,7 +231,8 @@ pub enum NextAction {
 ///
 /// - Steps run forward in order, one at a time: a step starts only after every
 ///   earlier step succeeded.
-/// - Only completed (succeeded) steps are compensated, and in reverse order:
+/// - Only completed (succeeded) steps, and the step whose outcome stayed
+///   unknown ([`StepStatus::Uncertain`]), are compensated, in reverse order:
 ///   after a failure or abort the next compensation is always the latest
 ///   succeeded step not yet compensated ([`next_action`](Self::next_action)),
 ///   and a compensation for any other step is refused.
@@ -330,7 +389,10 @@ impl SagaInstance {
                 .iter()
                 .position(|s| s.status != StepStatus::Succeeded),
             SagaStatus::Compensating => self.steps.iter().rposition(|s| {
-                matches!(s.status, StepStatus::Succeeded | StepStatus::Compensating)
+                matches!(
+                    s.status,
+                    StepStatus::Succeeded | StepStatus::Uncertain | StepStatus::Compensating
+                )
             }),
             SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Failed => None,
         }
@@ -391,7 +453,9 @@ impl SagaInstance {
             });
         }
         let in_flight = match transition {
-            Transition::StepSucceeded { .. } | Transition::StepFailed { .. } => StepStatus::Running,
+            Transition::StepSucceeded { .. }
+            | Transition::StepFailed { .. }
+            | Transition::StepUncertain { .. } => StepStatus::Running,
             Transition::CompensationSucceeded { .. } | Transition::CompensationFailed { .. } => {
                 StepStatus::Compensating
             }
@@ -441,6 +505,12 @@ impl SagaInstance {
             Transition::StepFailed { step, error, .. } => {
                 let state = &mut self.steps[*step];
                 state.status = StepStatus::Failed;
+                state.error = Some(error.clone());
+                self.begin_compensation();
+            }
+            Transition::StepUncertain { step, error, .. } => {
+                let state = &mut self.steps[*step];
+                state.status = StepStatus::Uncertain;
                 state.error = Some(error.clone());
                 self.begin_compensation();
             }
@@ -525,6 +595,83 @@ impl SagaInstance {
             error: error.into(),
             at,
         })
+    }
+
+    /// Records that the current step's action may have taken effect without
+    /// a definite answer; compensation begins with it.
+    ///
+    /// # Errors
+    ///
+    /// As [`apply`](Self::apply); returns the applied transition otherwise.
+    pub fn step_uncertain(
+        &mut self,
+        error: impl Into<String>,
+        at: OffsetDateTime,
+    ) -> Result<Transition> {
+        let step = self.current_or_first();
+        self.record(Transition::StepUncertain {
+            step,
+            error: error.into(),
+            at,
+        })
+    }
+
+    /// When the current step's first attempt started, as recorded; `None`
+    /// when it has not started.
+    pub fn step_first_started_at(&self, step: usize) -> Option<OffsetDateTime> {
+        self.history.iter().find_map(|t| match t {
+            Transition::StepStarted { step: s, at } if *s == step => Some(*at),
+            _ => None,
+        })
+    }
+
+    /// Decides what comes of an attempt at the current step's action that
+    /// did not succeed: this is where an unknown outcome is kept from being
+    /// taken as "did not happen".
+    ///
+    /// - A definite refusal ([`AttemptFailure::Refused`]) fails the step:
+    ///   the participant said no to the step's idempotency key, so nothing
+    ///   took effect, whatever earlier attempts did.
+    /// - A transient refusal or an unknown outcome is tried again, with the
+    ///   same key, while `limits` allow.
+    /// - Past the limits, the step fails only if this was its only attempt
+    ///   and the participant answered ([`AttemptFailure::Transient`]); if any
+    ///   attempt may have taken effect (this one's outcome is unknown, or an
+    ///   earlier attempt was retried or interrupted), the step is
+    ///   [`Resolution::Uncertain`] and is compensated as if it succeeded.
+    ///
+    /// `now` is compared with the step's first attempt as the log recorded
+    /// it, so [`AttemptLimits::within`] holds across restarts. Returns
+    /// [`Resolution::Retry`] when no step is running (nothing to decide).
+    pub fn resolve_failure(
+        &self,
+        failure: AttemptFailure,
+        limits: AttemptLimits,
+        now: OffsetDateTime,
+    ) -> Resolution {
+        let Some(step) = self
+            .current_step()
+            .filter(|_| self.status == SagaStatus::Running)
+        else {
+            return Resolution::Retry;
+        };
+        let state = &self.steps[step];
+        if failure == AttemptFailure::Refused {
+            return Resolution::Fail;
+        }
+        let out_of_attempts = state.attempts >= limits.max_attempts.max(1);
+        let out_of_time = match (limits.within, self.step_first_started_at(step)) {
+            (Some(within), Some(first)) => now - first >= within,
+            _ => false,
+        };
+        if !out_of_attempts && !out_of_time {
+            return Resolution::Retry;
+        }
+        if failure == AttemptFailure::Transient && state.attempts <= 1 {
+            Resolution::Fail
+        } else {
+            Resolution::Uncertain
+        }
     }
 
     /// Abandons the saga between steps; compensation begins.
@@ -909,6 +1056,7 @@ mod tests {
                 StepStatus::Running => 'R',
                 StepStatus::Succeeded => 'S',
                 StepStatus::Failed => 'F',
+                StepStatus::Uncertain => 'U',
                 StepStatus::Compensating => 'C',
                 StepStatus::Compensated => 'X',
                 StepStatus::CompensationFailed => 'E',
@@ -916,10 +1064,10 @@ mod tests {
             .collect();
         // After the step being compensated: compensated steps, then the step
         // that failed (or, after an abort, the step that never ran), then steps
-        // that never ran.
+        // that never ran; nothing, when the uncertain last step was compensated.
         let tail_ok = |tail: &str| {
             let mut rest = tail.trim_start_matches('X').chars();
-            matches!(rest.next(), Some('F' | 'P')) && rest.all(|c| c == 'P')
+            matches!(rest.next(), Some('F' | 'P') | None) && rest.all(|c| c == 'P')
         };
         let ok = match saga.status() {
             SagaStatus::Running => {
@@ -927,7 +1075,7 @@ mod tests {
                 matches!(rest.next(), Some('P' | 'R')) && rest.all(|c| c == 'P')
             }
             SagaStatus::Completed => letters.chars().all(|c| c == 'S'),
-            SagaStatus::Compensating => match letters.rfind(['S', 'C']) {
+            SagaStatus::Compensating => match letters.rfind(['S', 'C', 'U']) {
                 Some(k) => letters[..k].chars().all(|c| c == 'S') && tail_ok(&letters[k + 1..]),
                 None => false,
             },
@@ -956,6 +1104,13 @@ mod tests {
                 }
                 Transition::StepFailed { .. } | Transition::Aborted { .. } => {
                     assert!(!compensating);
+                    compensating = true;
+                }
+                // An uncertain step is compensated as if it had succeeded.
+                Transition::StepUncertain { step, .. } => {
+                    assert!(!compensating);
+                    assert_eq!(*step, succeeded.len(), "steps run in order");
+                    succeeded.push(*step);
                     compensating = true;
                 }
                 Transition::CompensationStarted { step, .. }
@@ -1002,6 +1157,7 @@ mod tests {
         StepStarted(Option<usize>),
         StepSucceeded(Option<usize>, bool),
         StepFailed(Option<usize>),
+        StepUncertain(Option<usize>),
         Abort,
         CompensationStarted(Option<usize>),
         CompensationSucceeded(Option<usize>),
@@ -1015,6 +1171,7 @@ mod tests {
             4 => target().prop_map(Op::StepStarted),
             4 => (target(), any::<bool>()).prop_map(|(t, o)| Op::StepSucceeded(t, o)),
             1 => target().prop_map(Op::StepFailed),
+            1 => target().prop_map(Op::StepUncertain),
             1 => Just(Op::Abort),
             3 => target().prop_map(Op::CompensationStarted),
             3 => target().prop_map(Op::CompensationSucceeded),
@@ -1035,6 +1192,11 @@ mod tests {
             Op::StepFailed(t) => Transition::StepFailed {
                 step: step(t),
                 error: "failed".into(),
+                at,
+            },
+            Op::StepUncertain(t) => Transition::StepUncertain {
+                step: step(t),
+                error: "timed out".into(),
                 at,
             },
             Op::Abort => Transition::Aborted {
@@ -1105,14 +1267,15 @@ mod tests {
         #[test]
         fn following_next_action_finishes(
             steps in 1..=5usize,
-            outcomes in prop::collection::vec(0..4u8, 0..32),
+            outcomes in prop::collection::vec(0..5u8, 0..32),
         ) {
             let mut saga = saga(steps);
             let mut outcomes = outcomes.into_iter();
             let mut failed = false;
             let mut clock = 0;
             let mut tick = || { clock += 1; at(clock) };
-            // Each outcome: 0 retry, 1 fail for good, anything else succeed.
+            // Each outcome: 0 retry, 1 fail for good, 3 uncertain, anything
+            // else succeed.
             for _ in 0..200 {
                 match saga.next_action() {
                     NextAction::RunStep(_) => {
@@ -1122,6 +1285,10 @@ mod tests {
                             1 => {
                                 failed = true;
                                 saga.step_failed("no", tick()).unwrap();
+                            }
+                            3 => {
+                                failed = true;
+                                saga.step_uncertain("timed out", tick()).unwrap();
                             }
                             _ => {
                                 saga.step_succeeded(None, tick()).unwrap();
@@ -1148,8 +1315,150 @@ mod tests {
             }
             prop_assert!(saga.is_finished());
             prop_assert_eq!(saga.status() == SagaStatus::Completed, !failed);
+            if saga.status() == SagaStatus::Compensated {
+                prop_assert!(
+                    saga.steps().iter().all(|s| !matches!(s.status(), StepStatus::Succeeded | StepStatus::Uncertain)),
+                    "a compensated saga left an effect behind"
+                );
+            }
             assert_shape(&saga);
             assert_history(&saga);
         }
+
+        /// However an action's attempts end, an outcome that may have taken
+        /// effect is never recorded as "did not happen": the step fails only
+        /// on a definite refusal, or a transient refusal of its only attempt;
+        /// otherwise it is retried within its limits, then compensated.
+        #[test]
+        fn unknown_outcomes_are_never_taken_as_failures(
+            failures in prop::collection::vec(
+                prop_oneof![Just(AttemptFailure::Refused), Just(AttemptFailure::Transient), Just(AttemptFailure::Unknown)],
+                1..12,
+            ),
+            succeeds_at in prop::option::of(0..12usize),
+            max_attempts in 0..6u32,
+            within in prop::option::of(1..20i64),
+            restart_at in prop::option::of(0..12usize),
+        ) {
+            let mut saga = saga(2);
+            succeed(&mut saga, 1);
+            let mut limits = AttemptLimits::attempts(max_attempts);
+            if let Some(secs) = within {
+                limits = limits.within(std::time::Duration::from_secs(secs as u64));
+            }
+            let mut clock = 10;
+            let mut maybe_effect = false;
+            let mut resolved = None;
+            for (attempt, failure) in failures.iter().copied().enumerate() {
+                clock += 3;
+                saga.step_started(at(clock)).unwrap();
+                if restart_at == Some(attempt) {
+                    // The process died during the attempt: its outcome is unknown.
+                    saga = SagaInstance::replay(saga.history().to_vec()).unwrap();
+                    maybe_effect = true;
+                    continue;
+                }
+                if succeeds_at == Some(attempt) {
+                    saga.step_succeeded(None, at(clock)).unwrap();
+                    resolved = Some(StepStatus::Succeeded);
+                    break;
+                }
+                let first = saga.step_first_started_at(1).unwrap();
+                let decision = saga.resolve_failure(failure, limits, at(clock));
+                let attempts = saga.steps()[1].attempts();
+                let exhausted = attempts >= max_attempts.max(1)
+                    || within.is_some_and(|w| (at(clock) - first).whole_seconds() >= w);
+                match decision {
+                    Resolution::Retry => {
+                        prop_assert!(failure != AttemptFailure::Refused && !exhausted);
+                    }
+                    Resolution::Fail => {
+                        prop_assert!(
+                            failure == AttemptFailure::Refused
+                                || (failure == AttemptFailure::Transient && attempts == 1),
+                            "{failure:?} after {attempts} attempts taken as no effect"
+                        );
+                        saga.step_failed("no", at(clock)).unwrap();
+                        resolved = Some(StepStatus::Failed);
+                        break;
+                    }
+                    Resolution::Uncertain => {
+                        prop_assert!(failure != AttemptFailure::Refused && exhausted);
+                        prop_assert!(failure == AttemptFailure::Unknown || attempts > 1 || maybe_effect);
+                        saga.step_uncertain("unknown", at(clock)).unwrap();
+                        resolved = Some(StepStatus::Uncertain);
+                        break;
+                    }
+                }
+                maybe_effect |= failure == AttemptFailure::Unknown;
+            }
+            match resolved {
+                Some(StepStatus::Uncertain) => {
+                    // The uncertain step is compensated first, then the one before.
+                    prop_assert_eq!(saga.next_action(), NextAction::CompensateStep(1));
+                    for _ in 0..2 {
+                        saga.compensation_started(at(90)).unwrap();
+                        saga.compensation_succeeded(at(91)).unwrap();
+                    }
+                    prop_assert_eq!(saga.status(), SagaStatus::Compensated);
+                    prop_assert_eq!(saga.steps()[1].status(), StepStatus::Compensated);
+                }
+                Some(StepStatus::Failed) => {
+                    prop_assert_eq!(saga.next_action(), NextAction::CompensateStep(0));
+                }
+                Some(_) => prop_assert_eq!(saga.status(), SagaStatus::Completed),
+                None => prop_assert_eq!(saga.next_action(), NextAction::RunStep(1)),
+            }
+            prop_assert_eq!(&SagaInstance::replay(saga.history().to_vec()).unwrap(), &saga);
+        }
+    }
+
+    #[test]
+    fn an_uncertain_step_is_compensated_as_if_it_succeeded() {
+        let mut saga = saga(3);
+        succeed(&mut saga, 1);
+        saga.step_started(at(3)).unwrap();
+        let limits = AttemptLimits::attempts(2);
+        assert_eq!(
+            saga.resolve_failure(AttemptFailure::Unknown, limits, at(4)),
+            Resolution::Retry
+        );
+        saga.step_started(at(5)).unwrap();
+        assert_eq!(
+            saga.resolve_failure(AttemptFailure::Transient, limits, at(6)),
+            Resolution::Uncertain,
+            "the first attempt may have taken effect"
+        );
+        assert_eq!(
+            saga.resolve_failure(AttemptFailure::Refused, limits, at(6)),
+            Resolution::Fail,
+            "a definite no for the same key"
+        );
+        saga.step_uncertain("timed out", at(6)).unwrap();
+        assert_eq!(saga.steps()[1].status(), StepStatus::Uncertain);
+        assert_eq!(saga.steps()[1].error(), Some("timed out"));
+        assert_eq!(saga.next_action(), NextAction::CompensateStep(1));
+        saga.compensation_started(at(7)).unwrap();
+        saga.compensation_succeeded(at(8)).unwrap();
+        assert_eq!(saga.next_action(), NextAction::CompensateStep(0));
+        let value = serde_json::to_value(&saga.history()[5]).unwrap();
+        assert_eq!(value["type"], "step_uncertain");
+    }
+
+    #[test]
+    fn the_time_bound_counts_from_the_first_recorded_attempt() {
+        let mut saga = saga(1);
+        saga.step_started(at(0)).unwrap();
+        let limits = AttemptLimits::attempts(100).within(std::time::Duration::from_secs(30));
+        assert_eq!(
+            saga.resolve_failure(AttemptFailure::Unknown, limits, at(29)),
+            Resolution::Retry
+        );
+        saga.step_started(at(29)).unwrap();
+        let saga = SagaInstance::replay(saga.history().to_vec()).unwrap();
+        assert_eq!(
+            saga.resolve_failure(AttemptFailure::Unknown, limits, at(30)),
+            Resolution::Uncertain
+        );
     }
 }

@@ -234,6 +234,7 @@ pub struct StepError {
     inner: BoxError,
     retryable: bool,
     timed_out: bool,
+    outcome_unknown: bool,
 }
 
 impl StepError {
@@ -243,6 +244,21 @@ impl StepError {
             inner: Box::new(Transient::new(err)),
             retryable: true,
             timed_out: false,
+            outcome_unknown: false,
+        }
+    }
+
+    /// An attempt without a definite answer: the command may have taken
+    /// effect (the connection was lost after it was sent, the participant
+    /// answered `504`, say). It is retried with the same idempotency key
+    /// and, if no attempt gets a definite answer, the step is compensated as
+    /// if it succeeded; see [`SagaInstance::resolve_failure`](crate::SagaInstance::resolve_failure).
+    pub fn unknown(err: impl Into<BoxError>) -> Self {
+        StepError {
+            inner: Box::new(Transient::new(err)),
+            retryable: true,
+            timed_out: false,
+            outcome_unknown: true,
         }
     }
 
@@ -252,6 +268,7 @@ impl StepError {
             inner: Box::new(Permanent::new(err)),
             retryable: false,
             timed_out: false,
+            outcome_unknown: false,
         }
     }
 
@@ -263,6 +280,7 @@ impl StepError {
             inner: err,
             retryable,
             timed_out: false,
+            outcome_unknown: false,
         }
     }
 
@@ -271,6 +289,7 @@ impl StepError {
             inner: Box::new(Transient::new(StepTimedOut { timeout })),
             retryable: true,
             timed_out: true,
+            outcome_unknown: true,
         }
     }
 
@@ -283,6 +302,23 @@ impl StepError {
     /// error is retryable.
     pub fn is_timeout(&self) -> bool {
         self.timed_out
+    }
+
+    /// Whether the attempt's outcome is unknown: it timed out, or was made
+    /// with [`StepError::unknown`].
+    pub fn is_outcome_unknown(&self) -> bool {
+        self.outcome_unknown
+    }
+
+    /// The attempt's failure as the state machine classifies it.
+    pub fn failure(&self) -> crate::AttemptFailure {
+        if self.outcome_unknown {
+            crate::AttemptFailure::Unknown
+        } else if self.retryable {
+            crate::AttemptFailure::Transient
+        } else {
+            crate::AttemptFailure::Refused
+        }
     }
 
     /// The error this holds.
@@ -340,6 +376,7 @@ impl fmt::Debug for StepError {
             .field("error", &self.inner)
             .field("retryable", &self.retryable)
             .field("timed_out", &self.timed_out)
+            .field("outcome_unknown", &self.outcome_unknown)
             .finish()
     }
 }
@@ -406,6 +443,17 @@ mod tests {
         assert!(err.is_retryable() && err.is_timeout());
         assert!(is_retryable(err.as_error()));
         assert_eq!(err.to_string(), "step timed out after 2s");
+        assert_eq!(err.failure(), crate::AttemptFailure::Unknown);
+        let err = StepError::unknown(Declined);
+        assert!(err.is_retryable() && err.is_outcome_unknown() && !err.is_timeout());
+        assert_eq!(
+            StepError::retryable(Declined).failure(),
+            crate::AttemptFailure::Transient
+        );
+        assert_eq!(
+            StepError::permanent(Declined).failure(),
+            crate::AttemptFailure::Refused
+        );
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -65,13 +65,28 @@ pub enum Transition {
     /// A step's action failed for good, without lasting effect; compensation
     /// of the steps that succeeded begins.
     ///
-    /// An action whose outcome is unknown (a timeout) has not failed in this
-    /// sense: it is started again, which its idempotency key makes safe, until
-    /// it succeeds or fails definitively.
+    /// Only a definite refusal by the participant is recorded so: an action
+    /// whose outcome is unknown (a timeout, a connection lost after the
+    /// command was sent) has not failed in this sense. It is started again,
+    /// which its idempotency key makes safe, until the participant answers
+    /// definitely; if it never does, the step ends [`StepUncertain`](Self::StepUncertain).
     StepFailed {
         /// The step's index.
         step: usize,
         /// Why it failed.
+        error: String,
+        /// When it happened.
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
+    /// A step's action may have taken effect, but no attempt got a definite
+    /// answer within the step's limits (attempts, total time): the step is
+    /// treated as if it succeeded, and compensation begins with it. Its
+    /// compensation gets no output and must tolerate "nothing to undo".
+    StepUncertain {
+        /// The step's index.
+        step: usize,
+        /// The last attempt's error.
         error: String,
         /// When it happened.
         #[serde(with = "time::serde::rfc3339")]
@@ -124,6 +139,7 @@ impl Transition {
             Transition::StepStarted { .. } => "step_started",
             Transition::StepSucceeded { .. } => "step_succeeded",
             Transition::StepFailed { .. } => "step_failed",
+            Transition::StepUncertain { .. } => "step_uncertain",
             Transition::Aborted { .. } => "aborted",
             Transition::CompensationStarted { .. } => "compensation_started",
             Transition::CompensationSucceeded { .. } => "compensation_succeeded",
@@ -138,6 +154,7 @@ impl Transition {
             | Transition::StepStarted { at, .. }
             | Transition::StepSucceeded { at, .. }
             | Transition::StepFailed { at, .. }
+            | Transition::StepUncertain { at, .. }
             | Transition::Aborted { at, .. }
             | Transition::CompensationStarted { at, .. }
             | Transition::CompensationSucceeded { at, .. }
@@ -151,6 +168,7 @@ impl Transition {
             Transition::StepStarted { step, .. }
             | Transition::StepSucceeded { step, .. }
             | Transition::StepFailed { step, .. }
+            | Transition::StepUncertain { step, .. }
             | Transition::CompensationStarted { step, .. }
             | Transition::CompensationSucceeded { step, .. }
             | Transition::CompensationFailed { step, .. } => Some(*step),
@@ -161,9 +179,9 @@ impl Transition {
     /// The error or reason the transition records, if any.
     pub fn reason(&self) -> Option<&str> {
         match self {
-            Transition::StepFailed { error, .. } | Transition::CompensationFailed { error, .. } => {
-                Some(error)
-            }
+            Transition::StepFailed { error, .. }
+            | Transition::StepUncertain { error, .. }
+            | Transition::CompensationFailed { error, .. } => Some(error),
             Transition::Aborted { reason, .. } => Some(reason),
             _ => None,
         }

@@ -167,13 +167,18 @@ impl Inventory {
             .write(|tx| {
                 let Some(mut reservation) = tx.get::<Reservation>(RESERVATIONS, order_id)? else {
                     if to == ReservationState::Released {
-                        // Releasing what was never reserved is a no-op: the reservation
-                        // may have failed, and compensation runs anyway.
-                        return Ok(Ok(Reservation {
+                        // Releasing what was never reserved holds nothing back: the
+                        // reservation may have failed, or may still be on its way (its
+                        // answer was lost), and compensation runs anyway. The empty
+                        // released reservation it leaves makes a late reservation for the
+                        // order reserve nothing.
+                        let released = Reservation {
                             order_id: order_id.to_owned(),
                             items: Vec::new(),
                             state: ReservationState::Released,
-                        }));
+                        };
+                        tx.put(RESERVATIONS, order_id, &released)?;
+                        return Ok(Ok(released));
                     }
                     return Ok(Err(ApiError::not_found(
                         "no_reservation",
@@ -375,6 +380,19 @@ mod tests {
         assert_eq!(inventory.levels().unwrap()["SKU-1"].available, 5);
         // Releasing what was never reserved does nothing.
         inventory.release("never").unwrap();
+        holds(&inventory);
+    }
+
+    #[test]
+    fn a_reservation_arriving_after_its_release_reserves_nothing() {
+        let inventory = inventory();
+        // The saga's reservation timed out, so it released the order, and only then
+        // does the reservation arrive.
+        inventory.release("late").unwrap();
+        let late = inventory.reserve("late", &items(&[("SKU-1", 2)])).unwrap();
+        assert_eq!(late.state, ReservationState::Released);
+        assert_eq!(inventory.levels().unwrap()["SKU-1"].available, 5);
+        assert_eq!(inventory.levels().unwrap()["SKU-1"].reserved, 0);
         holds(&inventory);
     }
 }

@@ -25,8 +25,8 @@ use micro_core::client::HttpClient;
 use micro_core::error::BoxError;
 use micro_core::service::Service;
 use micro_saga::{
-    Orchestrator, SagaDefinition, SagaInstance, SagaLog, SagaStatus, StepError, StepOutput,
-    StepPolicy,
+    idempotency_key, Orchestrator, Phase, SagaDefinition, SagaInstance, SagaLog, SagaStatus,
+    StepError, StepOutput, StepPolicy,
 };
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -206,15 +206,25 @@ struct Inner {
     orchestrator: Orchestrator,
     saga: SagaDefinition<Checkout>,
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    recovery: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// A call's failure as a saga step error: a `4xx` answer is final, the rest may pass.
+/// A call's failure as a saga step error: a `4xx` answer is final; a call never sent,
+/// a `503` or a `429` is a refusal that may pass; a call sent without a definite answer
+/// (a timeout, a connection lost in flight, another `5xx`) may have taken effect, and
+/// the saga resolves it (retry with the same key, then compensate).
 fn step_error(error: micro_core::client::Error, what: &str) -> StepError {
-    match error.status() {
-        Some(status) if status.is_client_error() => {
-            StepError::permanent(format!("{what}: {}", describe(&error)))
+    use micro_core::client::ErrorKind;
+    let message = format!("{what}: {}", describe(&error));
+    match (error.kind(), error.status()) {
+        (_, Some(status)) if status.is_client_error() && status != 429 => {
+            StepError::permanent(message)
         }
-        _ => StepError::retryable(format!("{what}: {}", describe(&error))),
+        (_, Some(status)) if status == 429 || status == 503 => StepError::retryable(message),
+        (_, Some(_)) | (ErrorKind::Timeout | ErrorKind::Transport | ErrorKind::Decode, _) => {
+            StepError::unknown(message)
+        }
+        _ => StepError::retryable(message),
     }
 }
 
@@ -319,7 +329,29 @@ fn order_saga(
             move |cx| {
                 let (ledger, payments) = (refund_ledger.clone(), refund_client.clone());
                 async move {
-                    let payment_id: String = cx.output_as()?;
+                    let payment_id = match cx.output() {
+                        Some(_) => cx.output_as::<String>()?,
+                        None => {
+                            // The charge never answered: refund whatever its key charged
+                            // (nothing charged is nothing to undo).
+                            let key = idempotency_key(cx.saga_id(), cx.step(), Phase::Action);
+                            let refunded = payments
+                                .request(
+                                    http::Method::POST,
+                                    &format!("/payments/by-key/{key}/refund"),
+                                )
+                                .idempotency_key(cx.idempotency_key())
+                                .send_json::<Option<Payment>>()
+                                .await
+                                .map_err(|e| {
+                                    StepError::retryable(format!("refund failed: {}", describe(&e)))
+                                })?;
+                            match refunded {
+                                Some(payment) => payment.id,
+                                None => return Ok(()),
+                            }
+                        }
+                    };
                     payments
                         .request(
                             http::Method::POST,
@@ -458,6 +490,7 @@ impl Orders {
                 orchestrator,
                 saga,
                 relay: std::sync::Mutex::new(None),
+                recovery: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -821,12 +854,32 @@ impl Service for Orders {
         let relay = tokio::spawn(self.inner.ledger.clone().relay());
         *self.inner.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
         // Recovery calls the other services, which may still be starting: run it aside.
+        // Then recovery goes on: sagas abandoned while the service runs (their driver
+        // stopped, another instance died) are picked up once idle past any step's
+        // attempts and backoffs.
         let this = self.clone();
-        tokio::spawn(async move {
+        let recovery = tokio::spawn(async move {
             if let Err(error) = this.recover().await {
                 tracing::error!(error = format!("{error:#}"), "order recovery failed");
             }
+            let mut sweeping = this
+                .inner
+                .orchestrator
+                .keep_recovering(Duration::from_secs(5), Duration::from_secs(60));
+            while let Some(handle) = sweeping.resumed().await {
+                let this = this.clone();
+                tokio::spawn(async move {
+                    if let Ok(saga) = handle.finished().await {
+                        this.settle(&saga).await;
+                    }
+                });
+            }
         });
+        *self
+            .inner
+            .recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(recovery);
         Ok(())
     }
 
@@ -839,6 +892,15 @@ impl Service for Orders {
             .take()
         {
             relay.abort();
+        }
+        if let Some(recovery) = self
+            .inner
+            .recovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            recovery.abort();
         }
         Ok(())
     }

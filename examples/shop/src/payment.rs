@@ -4,11 +4,15 @@
 //! |---|---|
 //! | `4242 4242 4242 4242` (and any other valid number) | charged, refundable |
 //! | `4000 0000 0000 0002` | declined (`402 card_declined`) |
-//! | `4000 0000 0000 0119` | the charge never answers (the caller times out) |
+//! | `4000 0000 0000 0119` | charged, but the processor never answers: a `504 processor_timeout` after the hang, for a repeat of the key too (the saga refunds it by its key) |
+//! | `4000 0000 0000 0259` | charged, but the first answer comes late (the caller times out); a repeat of the key answers at once |
 //! | `4000 0000 0000 0341` | charged, but every refund fails (`503 refund_failed`) |
 //!
 //! A charge needs an `Idempotency-Key`: the same key answers the same payment (or the
-//! same decline) without charging twice. Refunds are idempotent per payment.
+//! same decline) without charging twice. Refunds are idempotent per payment. A refund by
+//! the charge's key (`POST /payments/by-key/{key}/refund`) is for a caller that never got
+//! an answer: it refunds what the key charged, or, when nothing was charged, voids the
+//! key so that a charge arriving later with it is refused.
 
 use std::time::Duration;
 
@@ -25,11 +29,14 @@ use crate::store::Store;
 
 const PAYMENTS: &str = "payments";
 const BY_KEY: &str = "payments-by-key";
+const VOIDED: &str = "payments-voided-keys";
 
 /// The card that is always declined.
 pub const DECLINED_CARD: &str = "4000000000000002";
-/// The card whose charge never answers.
+/// The card whose charge is captured but never answered.
 pub const TIMEOUT_CARD: &str = "4000000000000119";
+/// The card whose charge is captured and answered late the first time.
+pub const LATE_CARD: &str = "4000000000000259";
 /// The card whose refunds always fail.
 pub const REFUND_FAILS_CARD: &str = "4000000000000341";
 /// A card that works.
@@ -138,16 +145,11 @@ impl Payments {
         }
         if let Some(id) = self.store.get::<String>(BY_KEY, key)? {
             if let Some(stored) = self.store.get::<Stored>(PAYMENTS, &id)? {
+                if number == TIMEOUT_CARD {
+                    return Err(self.lose_answer().await);
+                }
                 return answer(stored.payment);
             }
-        }
-        if number == TIMEOUT_CARD {
-            tokio::time::sleep(self.hang).await;
-            return Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "processor_timeout",
-                "the card processor did not answer",
-            ));
         }
         let stored = Stored {
             payment: Payment {
@@ -164,17 +166,64 @@ impl Payments {
             refund_fails: number == REFUND_FAILS_CARD,
         };
         let payment = self.store.write(|tx| {
+            if tx.get::<bool>(VOIDED, key)?.is_some() {
+                return Ok(None);
+            }
             // Two requests with one key may race: the first to commit wins.
             if let Some(id) = tx.get::<String>(BY_KEY, key)? {
                 if let Some(existing) = tx.get::<Stored>(PAYMENTS, &id)? {
-                    return Ok(existing.payment);
+                    return Ok(Some(existing.payment));
                 }
             }
             tx.put(PAYMENTS, &stored.payment.id, &stored)?;
             tx.put(BY_KEY, key, &stored.payment.id)?;
-            Ok(stored.payment)
+            Ok(Some(stored.payment))
         })?;
+        let Some(payment) = payment else {
+            return Err(ApiError::conflict(
+                "key_voided",
+                "this key was refunded before anything was charged with it",
+            ));
+        };
+        match number.as_str() {
+            TIMEOUT_CARD => return Err(self.lose_answer().await),
+            // Captured; the answer comes after the caller stopped waiting.
+            LATE_CARD => tokio::time::sleep(self.hang).await,
+            _ => {}
+        }
         answer(payment)
+    }
+
+    /// The answer of a charge captured behind a processor that never answered: a
+    /// `504` after the hang, which tells the caller nothing about the money.
+    async fn lose_answer(&self) -> ApiError {
+        tokio::time::sleep(self.hang).await;
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "processor_timeout",
+            "the card processor did not answer",
+        )
+    }
+
+    /// Refunds what the charge with `key` captured, for a caller that never got the
+    /// charge's answer. Nothing charged with the key is nothing to refund: the key is
+    /// voided instead, so that a charge still on its way is refused. `None` when nothing
+    /// was charged.
+    pub fn refund_by_key(&self, key: &str) -> Result<Option<Payment>, ApiError> {
+        let id = self.store.write(|tx| {
+            let id = tx.get::<String>(BY_KEY, key)?;
+            if id.is_none() {
+                tx.put(VOIDED, key, &true)?;
+            }
+            Ok(id)
+        })?;
+        match id {
+            None => Ok(None),
+            Some(id) => match self.refund(&id) {
+                Err(e) if e.code() == "not_captured" => Ok(None),
+                other => other.map(Some),
+            },
+        }
     }
 
     /// Gives the money of a captured payment back, once.
@@ -249,6 +298,13 @@ async fn refund(
     payments.refund(&id).map(Json)
 }
 
+async fn refund_by_key(
+    State(payments): State<Payments>,
+    Path(key): Path<String>,
+) -> Result<Json<Option<Payment>>, ApiError> {
+    payments.refund_by_key(&key).map(Json)
+}
+
 async fn by_order(
     State(payments): State<Payments>,
     Query(query): Query<ByOrder>,
@@ -274,6 +330,7 @@ impl Service for Payments {
         Router::new()
             .route("/payments", post(charge).get(by_order))
             .route("/payments/{id}/refund", post(refund))
+            .route("/payments/by-key/{key}/refund", post(refund_by_key))
             .with_state(self.clone())
     }
 }
@@ -295,7 +352,13 @@ mod tests {
 
     #[test]
     fn the_test_cards_are_valid_numbers() {
-        for card in [GOOD_CARD, DECLINED_CARD, TIMEOUT_CARD, REFUND_FAILS_CARD] {
+        for card in [
+            GOOD_CARD,
+            DECLINED_CARD,
+            TIMEOUT_CARD,
+            LATE_CARD,
+            REFUND_FAILS_CARD,
+        ] {
             assert!(luhn(card), "{card}");
         }
         assert!(!luhn("4242424242424241"));
@@ -337,11 +400,52 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_timeout_card_hangs() {
+    async fn the_timeout_card_charges_and_never_answers_and_its_key_refunds_it() {
         let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
         let request = request(TIMEOUT_CARD);
+        for _ in 0..2 {
+            let charge = payments.charge("k1", &request);
+            let hung = tokio::time::timeout(Duration::from_secs(59), charge).await;
+            assert!(hung.is_err());
+        }
+        let all = payments.all().unwrap();
+        assert_eq!(all.len(), 1, "one key, one charge");
+        assert_eq!(all[0].status, PaymentStatus::Captured);
+        let refunded = payments.refund_by_key("k1").unwrap().unwrap();
+        assert_eq!(refunded.status, PaymentStatus::Refunded);
+        assert_eq!(payments.refund_by_key("k1").unwrap().unwrap(), refunded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_late_card_answers_a_repeat_at_once() {
+        let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
+        let request = request(LATE_CARD);
         let charge = payments.charge("k1", &request);
-        let hung = tokio::time::timeout(Duration::from_secs(59), charge).await;
-        assert!(hung.is_err());
+        assert!(tokio::time::timeout(Duration::from_secs(2), charge)
+            .await
+            .is_err());
+        let again = tokio::time::timeout(Duration::from_secs(2), payments.charge("k1", &request))
+            .await
+            .expect("a repeat answers at once")
+            .unwrap();
+        assert_eq!(again.status, PaymentStatus::Captured);
+        assert_eq!(payments.all().unwrap(), [again]);
+    }
+
+    #[tokio::test]
+    async fn refunding_a_key_that_charged_nothing_voids_it() {
+        let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
+        assert_eq!(payments.refund_by_key("k1").unwrap(), None);
+        let late = payments
+            .charge("k1", &request(GOOD_CARD))
+            .await
+            .unwrap_err();
+        assert_eq!(late.code(), "key_voided");
+        assert!(payments.all().unwrap().is_empty());
+        payments
+            .charge("k2", &request(DECLINED_CARD))
+            .await
+            .unwrap_err();
+        assert_eq!(payments.refund_by_key("k2").unwrap(), None);
     }
 }

@@ -329,6 +329,11 @@ pub enum LogError {
         source: serde_json::Error,
     },
 
+    /// The log's store is unreachable for now (a backend outside this crate
+    /// reports its transient failures so); worth a retry.
+    #[error("saga log unavailable")]
+    Unavailable(#[source] micro_core::error::BoxError),
+
     /// A PostgreSQL schema name that cannot be used.
     #[cfg(feature = "postgres")]
     #[error("invalid schema name `{schema}`: use 1 to 63 ASCII letters, digits and underscores, not starting with a digit")]
@@ -380,6 +385,7 @@ impl LogError {
         match self {
             #[cfg(feature = "postgres")]
             LogError::Postgres(err) => err.is_closed() || err.code().is_none(),
+            LogError::Unavailable(_) => true,
             _ => false,
         }
     }

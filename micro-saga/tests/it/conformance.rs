@@ -3,7 +3,12 @@
 use std::sync::Arc;
 
 use micro_saga::log::{Append, LogError, NewSaga};
-use micro_saga::{SagaInstance, SagaLog, SagaStatus, Transition};
+use std::time::Duration;
+
+use micro_saga::{
+    idempotency_key, Orchestrator, Phase, SagaDefinition, SagaInstance, SagaLog, SagaStatus,
+    StepError, StepOutput, StepPolicy, StepStatus, Transition,
+};
 use serde_json::json;
 use time::macros::datetime;
 use time::OffsetDateTime;
@@ -294,6 +299,163 @@ pub(crate) async fn lists_by_status_oldest_first(log: Arc<dyn SagaLog>) {
     assert!(log.by_status(SagaStatus::Failed).await.unwrap().is_empty());
 }
 
+/// A payment participant that honours idempotency keys: a charge is captured
+/// once per key, and a refund of a key undoes it, or does nothing when
+/// nothing was captured.
+#[derive(Debug, Default)]
+struct Bank {
+    captured: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    refunded: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+impl Bank {
+    fn capture(&self, key: &str) -> u32 {
+        self.captured.lock().unwrap().insert(key.to_owned());
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// Every captured charge was refunded, or the saga completed.
+    fn assert_money_kept(&self, completed: bool) {
+        let captured = self.captured.lock().unwrap().clone();
+        let refunded = self.refunded.lock().unwrap().clone();
+        if completed {
+            assert!(
+                refunded.is_empty(),
+                "a completed saga refunded {refunded:?}"
+            );
+        } else {
+            assert!(
+                captured.is_subset(&refunded),
+                "captured {captured:?}, refunded {refunded:?}"
+            );
+        }
+    }
+}
+
+/// charge (refund by key) → reserve (fails for good when `fail_reserve`);
+/// the charge is captured on every attempt, and answered only from attempt
+/// `answer_from` on (later ones time out after capturing).
+fn late_charge_saga(bank: Arc<Bank>, answer_from: u32, fail_reserve: bool) -> SagaDefinition<u32> {
+    let refunds = bank.clone();
+    SagaDefinition::<u32>::builder("late-charge")
+        .policy(
+            StepPolicy::new()
+                .timeout(Duration::from_millis(50))
+                .max_attempts(3)
+                .initial_backoff(Duration::from_millis(5))
+                .randomization_factor(0.0),
+        )
+        .step(
+            "charge",
+            move |cx| {
+                let bank = bank.clone();
+                async move {
+                    let attempt = bank.capture(cx.idempotency_key());
+                    if attempt < answer_from {
+                        // Captured, but the answer never arrives.
+                        std::future::pending::<()>().await;
+                    }
+                    StepOutput::json(&cx.idempotency_key())
+                }
+            },
+            move |cx| {
+                let bank = refunds.clone();
+                async move {
+                    // Without an output (the charge's outcome stayed unknown),
+                    // refund by the charge's key; nothing captured is nothing
+                    // to undo.
+                    let key = match cx.output() {
+                        Some(_) => cx.output_as::<String>()?,
+                        None => idempotency_key(cx.saga_id(), "charge", Phase::Action),
+                    };
+                    if bank.captured.lock().unwrap().contains(&key) {
+                        bank.refunded.lock().unwrap().insert(key);
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .step(
+            "reserve",
+            move |_| async move {
+                if fail_reserve {
+                    return Err(StepError::permanent("out of stock"));
+                }
+                Ok(StepOutput::empty())
+            },
+            |_| async { Ok(()) },
+        )
+        .build()
+        .unwrap()
+}
+
+/// A charge captured but never answered is compensated, not taken as
+/// "did not happen"; the saga's state is read back from the log.
+pub(crate) async fn a_late_action_is_compensated(log: Arc<dyn SagaLog>) {
+    let bank = Arc::new(Bank::default());
+    let saga = late_charge_saga(bank.clone(), u32::MAX, false);
+    let orch = Orchestrator::builder(log.clone())
+        .definition(&saga)
+        .build()
+        .unwrap();
+    let done = orch.run(&saga, "late-1", 0).await.unwrap();
+    assert_eq!(done.status(), SagaStatus::Compensated);
+    assert_eq!(done.steps()[0].status(), StepStatus::Compensated);
+    assert_eq!(done.steps()[0].attempts(), 3);
+    assert_eq!(bank.calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    bank.assert_money_kept(false);
+    assert_eq!(bank.refunded.lock().unwrap().len(), 1);
+    let record = log.load("late-1").await.unwrap().unwrap();
+    assert_eq!(record.status, SagaStatus::Compensated);
+    let names: Vec<_> = record.transitions.iter().map(|t| t.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "started",
+            "step_started",
+            "step_started",
+            "step_started",
+            "step_uncertain",
+            "compensation_started",
+            "compensation_succeeded",
+        ]
+    );
+    assert_eq!(record.instance().unwrap(), done);
+}
+
+/// A retry with the same key that gets the definite answer carries on.
+pub(crate) async fn a_late_action_answered_on_retry_succeeds(log: Arc<dyn SagaLog>) {
+    let bank = Arc::new(Bank::default());
+    let saga = late_charge_saga(bank.clone(), 2, false);
+    let orch = Orchestrator::builder(log.clone())
+        .definition(&saga)
+        .build()
+        .unwrap();
+    let done = orch.run(&saga, "late-2", 0).await.unwrap();
+    assert_eq!(done.status(), SagaStatus::Completed);
+    assert_eq!(done.steps()[0].attempts(), 2);
+    assert_eq!(
+        bank.captured.lock().unwrap().len(),
+        1,
+        "one key, one charge"
+    );
+    bank.assert_money_kept(true);
+
+    // Later failure: the charge answered on retry is refunded from its output.
+    let bank = Arc::new(Bank::default());
+    let saga = late_charge_saga(bank.clone(), 2, true);
+    let orch = Orchestrator::builder(log.clone())
+        .definition(&saga)
+        .build()
+        .unwrap();
+    let done = orch.run(&saga, "late-3", 0).await.unwrap();
+    assert_eq!(done.status(), SagaStatus::Compensated);
+    bank.assert_money_kept(false);
+    let record = log.load("late-3").await.unwrap().unwrap();
+    assert_eq!(record.status, SagaStatus::Compensated);
+}
+
 /// Generates one test per suite case for a backend; `$fixture` is an async
 /// fn returning a value with a `log` field and an async `finish` method.
 macro_rules! conformance {
@@ -306,6 +468,8 @@ macro_rules! conformance {
             bad_writes_are_refused,
             one_of_two_racing_writers_wins,
             lists_by_status_oldest_first,
+            a_late_action_is_compensated,
+            a_late_action_answered_on_retry_succeeds,
         );
     };
     (@cases $fixture:path; $($case:ident,)*) => {

@@ -1,6 +1,7 @@
 //! Integration tests of micro-saga: one binary, one module per subject.
 
 mod conformance;
+mod continuous;
 #[cfg(feature = "postgres")]
 mod crash;
 #[cfg(any(feature = "postgres", feature = "embedded"))]

@@ -35,11 +35,22 @@ impl Behaviour {
     /// How many attempts a bound of `max` allows, and whether the last one
     /// succeeds.
     fn attempts(self, max: u32) -> (u32, bool) {
+        let max = max.max(1);
         match self {
             Behaviour::Succeed => (1, true),
             Behaviour::FailPermanently => (1, false),
             Behaviour::Transient(k) | Behaviour::TimeOut(k) if k < max => (k + 1, true),
             _ => (max, false),
+        }
+    }
+
+    /// Whether an action that never succeeded may have taken effect: its
+    /// last attempt timed out, or an earlier attempt was retried.
+    fn uncertain(self, max: u32) -> bool {
+        match self {
+            Behaviour::TimeOut(_) | Behaviour::AlwaysTimeOut => true,
+            Behaviour::Transient(_) | Behaviour::AlwaysTransient => max > 1,
+            Behaviour::Succeed | Behaviour::FailPermanently => false,
         }
     }
 }
@@ -103,24 +114,30 @@ proptest! {
         });
 
         // The model: run forward until a step fails, then compensate the
-        // completed steps, latest first, until one cannot be compensated.
+        // completed steps, and the failed one if it may have taken effect,
+        // latest first, until one cannot be compensated.
         let mut expected_calls = Vec::new();
         let mut completed = Vec::new();
+        let mut to_undo = Vec::new();
         let mut failed_step = None;
         for (i, (action, _)) in plan.iter().enumerate() {
             let (attempts, ok) = action.attempts(max_attempts);
             expected_calls.extend((1..=attempts).map(|a| (format!("s{i}"), Phase::Action, a)));
             if !ok {
                 failed_step = Some(i);
+                if action.uncertain(max_attempts) {
+                    to_undo.push(format!("s{i}"));
+                }
                 break;
             }
             completed.push(format!("s{i}"));
+            to_undo.push(format!("s{i}"));
         }
         let mut compensated = Vec::new();
         let mut expected = SagaStatus::Completed;
         if failed_step.is_some() {
             expected = SagaStatus::Compensated;
-            for i in (0..completed.len()).rev() {
+            for i in (0..to_undo.len()).rev() {
                 let (attempts, ok) = plan[i].1.attempts(compensation_max_attempts);
                 expected_calls.extend(
                     (1..=attempts).map(|a| (format!("s{i}"), Phase::Compensation, a)),
@@ -147,9 +164,9 @@ proptest! {
             .collect();
         prop_assert_eq!(calls, expected_calls);
 
-        // Compensations are exactly the completed steps, latest first (all
-        // of them unless the saga failed).
-        let reversed: Vec<_> = completed.iter().rev().cloned().collect();
+        // Compensations are exactly the completed steps and the uncertain
+        // one, latest first (all of them unless the saga failed).
+        let reversed: Vec<_> = to_undo.iter().rev().cloned().collect();
         prop_assert_eq!(&reversed[..compensated.len()], &compensated[..]);
         if expected == SagaStatus::Compensated {
             prop_assert_eq!(compensated, reversed);
@@ -161,7 +178,10 @@ proptest! {
                 states.iter().filter(|s| **s == StepStatus::CompensationFailed).count(),
                 1
             ),
-            _ => prop_assert!(!states.contains(&StepStatus::Succeeded)),
+            _ => prop_assert!(
+                !states.contains(&StepStatus::Succeeded) && !states.contains(&StepStatus::Uncertain),
+                "an effect was left behind: {states:?}"
+            ),
         }
         // The log holds exactly what the saga went through.
         let record = rt

@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use shop::app::{self, Listen, Shop, ShopConfig};
 use shop::events::{OrderEvent, ORDER_EVENTS};
 use shop::order::OrderStatus;
-use shop::payment::{PaymentStatus, DECLINED_CARD, GOOD_CARD, REFUND_FAILS_CARD, TIMEOUT_CARD};
+use shop::payment::{
+    PaymentStatus, DECLINED_CARD, GOOD_CARD, LATE_CARD, REFUND_FAILS_CARD, TIMEOUT_CARD,
+};
 
 const INITIAL_STOCK: i64 = 20;
 
@@ -355,9 +357,32 @@ async fn failures_end_cancelled_with_a_reason_or_needing_attention() {
     let order = shop.settled("dave", stuck["id"].as_str().unwrap()).await;
     assert_eq!(order["status"], "REQUIRES_ATTENTION", "{order}");
 
+    // The timeout card is charged, but no answer ever comes back: the charge is
+    // refunded and the order cancelled, never charged-and-cancelled.
     shop.add("erin", "SKU-1006", 1).await;
     let slow = shop.checkout("erin", "slow", TIMEOUT_CARD).await;
     let order = shop.settled("erin", slow["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "CANCELLED", "{order}");
+    let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
+    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    assert_eq!(payments.as_array().unwrap().len(), 1, "{payments}");
+    assert_eq!(payments[0]["status"], "REFUNDED", "{payments}");
+
+    // The late card's first answer comes after the step's timeout; the retry with the
+    // same key gets the captured payment, and the order is confirmed, charged once.
+    shop.add("frank", "SKU-1007", 1).await;
+    let late = shop.checkout("frank", "late", LATE_CARD).await;
+    let order = shop.settled("frank", late["id"].as_str().unwrap()).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
+    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    assert_eq!(payments.as_array().unwrap().len(), 1, "{payments}");
+    assert_eq!(payments[0]["status"], "CAPTURED", "{payments}");
+
+    // Late and charged, then out of stock: the charge the retry found is refunded.
+    shop.add("gina", "SKU-OOS", 1).await;
+    let late = shop.checkout("gina", "late-oos", LATE_CARD).await;
+    let order = shop.settled("gina", late["id"].as_str().unwrap()).await;
     assert_eq!(order["status"], "CANCELLED", "{order}");
 
     shop.check_invariants().await;
