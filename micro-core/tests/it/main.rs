@@ -2,4 +2,5 @@
 
 mod client_policy;
 mod host;
+mod identity;
 mod support;
