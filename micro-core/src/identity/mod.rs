@@ -28,7 +28,7 @@
 //! };
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let keys = KeyRing::new(KeySet::new("k1", Secret::new(vec![7; 32])?));
+//! let keys = KeyRing::new(KeySet::new("k1", Secret::new(*b"0123456789abcdef0123456789abcdef")?));
 //!
 //! // payment-service: refunds only from the order service, anything else from any
 //! // verified service.
