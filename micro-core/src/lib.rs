@@ -77,14 +77,19 @@
 //! | [`telemetry`] | the tracing subscriber for binaries |
 //! | [`trace`] | W3C trace context: parse, propagate, the current context |
 //! | [`resilience`] | timeout, retry with backoff and budget, circuit breaker, bulkhead |
+//! | [`identity`] | verified service-to-service identity: signed tokens, [`Caller`](identity::Caller), route policies |
 //! | [`client`] | an HTTP client for calling another service, with those layers |
 //! | [`error`] | [`BoxError`](error::BoxError) and which errors are worth a retry |
 //! | [`shutdown`] | shutdown triggers: OS signals and a [`Shutdown`](shutdown::Shutdown) handle |
 //!
 //! # Features
 //!
-//! micro-core has no optional features: it is small on purpose. Backends (Kafka, etcd,
-//! Consul, PostgreSQL, Redis) are features of the crates that use them.
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `identity` | yes | the [`identity`] module (HS256 tokens through `jsonwebtoken` on `aws-lc-rs`) |
+//!
+//! Backends (Kafka, etcd, Consul, PostgreSQL, Redis) are features of the crates that use
+//! them.
 //!
 //! # Rules the crate keeps
 //!
@@ -102,6 +107,8 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod host;
+#[cfg(feature = "identity")]
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod middleware;

@@ -203,6 +203,17 @@ impl HttpClient {
                 req.extensions_mut().insert(ctx);
             }
         }
+        #[cfg(feature = "identity")]
+        if req
+            .extensions()
+            .get::<crate::identity::OnBehalfOf>()
+            .is_none()
+        {
+            if let Some(caller) = crate::identity::current_caller() {
+                req.extensions_mut()
+                    .insert(crate::identity::OnBehalfOf(caller.user));
+            }
+        }
         let info = RequestInfo::of(&req);
         self.shared
             .service
@@ -439,6 +450,16 @@ impl RequestBuilder {
             req.headers_mut().insert(name, value);
             Ok(req)
         });
+        self
+    }
+
+    /// Adds a request extension, seen by the client's layers (for example
+    /// `micro_core::identity::OnBehalfOf`, which names the end user a signed call acts
+    /// for). It does not travel over the wire.
+    pub fn extension<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        if let Ok(req) = &mut self.request {
+            req.extensions_mut().insert(value);
+        }
         self
     }
 

@@ -2,5 +2,6 @@
 
 mod client_policy;
 mod host;
+mod identity;
 mod limits;
 mod support;
