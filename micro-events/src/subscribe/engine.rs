@@ -8,9 +8,11 @@
 //! says when a partition's committed offset may move.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use micro_core::trace::TraceContext;
 use rand::Rng;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -125,7 +127,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
             Some(joined) = lanes.join_next() => {
                 if let Err(e) = joined {
                     if e.is_panic() {
-                        tracing::error!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %e, "event handler panicked; its event will be delivered again");
+                        tracing::error!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %e, "an event lane panicked outside its handler; stopping the subscription");
                         break Err(Error::Task(e));
                     }
                 }
@@ -241,10 +243,11 @@ async fn handle(shared: &Shared, record: &ReceivedRecord) {
             permit = shared.concurrency.acquire() => permit.expect("the semaphore is never closed"),
         };
         let started = Instant::now();
-        let result = (shared.handler)(&shared.ctx, record, attempt).await;
+        let result = call(shared, record, attempt).await;
         drop(permit);
         let outcome = match &result {
             Ok(()) => "ok",
+            Err(Failure::Panicked(_)) => "panic",
             Err(_) => "error",
         };
         metrics::handler_duration(&shared.ctx, outcome, started.elapsed());
@@ -279,6 +282,31 @@ async fn handle(shared: &Shared, record: &ReceivedRecord) {
             _ = tokio::time::sleep(backoff(&shared.options, attempt)) => {}
         }
         attempt += 1;
+    }
+}
+
+/// Calls the handler once. A panic is caught and becomes a failure like any
+/// other (retried, then dead-lettered), so that one bad event cannot end the
+/// subscription of every key: the handler's future is dropped during the
+/// unwind, which is what cancelling it would do, and the handler is called
+/// afresh for the next attempt.
+async fn call(shared: &Shared, record: &ReceivedRecord, attempt: u32) -> Result<(), Failure> {
+    let call = AssertUnwindSafe(async { (shared.handler)(&shared.ctx, record, attempt).await });
+    match call.catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".to_owned());
+            tracing::error!(
+                topic = %shared.ctx.topic, group = %shared.ctx.group,
+                partition = record.partition, offset = record.offset, attempt,
+                panic = %message, "event handler panicked",
+            );
+            Err(Failure::Panicked(message))
+        }
     }
 }
 

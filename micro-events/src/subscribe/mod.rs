@@ -172,6 +172,12 @@ impl SubscribeOptions {
 /// difference with [`micro_core::error::is_retryable`]: a failed handler is
 /// retried by default, because redelivering an event to an idempotent handler
 /// is harmless and a database that was briefly away is the common cause.
+///
+/// A handler that panics has failed like one that returned an error: the
+/// panic is caught, the event is retried with the subscription's backoff and
+/// then dead-lettered with a [`dlq_error`](dead_letter_headers::ERROR) of
+/// `handler panicked: <message>`; the subscription keeps running. (The panic
+/// is still printed by the panic hook.)
 pub trait Handler<T>: Send + Sync + 'static {
     /// Handles one event.
     fn handle(&self, event: Received<T>) -> impl Future<Output = Result<(), BoxError>> + Send;
@@ -395,6 +401,8 @@ pub(crate) enum Failure {
     Decode(Error),
     /// The handler failed.
     Handler(BoxError),
+    /// The handler panicked, with this message.
+    Panicked(String),
 }
 
 impl Failure {
@@ -402,6 +410,7 @@ impl Failure {
         match self {
             Failure::Decode(_) => true,
             Failure::Handler(e) => is_permanent(&**e),
+            Failure::Panicked(_) => false,
         }
     }
 }
@@ -411,6 +420,7 @@ impl fmt::Display for Failure {
         match self {
             Failure::Decode(e) => write!(f, "cannot decode event: {}", Chain(e)),
             Failure::Handler(e) => write!(f, "{}", Chain(&**e)),
+            Failure::Panicked(message) => write!(f, "handler panicked: {message}"),
         }
     }
 }
