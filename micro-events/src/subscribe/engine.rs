@@ -19,7 +19,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::tracker::Tracker;
-use super::{Failure, RawHandler, Received, SubscribeOptions, Subscription};
+use super::{Chain, Failure, RawHandler, Received, Status, SubscribeOptions, Subscription};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::publish::Publisher;
@@ -60,6 +60,7 @@ struct Shared {
     lanes: Mutex<HashMap<Lane, VecDeque<Job>>>,
     tracker: Mutex<Tracker>,
     stop: watch::Receiver<bool>,
+    status: Arc<Status>,
 }
 
 /// Records of one lane are handled one at a time, in order. Keyed records
@@ -85,6 +86,7 @@ pub(crate) fn start(
     handler: RawHandler,
 ) -> Subscription {
     let (stop_tx, stop) = watch::channel(false);
+    let status = Arc::new(Status::default());
     let shared = Arc::new(Shared {
         ctx: Context {
             topic: topic.into(),
@@ -102,11 +104,19 @@ pub(crate) fn start(
         lanes: Mutex::new(HashMap::new()),
         tracker: Mutex::new(Tracker::default()),
         stop,
+        status: Arc::clone(&status),
     });
-    let task = tokio::spawn(run(shared));
+    // Marks the subscription stopped however the task ends, an abort (even
+    // before its first poll) or a panic in the engine included.
+    let ended = EndedGuard(Arc::clone(&status));
+    let task = tokio::spawn(async move {
+        let _ended = ended;
+        run(shared).await
+    });
     Subscription {
         stop: stop_tx,
         task: Some(task),
+        status,
         topic: topic.to_owned(),
         group: group.to_owned(),
     }
@@ -158,6 +168,12 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
             }
         }
     };
+    // Readiness goes off as soon as the loop ends, before the drain.
+    shared.status.stopped(match &outcome {
+        Ok(()) if *shared.stop.borrow() => "the subscription was stopped".to_owned(),
+        Ok(()) => "the event source closed".to_owned(),
+        Err(e) => format!("the subscription failed: {}", Chain(e)),
+    });
     // Lanes see the stop flag and pick up no further record; running handlers
     // get `stop_timeout` to finish.
     let drained = tokio::time::timeout(shared.options.stop_timeout, async {
@@ -170,6 +186,15 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
     }
     let closed = shared.source.close().await;
     outcome.and(closed)
+}
+
+struct EndedGuard(Arc<Status>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0
+            .stopped("the subscription task ended unexpectedly (aborted or panicked)".to_owned());
+    }
 }
 
 fn dispatch(

@@ -10,10 +10,11 @@
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use micro_core::error::BoxError;
+use micro_core::health::HealthCheck;
 use micro_core::service::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -329,8 +330,27 @@ impl<S: Subscriber + ?Sized> SubscriberExt for S {}
 pub struct Subscription {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<Result<()>>>,
+    status: Arc<Status>,
     topic: String,
     group: String,
+}
+
+/// Whether a subscription still runs: `None` while it does, else why it
+/// stopped. The first reason recorded stays.
+#[derive(Debug, Default)]
+pub(crate) struct Status(Mutex<Option<String>>);
+
+impl Status {
+    pub(crate) fn stopped(&self, reason: String) {
+        let mut status = self.0.lock().expect("status lock");
+        if status.is_none() {
+            *status = Some(reason);
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.0.lock().expect("status lock").clone()
+    }
 }
 
 impl fmt::Debug for Subscription {
@@ -351,6 +371,32 @@ impl Subscription {
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// A readiness check that fails once the subscription has stopped, for
+    /// whatever reason (it was shut down or aborted, its source closed, its
+    /// engine failed), with the reason as the check's error. Return it from
+    /// the consuming service's
+    /// [`health_checks`](micro_core::service::Service::health_checks), so
+    /// that a service whose consumer died stops taking work that would need
+    /// it. Named `subscription <group> of <topic>`; critical; cheap to run.
+    ///
+    /// The check holds only the subscription's status, so it may be taken
+    /// before the subscription moves into the host's shutdown sequence.
+    pub fn health_check(&self) -> HealthCheck {
+        let status = Arc::clone(&self.status);
+        HealthCheck::new(
+            format!("subscription {} of {}", self.group, self.topic),
+            move || {
+                let reason = status.reason();
+                async move {
+                    match reason {
+                        None => Ok(()),
+                        Some(reason) => Err(reason.into()),
+                    }
+                }
+            },
+        )
     }
 
     /// Whether the subscription has ended (it was stopped, or its source
@@ -426,7 +472,7 @@ impl fmt::Display for Failure {
 }
 
 /// Displays an error and its sources, joined by `: `.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
