@@ -273,6 +273,7 @@ async fn handle(shared: &Shared, record: &ReceivedRecord) {
         let outcome = match &result {
             Ok(()) => "ok",
             Err(Failure::Panicked(_)) => "panic",
+            Err(Failure::TimedOut(_)) => "timeout",
             Err(_) => "error",
         };
         metrics::handler_duration(&shared.ctx, outcome, started.elapsed());
@@ -310,16 +311,26 @@ async fn handle(shared: &Shared, record: &ReceivedRecord) {
     }
 }
 
-/// Calls the handler once. A panic is caught and becomes a failure like any
+/// Calls the handler once, bounded by the handler timeout (a call that
+/// outlives it is dropped, and fails). A panic is caught and becomes a failure like any
 /// other (retried, then dead-lettered), so that one bad event cannot end the
 /// subscription of every key: the handler's future is dropped during the
 /// unwind, which is what cancelling it would do, and the handler is called
 /// afresh for the next attempt.
 async fn call(shared: &Shared, record: &ReceivedRecord, attempt: u32) -> Result<(), Failure> {
     let call = AssertUnwindSafe(async { (shared.handler)(&shared.ctx, record, attempt).await });
-    match call.catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => {
+    let timeout = shared.options.handler_timeout;
+    match tokio::time::timeout(timeout, call.catch_unwind()).await {
+        Err(_) => {
+            tracing::warn!(
+                topic = %shared.ctx.topic, group = %shared.ctx.group,
+                partition = record.partition, offset = record.offset, attempt,
+                ?timeout, "event handler timed out",
+            );
+            Err(Failure::TimedOut(timeout))
+        }
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())

@@ -95,6 +95,7 @@ pub struct SubscribeOptions {
     pub(crate) max_backoff: Duration,
     pub(crate) dead_letter_topic: Option<String>,
     pub(crate) stop_timeout: Duration,
+    pub(crate) handler_timeout: Duration,
 }
 
 impl Default for SubscribeOptions {
@@ -107,13 +108,15 @@ impl Default for SubscribeOptions {
             max_backoff: Duration::from_secs(10),
             dead_letter_topic: None,
             stop_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(30),
         }
     }
 }
 
 impl SubscribeOptions {
     /// The default options: 16 keys at once, 5 attempts with backoff from
-    /// 100 ms to 10 s, dead letters to `<topic>.dlq`, 30 s to stop.
+    /// 100 ms to 10 s, dead letters to `<topic>.dlq`, 30 s per handler call,
+    /// 30 s to stop.
     pub fn new() -> Self {
         Self::default()
     }
@@ -150,6 +153,16 @@ impl SubscribeOptions {
     /// The dead-letter topic; the default is `<topic>.dlq`.
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// How long one handler call may take. A call that outlives it is
+    /// cancelled (its future dropped) and counts as a failed delivery: retried
+    /// with backoff, then dead-lettered with a
+    /// [`dlq_error`](dead_letter_headers::ERROR) of
+    /// `handler did not finish within <timeout>`. The default is 30 s.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
         self
     }
 
@@ -449,6 +462,8 @@ pub(crate) enum Failure {
     Handler(BoxError),
     /// The handler panicked, with this message.
     Panicked(String),
+    /// The handler did not finish within its timeout.
+    TimedOut(Duration),
 }
 
 impl Failure {
@@ -456,7 +471,7 @@ impl Failure {
         match self {
             Failure::Decode(_) => true,
             Failure::Handler(e) => is_permanent(&**e),
-            Failure::Panicked(_) => false,
+            Failure::Panicked(_) | Failure::TimedOut(_) => false,
         }
     }
 }
@@ -467,6 +482,9 @@ impl fmt::Display for Failure {
             Failure::Decode(e) => write!(f, "cannot decode event: {}", Chain(e)),
             Failure::Handler(e) => write!(f, "{}", Chain(&**e)),
             Failure::Panicked(message) => write!(f, "handler panicked: {message}"),
+            Failure::TimedOut(timeout) => {
+                write!(f, "handler did not finish within {timeout:?}")
+            }
         }
     }
 }
