@@ -9,6 +9,10 @@ pub trait ServiceHostBuilderExt {
     /// Shuts `subscription` down in the host's `before_drain` step: once
     /// readiness is off and before in-flight requests drain, the consumer
     /// stops reading, lets running handlers finish and commits what finished.
+    ///
+    /// Readiness is per service: return
+    /// [`Subscription::health_check`] from the consuming service's
+    /// `health_checks` so that `/health/ready` fails if the consumer stops.
     #[must_use]
     fn subscription(self, subscription: Subscription) -> Self;
 }

@@ -8,16 +8,18 @@
 //! says when a partition's committed offset may move.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use micro_core::trace::TraceContext;
 use rand::Rng;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::tracker::Tracker;
-use super::{Failure, RawHandler, Received, SubscribeOptions, Subscription};
+use super::{Chain, Failure, RawHandler, Received, Status, SubscribeOptions, Subscription};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::publish::Publisher;
@@ -58,6 +60,7 @@ struct Shared {
     lanes: Mutex<HashMap<Lane, VecDeque<Job>>>,
     tracker: Mutex<Tracker>,
     stop: watch::Receiver<bool>,
+    status: Arc<Status>,
 }
 
 /// Records of one lane are handled one at a time, in order. Keyed records
@@ -83,6 +86,7 @@ pub(crate) fn start(
     handler: RawHandler,
 ) -> Subscription {
     let (stop_tx, stop) = watch::channel(false);
+    let status = Arc::new(Status::default());
     let shared = Arc::new(Shared {
         ctx: Context {
             topic: topic.into(),
@@ -100,11 +104,19 @@ pub(crate) fn start(
         lanes: Mutex::new(HashMap::new()),
         tracker: Mutex::new(Tracker::default()),
         stop,
+        status: Arc::clone(&status),
     });
-    let task = tokio::spawn(run(shared));
+    // Marks the subscription stopped however the task ends, an abort (even
+    // before its first poll) or a panic in the engine included.
+    let ended = EndedGuard(Arc::clone(&status));
+    let task = tokio::spawn(async move {
+        let _ended = ended;
+        run(shared).await
+    });
     Subscription {
         stop: stop_tx,
         task: Some(task),
+        status,
         topic: topic.to_owned(),
         group: group.to_owned(),
     }
@@ -125,7 +137,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
             Some(joined) = lanes.join_next() => {
                 if let Err(e) = joined {
                     if e.is_panic() {
-                        tracing::error!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %e, "event handler panicked; its event will be delivered again");
+                        tracing::error!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %e, "an event lane panicked outside its handler; stopping the subscription");
                         break Err(Error::Task(e));
                     }
                 }
@@ -156,6 +168,12 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
             }
         }
     };
+    // Readiness goes off as soon as the loop ends, before the drain.
+    shared.status.stopped(match &outcome {
+        Ok(()) if *shared.stop.borrow() => "the subscription was stopped".to_owned(),
+        Ok(()) => "the event source closed".to_owned(),
+        Err(e) => format!("the subscription failed: {}", Chain(e)),
+    });
     // Lanes see the stop flag and pick up no further record; running handlers
     // get `stop_timeout` to finish.
     let drained = tokio::time::timeout(shared.options.stop_timeout, async {
@@ -168,6 +186,15 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
     }
     let closed = shared.source.close().await;
     outcome.and(closed)
+}
+
+struct EndedGuard(Arc<Status>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0
+            .stopped("the subscription task ended unexpectedly (aborted or panicked)".to_owned());
+    }
 }
 
 fn dispatch(
@@ -241,10 +268,12 @@ async fn handle(shared: &Shared, record: &ReceivedRecord) {
             permit = shared.concurrency.acquire() => permit.expect("the semaphore is never closed"),
         };
         let started = Instant::now();
-        let result = (shared.handler)(&shared.ctx, record, attempt).await;
+        let result = call(shared, record, attempt).await;
         drop(permit);
         let outcome = match &result {
             Ok(()) => "ok",
+            Err(Failure::Panicked(_)) => "panic",
+            Err(Failure::TimedOut(_)) => "timeout",
             Err(_) => "error",
         };
         metrics::handler_duration(&shared.ctx, outcome, started.elapsed());
@@ -279,6 +308,41 @@ async fn handle(shared: &Shared, record: &ReceivedRecord) {
             _ = tokio::time::sleep(backoff(&shared.options, attempt)) => {}
         }
         attempt += 1;
+    }
+}
+
+/// Calls the handler once, bounded by the handler timeout (a call that
+/// outlives it is dropped, and fails). A panic is caught and becomes a failure like any
+/// other (retried, then dead-lettered), so that one bad event cannot end the
+/// subscription of every key: the handler's future is dropped during the
+/// unwind, which is what cancelling it would do, and the handler is called
+/// afresh for the next attempt.
+async fn call(shared: &Shared, record: &ReceivedRecord, attempt: u32) -> Result<(), Failure> {
+    let call = AssertUnwindSafe(async { (shared.handler)(&shared.ctx, record, attempt).await });
+    let timeout = shared.options.handler_timeout;
+    match tokio::time::timeout(timeout, call.catch_unwind()).await {
+        Err(_) => {
+            tracing::warn!(
+                topic = %shared.ctx.topic, group = %shared.ctx.group,
+                partition = record.partition, offset = record.offset, attempt,
+                ?timeout, "event handler timed out",
+            );
+            Err(Failure::TimedOut(timeout))
+        }
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".to_owned());
+            tracing::error!(
+                topic = %shared.ctx.topic, group = %shared.ctx.group,
+                partition = record.partition, offset = record.offset, attempt,
+                panic = %message, "event handler panicked",
+            );
+            Err(Failure::Panicked(message))
+        }
     }
 }
 

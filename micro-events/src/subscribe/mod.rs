@@ -10,10 +10,11 @@
 use std::fmt;
 use std::future::Future;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use micro_core::error::BoxError;
+use micro_core::health::HealthCheck;
 use micro_core::service::BoxFuture;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -94,6 +95,7 @@ pub struct SubscribeOptions {
     pub(crate) max_backoff: Duration,
     pub(crate) dead_letter_topic: Option<String>,
     pub(crate) stop_timeout: Duration,
+    pub(crate) handler_timeout: Duration,
 }
 
 impl Default for SubscribeOptions {
@@ -106,13 +108,15 @@ impl Default for SubscribeOptions {
             max_backoff: Duration::from_secs(10),
             dead_letter_topic: None,
             stop_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(30),
         }
     }
 }
 
 impl SubscribeOptions {
     /// The default options: 16 keys at once, 5 attempts with backoff from
-    /// 100 ms to 10 s, dead letters to `<topic>.dlq`, 30 s to stop.
+    /// 100 ms to 10 s, dead letters to `<topic>.dlq`, 30 s per handler call,
+    /// 30 s to stop.
     pub fn new() -> Self {
         Self::default()
     }
@@ -152,6 +156,16 @@ impl SubscribeOptions {
         self
     }
 
+    /// How long one handler call may take. A call that outlives it is
+    /// cancelled (its future dropped) and counts as a failed delivery: retried
+    /// with backoff, then dead-lettered with a
+    /// [`dlq_error`](dead_letter_headers::ERROR) of
+    /// `handler did not finish within <timeout>`. The default is 30 s.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+
     /// How long [`Subscription::shutdown`] waits for handlers that are
     /// running; after that they are cancelled and their events are delivered
     /// again later.
@@ -172,6 +186,12 @@ impl SubscribeOptions {
 /// difference with [`micro_core::error::is_retryable`]: a failed handler is
 /// retried by default, because redelivering an event to an idempotent handler
 /// is harmless and a database that was briefly away is the common cause.
+///
+/// A handler that panics has failed like one that returned an error: the
+/// panic is caught, the event is retried with the subscription's backoff and
+/// then dead-lettered with a [`dlq_error`](dead_letter_headers::ERROR) of
+/// `handler panicked: <message>`; the subscription keeps running. (The panic
+/// is still printed by the panic hook.)
 pub trait Handler<T>: Send + Sync + 'static {
     /// Handles one event.
     fn handle(&self, event: Received<T>) -> impl Future<Output = Result<(), BoxError>> + Send;
@@ -323,8 +343,27 @@ impl<S: Subscriber + ?Sized> SubscriberExt for S {}
 pub struct Subscription {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<Result<()>>>,
+    status: Arc<Status>,
     topic: String,
     group: String,
+}
+
+/// Whether a subscription still runs: `None` while it does, else why it
+/// stopped. The first reason recorded stays.
+#[derive(Debug, Default)]
+pub(crate) struct Status(Mutex<Option<String>>);
+
+impl Status {
+    pub(crate) fn stopped(&self, reason: String) {
+        let mut status = self.0.lock().expect("status lock");
+        if status.is_none() {
+            *status = Some(reason);
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.0.lock().expect("status lock").clone()
+    }
 }
 
 impl fmt::Debug for Subscription {
@@ -345,6 +384,32 @@ impl Subscription {
     /// The consumer group.
     pub fn group(&self) -> &str {
         &self.group
+    }
+
+    /// A readiness check that fails once the subscription has stopped, for
+    /// whatever reason (it was shut down or aborted, its source closed, its
+    /// engine failed), with the reason as the check's error. Return it from
+    /// the consuming service's
+    /// [`health_checks`](micro_core::service::Service::health_checks), so
+    /// that a service whose consumer died stops taking work that would need
+    /// it. Named `subscription <group> of <topic>`; critical; cheap to run.
+    ///
+    /// The check holds only the subscription's status, so it may be taken
+    /// before the subscription moves into the host's shutdown sequence.
+    pub fn health_check(&self) -> HealthCheck {
+        let status = Arc::clone(&self.status);
+        HealthCheck::new(
+            format!("subscription {} of {}", self.group, self.topic),
+            move || {
+                let reason = status.reason();
+                async move {
+                    match reason {
+                        None => Ok(()),
+                        Some(reason) => Err(reason.into()),
+                    }
+                }
+            },
+        )
     }
 
     /// Whether the subscription has ended (it was stopped, or its source
@@ -395,6 +460,10 @@ pub(crate) enum Failure {
     Decode(Error),
     /// The handler failed.
     Handler(BoxError),
+    /// The handler panicked, with this message.
+    Panicked(String),
+    /// The handler did not finish within its timeout.
+    TimedOut(Duration),
 }
 
 impl Failure {
@@ -402,6 +471,7 @@ impl Failure {
         match self {
             Failure::Decode(_) => true,
             Failure::Handler(e) => is_permanent(&**e),
+            Failure::Panicked(_) | Failure::TimedOut(_) => false,
         }
     }
 }
@@ -411,12 +481,16 @@ impl fmt::Display for Failure {
         match self {
             Failure::Decode(e) => write!(f, "cannot decode event: {}", Chain(e)),
             Failure::Handler(e) => write!(f, "{}", Chain(&**e)),
+            Failure::Panicked(message) => write!(f, "handler panicked: {message}"),
+            Failure::TimedOut(timeout) => {
+                write!(f, "handler did not finish within {timeout:?}")
+            }
         }
     }
 }
 
 /// Displays an error and its sources, joined by `: `.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

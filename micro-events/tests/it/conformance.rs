@@ -45,6 +45,8 @@ macro_rules! conformance_tests {
             retries_then_succeeds,
             dead_letters_a_poison_event_while_later_events_flow,
             dead_letters_permanent_failures_at_once,
+            a_panicking_handler_is_a_failed_delivery,
+            a_handler_that_outlives_its_timeout_is_a_failed_delivery,
             graceful_stop_commits_what_finished,
             resubscribing_resumes_after_the_last_commit,
             consumer_continues_the_producer_trace,
@@ -405,6 +407,149 @@ pub(crate) async fn dead_letters_permanent_failures_at_once<B: Backend>() {
     assert_eq!(
         letters[0],
         (Some("1".to_owned()), Some("invalid order".to_owned()))
+    );
+}
+
+pub(crate) async fn a_panicking_handler_is_a_failed_delivery<B: Backend>() {
+    let backend = B::new().await;
+    let bus = backend.bus();
+    let topic = backend.topic(1).await;
+    for seq in 0..3 {
+        bus.publish(&topic, "k", &step("k", seq)).await.unwrap();
+    }
+    let handled = Log::new();
+    let log = handled.clone();
+    let sub = bus
+        .subscribe_with(
+            &topic,
+            &unique("g"),
+            fast().max_attempts(3),
+            move |e: Received<Step>| {
+                let log = log.clone();
+                async move {
+                    // 0 panics every time; 1 panics once, then succeeds.
+                    if e.data().seq == 0 || (e.data().seq == 1 && e.attempt() == 1) {
+                        panic!("boom on {}", e.data().seq);
+                    }
+                    log.push((e.data().seq, e.attempt()));
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let letters = Log::new();
+    let log = letters.clone();
+    let dlq_sub = bus
+        .subscribe_with(
+            &format!("{topic}.dlq"),
+            &unique("g"),
+            fast(),
+            move |e: Received<Step>| {
+                let log = log.clone();
+                async move {
+                    log.push((
+                        e.data().seq,
+                        header(&e, dlq::ATTEMPTS),
+                        header(&e, dlq::ERROR),
+                    ));
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    eventually(backend.settle(), "the events after the panics", || {
+        (handled.len() >= 2).then_some(())
+    })
+    .await;
+    eventually(backend.settle(), "the dead letter", || {
+        (letters.len() >= 1).then_some(())
+    })
+    .await;
+    assert!(!sub.is_finished(), "the subscription survives a panic");
+    sub.shutdown().await.unwrap();
+    dlq_sub.shutdown().await.unwrap();
+    assert_eq!(handled.snapshot(), [(1, 2), (2, 1)]);
+    assert_eq!(
+        letters.snapshot(),
+        [(
+            0,
+            Some("3".to_owned()),
+            Some("handler panicked: boom on 0".to_owned())
+        )]
+    );
+}
+
+pub(crate) async fn a_handler_that_outlives_its_timeout_is_a_failed_delivery<B: Backend>() {
+    let backend = B::new().await;
+    let bus = backend.bus();
+    let topic = backend.topic(1).await;
+    for seq in 0..3 {
+        bus.publish(&topic, "k", &step("k", seq)).await.unwrap();
+    }
+    let handled = Log::new();
+    let log = handled.clone();
+    let sub = bus
+        .subscribe_with(
+            &topic,
+            &unique("g"),
+            fast()
+                .max_attempts(2)
+                .handler_timeout(Duration::from_millis(200)),
+            move |e: Received<Step>| {
+                let log = log.clone();
+                async move {
+                    // 0 hangs every time; 1 hangs once, then succeeds.
+                    if e.data().seq == 0 || (e.data().seq == 1 && e.attempt() == 1) {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    log.push((e.data().seq, e.attempt()));
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let letters = Log::new();
+    let log = letters.clone();
+    let dlq_sub = bus
+        .subscribe_with(
+            &format!("{topic}.dlq"),
+            &unique("g"),
+            fast(),
+            move |e: Received<Step>| {
+                let log = log.clone();
+                async move {
+                    log.push((
+                        e.data().seq,
+                        header(&e, dlq::ATTEMPTS),
+                        header(&e, dlq::ERROR),
+                    ));
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    eventually(backend.settle(), "the events after the hung ones", || {
+        (handled.len() >= 2).then_some(())
+    })
+    .await;
+    eventually(backend.settle(), "the dead letter", || {
+        (letters.len() >= 1).then_some(())
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    dlq_sub.shutdown().await.unwrap();
+    assert_eq!(handled.snapshot(), [(1, 2), (2, 1)]);
+    assert_eq!(
+        letters.snapshot(),
+        [(
+            0,
+            Some("2".to_owned()),
+            Some("handler did not finish within 200ms".to_owned())
+        )]
     );
 }
 

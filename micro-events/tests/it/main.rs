@@ -4,6 +4,7 @@
 //! modules (`memory`, `kafka`) run it.
 
 mod conformance;
+mod health;
 mod host;
 #[cfg(feature = "kafka")]
 mod kafka;
