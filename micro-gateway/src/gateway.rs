@@ -289,6 +289,11 @@ struct Inner {
 /// The gateway: finds the route of each request, rewrites its path, and hands it to the
 /// route's service. A request no route matches gets `404` with a JSON body.
 ///
+/// Before routing, the path is normalized ([`path`](crate::path)): a path the gateway
+/// refuses gets `400 bad_path`, and the route and its service see (and the upstream
+/// receives) only the normalized path. A request with two `Host` headers gets
+/// `400 bad_host`; one without a `Host` matches no host-restricted route.
+///
 /// It records, per route, `micro_gateway_requests_total{route, status}` and
 /// `micro_gateway_request_duration_seconds{route}`.
 #[derive(Clone)]
@@ -309,6 +314,15 @@ impl Gateway {
     }
 
     async fn dispatch(self, mut request: Request<Body>) -> Response<Body> {
+        if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            metrics::counter!("micro_gateway_rejections_total", "reason" => "bad_host")
+                .increment(1);
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_host",
+                "the request has more than one Host header",
+            );
+        }
         let has_encoded_slash = match normalize_request(&mut request) {
             Ok(has_encoded_slash) => has_encoded_slash,
             Err(response) => return response,
