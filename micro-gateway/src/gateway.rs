@@ -314,7 +314,13 @@ impl Gateway {
     }
 
     async fn dispatch(self, mut request: Request<Body>) -> Response<Body> {
-        if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        if request
+            .headers()
+            .get_all(header::HOST)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
             metrics::counter!("micro_gateway_rejections_total", "reason" => "bad_host")
                 .increment(1);
             return error_response(

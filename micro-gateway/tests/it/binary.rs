@@ -11,7 +11,10 @@ fn binary() -> Command {
 }
 
 /// Starts the binary on `config` and a free port; returns it and the address it bound.
-pub(crate) fn spawn(config: &std::path::Path, args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
+pub(crate) fn spawn(
+    config: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, std::net::SocketAddr) {
     let mut child = binary()
         .args([
             "--config",
