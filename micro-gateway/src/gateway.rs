@@ -331,7 +331,7 @@ impl Gateway {
         }
         let has_encoded_slash = match normalize_request(&mut request) {
             Ok(has_encoded_slash) => has_encoded_slash,
-            Err(response) => return response,
+            Err(error) => return bad_path(error),
         };
         let host = request
             .headers()
@@ -422,21 +422,21 @@ impl Gateway {
 
 /// Replaces the request's path with its normalized spelling (query kept); `Ok(true)`
 /// when an encoded slash was kept, for the route to allow or refuse.
-fn normalize_request(request: &mut Request<Body>) -> Result<bool, Response<Body>> {
-    let options = crate::path::Options::new().allow_encoded_slashes(true);
-    let normalized = crate::path::normalize(request.uri().path(), options).map_err(bad_path)?;
+fn normalize_request(request: &mut Request<Body>) -> Result<bool, crate::path::PathError> {
+    use crate::path::{normalize, Options, PathError};
+    let normalized = normalize(
+        request.uri().path(),
+        Options::new().allow_encoded_slashes(true),
+    )?;
     if normalized.path != request.uri().path() {
         let path_and_query = match request.uri().query() {
             Some(query) => format!("{}?{query}", normalized.path),
             None => normalized.path,
         };
         let mut parts = request.uri().clone().into_parts();
-        parts.path_and_query = Some(
-            PathAndQuery::try_from(path_and_query)
-                .map_err(|_| bad_path(crate::path::PathError::BadEscape))?,
-        );
-        *request.uri_mut() =
-            Uri::from_parts(parts).map_err(|_| bad_path(crate::path::PathError::BadEscape))?;
+        parts.path_and_query =
+            Some(PathAndQuery::try_from(path_and_query).map_err(|_| PathError::BadEscape)?);
+        *request.uri_mut() = Uri::from_parts(parts).map_err(|_| PathError::BadEscape)?;
     }
     Ok(normalized.has_encoded_slash)
 }
