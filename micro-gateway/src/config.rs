@@ -272,6 +272,11 @@ pub struct ServiceSpec {
     /// Speak h2c to the upstream (our addition).
     #[serde(default)]
     pub http2: bool,
+    /// Pass encoded slashes and backslashes (`%2F`, `%5C`) in this service's routes'
+    /// paths on unchanged instead of refusing them with `400` (our addition; see
+    /// [`path`](crate::path)).
+    #[serde(default)]
+    pub allow_encoded_slashes: bool,
     /// The service's name in discovery, instead of `url` or `host` (our addition):
     /// requests go to its healthy instances, balanced. `path` still applies as a prefix.
     pub discovery: Option<String>,
@@ -676,6 +681,7 @@ impl DeclarativeConfig {
             });
             let mut built = Route::new(name.clone())
                 .strip_path(route.strip_path)
+                .allow_encoded_slashes(service.allow_encoded_slashes)
                 .to(stack);
             for path in &route.paths {
                 built = built.path(path);

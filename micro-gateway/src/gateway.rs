@@ -43,6 +43,7 @@ pub struct Route {
     hosts: Vec<String>,
     headers: Vec<(String, Vec<String>)>,
     strip_path: bool,
+    allow_encoded_slashes: bool,
     rewrite: Option<String>,
     service: Option<RouteService>,
 }
@@ -58,6 +59,7 @@ impl Route {
             hosts: Vec::new(),
             headers: Vec::new(),
             strip_path: true,
+            allow_encoded_slashes: false,
             rewrite: None,
             service: None,
         }
@@ -95,6 +97,14 @@ impl Route {
     /// Whether the matched path prefix is removed before the request goes on.
     pub fn strip_path(mut self, strip: bool) -> Self {
         self.strip_path = strip;
+        self
+    }
+
+    /// Whether this route accepts encoded slashes and backslashes (`%2F`, `%5C`) in the
+    /// path and passes them on unchanged; by default such a request gets `400 bad_path`
+    /// (see [`path`](crate::path)).
+    pub fn allow_encoded_slashes(mut self, allow: bool) -> Self {
+        self.allow_encoded_slashes = allow;
         self
     }
 
@@ -171,6 +181,7 @@ pub enum GatewayError {
 struct CompiledRoute {
     name: Arc<str>,
     strip_path: bool,
+    allow_encoded_slashes: bool,
     rewrite: Option<String>,
     service: RouteService,
 }
@@ -256,6 +267,7 @@ impl GatewayBuilder {
             compiled.push(CompiledRoute {
                 name: route.name.into(),
                 strip_path: route.strip_path,
+                allow_encoded_slashes: route.allow_encoded_slashes,
                 rewrite: route.rewrite,
                 service,
             });
@@ -277,6 +289,11 @@ struct Inner {
 /// The gateway: finds the route of each request, rewrites its path, and hands it to the
 /// route's service. A request no route matches gets `404` with a JSON body.
 ///
+/// Before routing, the path is normalized ([`path`](crate::path)): a path the gateway
+/// refuses gets `400 bad_path`, and the route and its service see (and the upstream
+/// receives) only the normalized path. A request with two `Host` headers gets
+/// `400 bad_host`; one without a `Host` matches no host-restricted route.
+///
 /// It records, per route, `micro_gateway_requests_total{route, status}` and
 /// `micro_gateway_request_duration_seconds{route}`.
 #[derive(Clone)]
@@ -297,6 +314,25 @@ impl Gateway {
     }
 
     async fn dispatch(self, mut request: Request<Body>) -> Response<Body> {
+        if request
+            .headers()
+            .get_all(header::HOST)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            metrics::counter!("micro_gateway_rejections_total", "reason" => "bad_host")
+                .increment(1);
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_host",
+                "the request has more than one Host header",
+            );
+        }
+        let has_encoded_slash = match normalize_request(&mut request) {
+            Ok(has_encoded_slash) => has_encoded_slash,
+            Err(error) => return bad_path(error),
+        };
         let host = request
             .headers()
             .get(header::HOST)
@@ -319,6 +355,9 @@ impl Gateway {
             );
         };
         let route = &self.inner.routes[found.route];
+        if has_encoded_slash && !route.allow_encoded_slashes {
+            return bad_path(crate::path::PathError::EncodedSlash);
+        }
         let path = request.uri().path();
         let whole_path_stripped =
             route.rewrite.is_none() && route.strip_path && found.matched_len >= path.len();
@@ -379,6 +418,33 @@ impl Gateway {
             .record(started.elapsed().as_secs_f64());
         response
     }
+}
+
+/// Replaces the request's path with its normalized spelling (query kept); `Ok(true)`
+/// when an encoded slash was kept, for the route to allow or refuse.
+fn normalize_request(request: &mut Request<Body>) -> Result<bool, crate::path::PathError> {
+    use crate::path::{normalize, Options, PathError};
+    let normalized = normalize(
+        request.uri().path(),
+        Options::new().allow_encoded_slashes(true),
+    )?;
+    if normalized.path != request.uri().path() {
+        let path_and_query = match request.uri().query() {
+            Some(query) => format!("{}?{query}", normalized.path),
+            None => normalized.path,
+        };
+        let mut parts = request.uri().clone().into_parts();
+        parts.path_and_query =
+            Some(PathAndQuery::try_from(path_and_query).map_err(|_| PathError::BadEscape)?);
+        *request.uri_mut() = Uri::from_parts(parts).map_err(|_| PathError::BadEscape)?;
+    }
+    Ok(normalized.has_encoded_slash)
+}
+
+fn bad_path(error: crate::path::PathError) -> Response<Body> {
+    tracing::debug!(%error, "refused a request path");
+    metrics::counter!("micro_gateway_rejections_total", "reason" => "bad_path").increment(1);
+    error_response(StatusCode::BAD_REQUEST, "bad_path", &error.to_string())
 }
 
 impl fmt::Debug for Gateway {

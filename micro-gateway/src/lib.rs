@@ -1,5 +1,9 @@
 //! micro-gateway: the API gateway of micro, as tower middleware and as a binary.
 //!
+//! - [`path`] puts every request path in one canonical spelling before routing (dot
+//!   segments removed, slashes merged, unreserved escapes decoded) and refuses ambiguous
+//!   ones (`%2F`, `\\`, `%00`, non-UTF-8 escapes) with `400`; the upstream receives the
+//!   normalized path.
 //! - [`gateway::Gateway`] finds each request's route (path exact, prefix or template;
 //!   method; host; headers — see [`routing`]), strips or rewrites its path and hands it to
 //!   the route's service, answering `404` with a JSON body when nothing matches.
@@ -74,6 +78,7 @@ pub mod compose;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod path;
 pub mod plugins;
 pub mod proxy;
 pub mod reload;

@@ -11,7 +11,10 @@ fn binary() -> Command {
 }
 
 /// Starts the binary on `config` and a free port; returns it and the address it bound.
-fn spawn(config: &std::path::Path, args: &[&str]) -> (std::process::Child, std::net::SocketAddr) {
+pub(crate) fn spawn(
+    config: &std::path::Path,
+    args: &[&str],
+) -> (std::process::Child, std::net::SocketAddr) {
     let mut child = binary()
         .args([
             "--config",
@@ -110,7 +113,7 @@ async fn a_changed_file_is_reloaded_without_dropping_connections() {
 }
 
 /// Kills the child when the test ends, passed or not.
-struct KillOnDrop<'a>(&'a mut std::process::Child);
+pub(crate) struct KillOnDrop<'a>(pub(crate) &'a mut std::process::Child);
 
 impl Drop for KillOnDrop<'_> {
     fn drop(&mut self) {

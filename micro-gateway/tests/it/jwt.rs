@@ -384,7 +384,9 @@ async fn a_missing_scope_is_forbidden_not_unauthorized() {
     let key = signing_key(Algorithm::HS256);
     let token = |claims: Value| format!("Bearer {}", sign(Algorithm::HS256, None, &claims, &key));
 
-    let (status, _, _) = call(addr, "/api/x", &[("authorization", &token(good_claims()))]).await;
+    let mut in_scope = good_claims();
+    in_scope.as_object_mut().unwrap().remove("aud");
+    let (status, _, _) = call(addr, "/api/x", &[("authorization", &token(in_scope))]).await;
     assert_eq!(status, 200, "in `scope`");
     let scp = json!({ "exp": now() + 60, "scp": ["orders:write"] });
     let (status, _, _) = call(addr, "/api/x", &[("authorization", &token(scp))]).await;
@@ -404,6 +406,43 @@ async fn a_missing_scope_is_forbidden_not_unauthorized() {
     );
     assert!(challenge.contains("scope=\"orders:write\""), "{challenge}");
     assert_eq!(upstream.hits.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn with_no_audience_configured_a_token_carrying_one_is_refused() {
+    let upstream = counted_upstream().await;
+    let key = signing_key(Algorithm::HS256);
+    let token = |claims: Value| format!("Bearer {}", sign(Algorithm::HS256, None, &claims, &key));
+    let none = JwtConfig::with_keys([KeyConfig::secret("HS256", SECRET)]);
+    let (_host, addr) = guarded(&none, upstream.addr).await;
+    for aud in [json!("other-api"), json!(["other-api"]), json!([])] {
+        let claims = json!({ "exp": now() + 60, "aud": aud });
+        let (status, _, body) = call(addr, "/api/x", &[("authorization", &token(claims))]).await;
+        assert_eq!(status, 401, "{aud}: {body}");
+    }
+    let (status, _, _) = call(
+        addr,
+        "/api/x",
+        &[("authorization", &token(json!({ "exp": now() + 60 })))],
+    )
+    .await;
+    assert_eq!(status, 200, "no `aud`, no audience: accepted");
+    assert_eq!(upstream.hits.load(Ordering::SeqCst), 1);
+
+    // With an audience, one of its values is required and others are refused.
+    let mut named = none.clone();
+    named.audience = vec!["shop".to_owned()];
+    let (_host, addr) = guarded(&named, upstream.addr).await;
+    for (claims, want) in [
+        (json!({ "exp": now() + 60, "aud": "shop" }), 200),
+        (json!({ "exp": now() + 60, "aud": ["other", "shop"] }), 200),
+        (json!({ "exp": now() + 60, "aud": "other-api" }), 401),
+        (json!({ "exp": now() + 60 }), 401),
+    ] {
+        let (status, _, _) =
+            call(addr, "/api/x", &[("authorization", &token(claims.clone()))]).await;
+        assert_eq!(status, want, "{claims}");
+    }
 }
 
 #[tokio::test]
@@ -489,6 +528,7 @@ async fn jwks_rotation_refreshes_once_per_unknown_kid() {
         .unwrap()
         .push(jwk(Algorithm::RS256, "k1", &fixture("rsa_public.pem")));
     let mut config = JwtConfig::default();
+    config.audience = vec!["shop".to_owned()];
     config.jwks_url = Some(jwks.url.clone());
     config.jwks_min_refresh_interval = 0;
     let (_host, addr) = guarded(&config, upstream.addr).await;
@@ -536,6 +576,7 @@ async fn jwks_refreshes_are_rate_limited() {
         .unwrap()
         .push(jwk(Algorithm::EdDSA, "k1", &fixture("ed25519_public.pem")));
     let mut config = JwtConfig::default();
+    config.audience = vec!["shop".to_owned()];
     config.jwks_url = Some(jwks.url.clone());
     config.jwks_min_refresh_interval = 3600;
     let (_host, addr) = guarded(&config, upstream.addr).await;
@@ -593,6 +634,7 @@ async fn a_stale_jwks_is_refetched_and_kept_when_the_endpoint_fails() {
         .push(jwk(Algorithm::ES384, "k1", &fixture("ec384_public.pem")));
     // Stale at once, so every request tries a fetch.
     let mut config = JwtConfig::default();
+    config.audience = vec!["shop".to_owned()];
     config.jwks_url = Some(jwks.url.clone());
     config.jwks_cache_ttl = 0;
     config.jwks_min_refresh_interval = 0;

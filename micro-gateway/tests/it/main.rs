@@ -5,6 +5,7 @@ mod compose;
 mod config;
 mod config_auth;
 mod discovered;
+mod edge;
 mod gateway;
 mod jwt;
 mod plugins;

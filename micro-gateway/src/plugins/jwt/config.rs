@@ -69,7 +69,9 @@ pub struct JwtConfig {
     /// Accepted `iss` values; any when empty.
     #[serde(deserialize_with = "one_or_many")]
     pub issuer: Vec<String>,
-    /// Accepted `aud` values; when empty a token with an `aud` is refused.
+    /// Accepted `aud` values; a token must carry one of them. When empty, a token that
+    /// carries an `aud` at all is refused (`401 invalid_token`, audience): a token meant
+    /// for another API is not accepted by a gateway that names none.
     #[serde(deserialize_with = "one_or_many")]
     pub audience: Vec<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf` (0).
@@ -361,9 +363,10 @@ impl JwtConfig {
             validation.set_issuer(&self.issuer);
             required.push("iss");
         }
-        if self.audience.is_empty() {
-            validation.validate_aud = false;
-        } else {
+        // With no audience configured `validate_aud` stays on and `aud` unset, which
+        // makes jsonwebtoken refuse any token that carries an `aud` (RFC 7519 §4.1.3).
+        validation.validate_aud = true;
+        if !self.audience.is_empty() {
             validation.set_audience(&self.audience);
             required.push("aud");
         }
