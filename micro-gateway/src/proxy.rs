@@ -611,9 +611,12 @@ fn find<'a, E: std::error::Error + 'static>(
 }
 
 /// The headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// `Proxy-Connection` is not standard but old clients send it and some servers honour it.
+/// The gateway proxies no protocol upgrade, so `Upgrade` is always dropped.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
@@ -751,7 +754,19 @@ mod tests {
             HeaderValue::from_static("keep-alive, x-secret"),
         );
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("X-Other"));
         headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        for name in [
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authorization",
+            "proxy-authenticate",
+        ] {
+            headers.insert(name, HeaderValue::from_static("x"));
+        }
         headers.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),

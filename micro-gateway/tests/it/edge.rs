@@ -40,7 +40,12 @@ async fn no_spelling_of_a_path_reaches_a_protected_route_unauthenticated() {
     let upstream = serve_counting(Router::new().fallback(any(move |request: Request| {
         let record = record.clone();
         async move {
-            record.lock().unwrap().push(request.uri().to_string());
+            let mut seen = request.uri().to_string();
+            if request.uri().path() == "/public/headers" {
+                let names: Vec<&str> = request.headers().keys().map(|n| n.as_str()).collect();
+                seen = names.join(",");
+            }
+            record.lock().unwrap().push(seen);
             "ok"
         }
     })))
@@ -129,6 +134,29 @@ services:
     )
     .await;
     assert!(status == 400 || status == 401, "{status}");
+
+    // Hop-by-hop headers, and those `Connection` names, stop at the gateway.
+    let (status, _) = raw(
+        addr,
+        b"GET /public/headers HTTP/1.1\r\nHost: gateway.test\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nProxy-Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: websocket\r\nProxy-Authorization: Basic eA==\r\nX-Kept: 1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let names = seen.lock().unwrap().pop().unwrap();
+    assert!(names.contains("x-kept"), "{names}");
+    for hop in [
+        "x-secret",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+    ] {
+        assert!(
+            !names.split(',').any(|n| n == hop),
+            "{hop} reached the upstream: {names}"
+        );
+    }
 
     // What passes reaches the upstream normalized, the query as sent.
     for path in [
