@@ -544,6 +544,23 @@ async fn add(
     })
 }
 
+/// The services that sign (user) or verify (gateway) the clients' tokens with `jwt_secret`.
+const SIGNS_OR_CHECKS_TOKENS: [&str; 2] = ["user", "gateway"];
+
+/// Refuses a `jwt_secret` that anyone could guess: the built-in development default (it is
+/// in the repository), anything shorter than 32 bytes, or a known placeholder. Only the
+/// one-process mode on loopback (`cargo run -p shop`) runs with the default.
+fn check_jwt_secret(secret: &str) -> anyhow::Result<()> {
+    micro_core::identity::Secret::new(secret.as_bytes()).map_err(|error| {
+        anyhow::anyhow!(
+            "the setting `jwt_secret` (SHOP_JWT_SECRET) is unusable outside the one-process \
+             mode: {error}; it must be at least 32 random bytes, e.g. \
+             `openssl rand -base64 48`"
+        )
+    })?;
+    Ok(())
+}
+
 /// Runs one service of the shop in this process (`shop serve <name>`), finding the others
 /// in etcd and publishing and consuming events on Kafka.
 pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHost> {
@@ -552,6 +569,9 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
             "there is no service `{name}`; the shop has {}",
             SERVICES.join(", ")
         );
+    }
+    if SIGNS_OR_CHECKS_TOKENS.contains(&name) {
+        check_jwt_secret(&config.jwt_secret)?;
     }
     let infra = Infra::real(config).await?;
     let builder = ServiceHost::builder().config(config.host.clone());

@@ -27,6 +27,37 @@ fn server(variable: &str, default: &str) -> String {
     address
 }
 
+/// The token secret of these test processes (`shop serve` refuses the built-in default).
+const TEST_JWT_SECRET: &str = "multi-process test secret, 9f3c1a77e0b24d58a6c1";
+
+#[test]
+fn shop_serve_refuses_a_guessable_jwt_secret() {
+    for (service, secret) in [
+        ("user", None),
+        ("gateway", None),
+        ("user", Some("too-short")),
+        ("gateway", Some("please-change-me-before-going-live-now")),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
+        command
+            .args(["serve", service])
+            .env_remove("SHOP_JWT_SECRET");
+        if let Some(secret) = secret {
+            command.env("SHOP_JWT_SECRET", secret);
+        }
+        let output = command.output().expect("the shop binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "{service} started with {secret:?}"
+        );
+        assert!(
+            stderr.contains("`jwt_secret` (SHOP_JWT_SECRET)"),
+            "{service}, {secret:?}: {stderr}"
+        );
+    }
+}
+
 /// Starts `shop serve <service>`; returns it and the address it printed.
 fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
@@ -37,6 +68,7 @@ fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
             format!("SHOP_LISTEN__{}", service.to_uppercase()),
             "127.0.0.1:0",
         )
+        .env("SHOP_JWT_SECRET", TEST_JWT_SECRET)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped());
     let mut child = command.spawn().expect("the shop binary starts");
