@@ -11,7 +11,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `http_server_requests_total` | counter | `service`, `method`, `route`, `status` (`2xx`, `4xx`, ...) |
+//! | `http_server_requests_total` | counter | `service`, `method` (a standard method or `_OTHER`), `route` (the route template, or `unmatched`), `status` (`2xx`, `4xx`, ...) |
 //! | `http_server_request_duration_seconds` | histogram | `service`, `method`, `route`, `status` |
 //! | `http_server_requests_in_flight` | gauge | `service` |
 //! | `micro_service_info` | gauge (1) | `service`, `version` |
@@ -115,7 +115,7 @@ pub(crate) async fn record(
     next: Next,
 ) -> Response {
     let service = metrics.service.to_string();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let in_flight = metrics::gauge!("http_server_requests_in_flight", "service" => service.clone());
     in_flight.increment(1.0);
     let _in_flight = DecrementOnDrop(in_flight);
@@ -128,7 +128,7 @@ pub(crate) async fn record(
     let status = status_class(response.status().as_u16());
     let labels = [
         ("service", service),
-        ("method", method),
+        ("method", method.to_owned()),
         ("route", route),
         ("status", status.to_owned()),
     ];
@@ -148,6 +148,24 @@ impl Drop for DecrementOnDrop {
     }
 }
 
+/// The method as a label: one of the standard methods, or `_OTHER` (as OpenTelemetry's
+/// HTTP conventions name it), so that a client inventing methods can't create series.
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    }
+}
+
 fn status_class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",
@@ -161,6 +179,15 @@ fn status_class(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invented_methods_share_one_label() {
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+        for invented in ["FOOBAR", "GETX", "get", "PROPFIND"] {
+            let method = http::Method::from_bytes(invented.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "_OTHER", "{invented}");
+        }
+    }
 
     #[test]
     fn status_classes() {

@@ -333,3 +333,32 @@ async fn limits_come_from_configuration_per_service() {
         ("echo", "max_connections")
     );
 }
+
+#[tokio::test]
+async fn invented_methods_and_paths_create_no_metric_series() {
+    let (host, addr) = start(ListenerConfig::default()).await;
+    for i in 0..20 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request =
+            format!("FOO{i} /random-{i} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let reply = until_closed(&mut stream, Duration::from_secs(5)).await;
+        assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 "));
+    }
+    let metrics = http_get(addr, "/metrics").await.unwrap().body;
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("http_server_requests_total{"))
+        .collect();
+    assert!(
+        series.iter().any(
+            |line| line.contains(r#"method="_OTHER""#) && line.contains(r#"route="unmatched""#)
+        ),
+        "{series:?}"
+    );
+    assert!(
+        !metrics.contains("FOO") && !metrics.contains("random-"),
+        "a client's method or path became a label: {series:?}"
+    );
+    host.run_until(async {}).await;
+}
