@@ -76,6 +76,7 @@
 //! | [`config`] | layered configuration: defaults < TOML file < environment |
 //! | [`telemetry`] | the tracing subscriber for binaries |
 //! | [`trace`] | W3C trace context: parse, propagate, the current context |
+//! | [`backoff`] | the one exponential backoff with jitter, used by retries, consumers and sagas |
 //! | [`resilience`] | timeout, retry with backoff and budget, circuit breaker, bulkhead |
 //! | [`identity`] | verified service-to-service identity: signed tokens, [`Caller`](identity::Caller), route policies |
 //! | [`client`] | an HTTP client for calling another service, with those layers |
@@ -102,6 +103,7 @@
 //! [axum]: https://docs.rs/axum
 //! [tower]: https://docs.rs/tower
 
+pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod error;

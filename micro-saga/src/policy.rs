@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use micro_core::backoff::{Backoff, Jitter};
 use micro_core::config::duration;
 use micro_core::resilience::RetryConfig;
-use rand::Rng;
 use serde::Deserialize;
 
 /// How one step's action and compensation are timed out and retried.
@@ -162,25 +162,10 @@ impl StepPolicy {
 
     /// The delay before the attempt after `attempt` (counted from 1).
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let multiplier = if self.multiplier >= 1.0 && self.multiplier.is_finite() {
-            self.multiplier
-        } else {
-            1.0
-        };
-        let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let max = self.max_backoff.as_secs_f64();
-        let nominal = (self.initial_backoff.as_secs_f64() * multiplier.powi(exponent)).min(max);
-        let factor = if self.randomization_factor.is_nan() {
-            0.0
-        } else {
-            self.randomization_factor.clamp(0.0, 1.0)
-        };
-        let jittered = if factor > 0.0 {
-            nominal * rand::rng().random_range(1.0 - factor..=1.0 + factor)
-        } else {
-            nominal
-        };
-        Duration::try_from_secs_f64(jittered.clamp(0.0, max)).unwrap_or(self.max_backoff)
+        Backoff::new(self.initial_backoff, self.max_backoff)
+            .multiplier(self.multiplier)
+            .jitter(Jitter::Proportional(self.randomization_factor))
+            .delay(attempt)
     }
 }
 

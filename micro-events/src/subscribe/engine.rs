@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use micro_core::backoff::{Backoff, Jitter};
 use micro_core::trace::TraceContext;
-use rand::Rng;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -425,12 +425,9 @@ fn finished(shared: &Shared, record: &ReceivedRecord) {
 /// The delay before retry number `attempt` (from 1): doubling from the
 /// initial backoff up to the ceiling, each drawn between half and all of it.
 pub(crate) fn backoff(options: &SubscribeOptions, attempt: u32) -> Duration {
-    let exp = options
-        .initial_backoff
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let full = exp.min(options.max_backoff);
-    let half = full / 2;
-    half + rand::rng().random_range(Duration::ZERO..=half)
+    Backoff::new(options.initial_backoff, options.max_backoff)
+        .jitter(Jitter::Equal)
+        .delay(attempt)
 }
 
 /// The consumer's trace context (a child of the producer's when the event

@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use backoff::ExponentialBackoff;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -26,7 +25,6 @@ pin_project! {
         // A copy of the request for the next attempt; `None` once the last one is sent.
         request: Option<Req>,
         attempt: u32,
-        backoff: Option<ExponentialBackoff>,
         policy: Arc<Policy>,
     }
 }
@@ -55,7 +53,6 @@ where
             service,
             request,
             attempt: 1,
-            backoff: None,
             policy,
         }
     }
@@ -86,8 +83,7 @@ where
                         tracing::debug!(attempt, error = %err, "retry budget exhausted");
                         return Poll::Ready(Err(err));
                     }
-                    let backoff = this.backoff.get_or_insert_with(|| this.policy.backoff());
-                    let delay = this.policy.next_delay(backoff);
+                    let delay = this.policy.delay(attempt);
                     tracing::debug!(attempt, ?delay, error = %err, "retrying");
                     this.state.set(State::Sleeping {
                         sleep: tokio::time::sleep(delay),

@@ -2,7 +2,7 @@
 //!
 //! [`Retry`] calls the inner service again when a call fails with an error that
 //! [`is_retryable`] accepts, up to [`RetryConfig::max_attempts`] attempts in all. Before
-//! each retry it sleeps for a delay drawn by [`backoff::ExponentialBackoff`]: the delay
+//! each retry it sleeps for a delay drawn by micro's one [`Backoff`](crate::backoff::Backoff): the delay
 //! starts at [`initial_backoff`](RetryConfig::initial_backoff), is multiplied by
 //! [`multiplier`](RetryConfig::multiplier) after each retry, is spread by
 //! [`randomization_factor`](RetryConfig::randomization_factor) so clients that failed
@@ -34,10 +34,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
-use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower_service::Service;
+
+use crate::backoff::{Backoff, Jitter};
 
 use self::future::ResponseFuture;
 use crate::error::BoxError;
@@ -130,24 +130,12 @@ impl Policy {
         self.budget.withdraw()
     }
 
-    fn backoff(&self) -> ExponentialBackoff {
-        // No elapsed-time limit: attempts and the budget bound retries, and the backoff's
-        // own clock is the wall clock, which paused-clock tests cannot steer.
-        ExponentialBackoffBuilder::new()
-            .with_initial_interval(self.config.initial_backoff)
-            .with_max_interval(self.config.max_backoff)
-            .with_multiplier(self.config.multiplier)
-            .with_randomization_factor(self.config.randomization_factor)
-            .with_max_elapsed_time(None)
-            .build()
-    }
-
-    fn next_delay(&self, backoff: &mut ExponentialBackoff) -> Duration {
-        // Jitter may push a delay above the ceiling; the ceiling wins.
-        backoff
-            .next_backoff()
-            .unwrap_or(self.config.max_backoff)
-            .min(self.config.max_backoff)
+    /// The delay before the retry that follows attempt `attempt` (from 1).
+    fn delay(&self, attempt: u32) -> Duration {
+        Backoff::new(self.config.initial_backoff, self.config.max_backoff)
+            .multiplier(self.config.multiplier)
+            .jitter(Jitter::Proportional(self.config.randomization_factor))
+            .delay(attempt)
     }
 }
 
