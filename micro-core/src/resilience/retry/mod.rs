@@ -2,7 +2,7 @@
 //!
 //! [`Retry`] calls the inner service again when a call fails with an error that
 //! [`is_retryable`] accepts, up to [`RetryConfig::max_attempts`] attempts in all. Before
-//! each retry it sleeps for a delay drawn by micro's one [`Backoff`](crate::backoff::Backoff): the delay
+//! each retry it sleeps for a delay drawn by micro's one [`Backoff`]: the delay
 //! starts at [`initial_backoff`](RetryConfig::initial_backoff), is multiplied by
 //! [`multiplier`](RetryConfig::multiplier) after each retry, is spread by
 //! [`randomization_factor`](RetryConfig::randomization_factor) so clients that failed
