@@ -256,18 +256,20 @@ impl Activity {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
             return Check::Busy(now + limits.idle_timeout);
         }
-        if !self.started.load(Ordering::Relaxed) {
-            let deadline = self.born + limits.header_read_timeout;
-            if now >= deadline {
-                return Check::NoRequest;
-            }
-            return Check::Busy(deadline.min(self.idle_deadline(limits)));
+        let started = self.started.load(Ordering::Relaxed);
+        let head_deadline = self.born + limits.header_read_timeout;
+        if !started && now >= head_deadline {
+            return Check::NoRequest;
         }
-        let deadline = self.idle_deadline(limits);
-        if now >= deadline {
-            Check::Idle
+        let idle_deadline = self.idle_deadline(limits);
+        if now >= idle_deadline {
+            return Check::Idle;
+        }
+        // Both deadlines are still ahead, so the watchdog never re-arms in the past.
+        if started {
+            Check::Busy(idle_deadline)
         } else {
-            Check::Busy(deadline)
+            Check::Busy(idle_deadline.min(head_deadline))
         }
     }
 
@@ -414,4 +416,51 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, Sock
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(activity: &Activity, limits: &ListenerConfig) -> &'static str {
+        match activity.check(limits) {
+            Check::Busy(next) => {
+                assert!(
+                    next > Instant::now(),
+                    "the watchdog would re-arm in the past"
+                );
+                "busy"
+            }
+            Check::NoRequest => "no request",
+            Check::Idle => "idle",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_closes_silent_and_idle_connections_and_never_spins() {
+        let limits = ListenerConfig::default()
+            .header_read_timeout(Duration::from_secs(30))
+            .idle_timeout(Duration::from_secs(5));
+        let silent = Activity::new();
+        assert_eq!(verdict(&silent, &limits), "busy");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(verdict(&silent, &limits), "idle");
+
+        let limits = limits.idle_timeout(Duration::from_secs(75));
+        let silent = Activity::new();
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert_eq!(verdict(&silent, &limits), "busy");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(verdict(&silent, &limits), "no request");
+
+        let served = Arc::new(Activity::new());
+        let request = served.request_started();
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(verdict(&served, &limits), "busy", "a request is in flight");
+        drop(request);
+        tokio::time::advance(Duration::from_secs(74)).await;
+        assert_eq!(verdict(&served, &limits), "busy");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(verdict(&served, &limits), "idle");
+    }
 }
