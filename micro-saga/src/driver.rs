@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use micro_core::backoff::{Backoff, Jitter};
 use micro_core::trace::TraceContext;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -472,9 +473,8 @@ impl<C: SagaContext> Driver<C> {
     /// lost): a conflict after such a failure is checked against the log,
     /// and taken as success when the log holds exactly this write.
     async fn append(&self, append: &Append, next: &SagaInstance) -> Result<u64> {
-        let backoff = crate::policy::StepPolicy::new()
-            .initial_backoff(Duration::from_millis(50))
-            .max_backoff(Duration::from_secs(5));
+        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5))
+            .jitter(Jitter::Proportional(0.2));
         let mut failures = 0u32;
         loop {
             match self.log.append(append).await {
@@ -494,7 +494,7 @@ impl<C: SagaContext> Driver<C> {
                 Err(err) => return Err(err.into()),
             }
             failures += 1;
-            let delay = backoff.backoff(failures);
+            let delay = backoff.delay(failures);
             tracing::warn!(
                 saga.id = %self.saga_id,
                 failures,

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
 
+use micro_core::backoff::{Backoff, Jitter};
 use micro_core::trace::TraceContext;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
@@ -215,16 +216,15 @@ impl Orchestrator {
     pub fn keep_recovering(&self, every: Duration, idle_after: Duration) -> RecoveryLoop {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let this = self.clone();
-        let backoff = crate::policy::StepPolicy::new()
-            .initial_backoff(every)
-            .max_backoff(every.max(Duration::from_secs(30)));
+        let backoff = Backoff::new(every, every.max(Duration::from_secs(30)))
+            .jitter(Jitter::Proportional(0.2));
         let join = tokio::spawn(async move {
             let mut failures = 0;
             loop {
                 let delay = if failures == 0 {
                     every
                 } else {
-                    backoff.backoff(failures)
+                    backoff.delay(failures)
                 };
                 tokio::time::sleep(delay).await;
                 match this.resume_due(Some(idle_after)).await {
