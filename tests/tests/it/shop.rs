@@ -844,3 +844,61 @@ async fn internal_endpoints_refuse_calls_without_identity_or_from_the_wrong_serv
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_but_the_payment_services_holds_a_card_number() {
+    let data = tempfile::tempdir().unwrap();
+    let shop = spawn_shop_with(ShopConfig {
+        data_dir: Some(data.path().to_owned()),
+        ..test_config()
+    })
+    .await;
+    let cards = [GOOD_CARD, DECLINED_CARD, LATE_CARD];
+    for (i, card) in cards.iter().enumerate() {
+        let user = format!("card-user-{i}");
+        shop.add(&user, "SKU-1001", 1).await;
+        let placed = shop.checkout(&user, "k", card).await;
+        shop.settled(&user, placed["id"].as_str().unwrap()).await;
+    }
+    let mut scanned = Vec::new();
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let holds = |card: &str| bytes.windows(card.len()).any(|w| w == card.as_bytes());
+        if name == "payment.redb" {
+            // The one holder: the scan does find what is there.
+            assert!(
+                holds(GOOD_CARD),
+                "the scan missed the payment service's card"
+            );
+        } else {
+            for card in cards {
+                assert!(!holds(card), "{name} holds the card number {card}");
+            }
+        }
+        scanned.push(name);
+    }
+    scanned.sort();
+    for store in [
+        "order-sagas.redb",
+        "order.redb",
+        "payment.redb",
+        "notification.redb",
+    ] {
+        assert!(
+            scanned.iter().any(|s| s == store),
+            "{store} not in {scanned:?}"
+        );
+    }
+    // Nor does any event on the bus.
+    let records = shop.shop.bus.records(ORDER_EVENTS);
+    assert!(!records.is_empty());
+    for record in records {
+        let text = String::from_utf8_lossy(&record.payload);
+        assert!(text.contains("order_id"), "{text}");
+        for card in cards {
+            assert!(!text.contains(card), "an event holds {card}: {text}");
+        }
+    }
+}
