@@ -16,6 +16,7 @@ use micro_core::service::Service;
 use micro_core::telemetry::TelemetryConfig;
 use micro_discovery::client::ServiceClient;
 use micro_discovery::host::ServiceHostBuilderExt;
+use micro_discovery::identity::ProvenOnly;
 use micro_discovery::memory::MemoryRegistry;
 use micro_discovery::{Discover, Instance, Registration, Registry};
 use micro_gateway::config::{DeclarativeConfig, Resources};
@@ -385,6 +386,9 @@ async fn hosted<S: Service>(
         None => Instance::from_addr(service.name(), bound),
     }
     .with_version(service.version());
+    // The registration proves which service made it: the others find only proven
+    // instances, so a rogue registration under this name draws no traffic.
+    let instance = micro_discovery::identity::prove(instance, &infra.keys)?;
     let registration = Registration::new(instance).ttl(Duration::from_secs(10));
     let builder = if service.name() == trust::GATEWAY {
         // The public face: callers are checked by its own plugins (JWT), not by tokens.
@@ -416,9 +420,9 @@ struct Infra {
 impl Infra {
     fn embedded(registry: &MemoryRegistry, bus: &MemoryBus, keys: KeyRing) -> Self {
         Self {
+            discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
             keys,
             registry: Arc::new(registry.clone()),
-            discover: Arc::new(registry.clone()),
             publisher: Arc::new(bus.clone()),
             subscriber: Arc::new(bus.clone()),
         }
@@ -439,9 +443,9 @@ impl Infra {
         let bus = KafkaBus::new(KafkaConfig::new(brokers.as_str()))?;
         bus.create_topic(&config.order_events(), 4, 1).await?;
         Ok(Self {
+            discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
             keys,
-            registry: Arc::new(registry.clone()),
-            discover: Arc::new(registry),
+            registry: Arc::new(registry),
             publisher: Arc::new(bus.clone()),
             subscriber: Arc::new(bus),
         })

@@ -902,3 +902,58 @@ async fn no_store_but_the_payment_services_holds_a_card_number() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_that_cannot_prove_its_service_draws_no_traffic() {
+    use micro_discovery::identity::prove;
+    use micro_discovery::{Instance, Registration, Registry};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const SECRET: &str = "the services' key of this test, 1c9a7e5f3b2d4068";
+    let shop = spawn_shop_with(ShopConfig {
+        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
+        ..test_config()
+    })
+    .await;
+    // Two impostors of the user service, each counting what reaches it.
+    let impostor = || async {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { (http::StatusCode::SERVICE_UNAVAILABLE, "impostor") }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, hits)
+    };
+    let (rogue, rogue_hits) = impostor().await;
+    let (vouched, vouched_hits) = impostor().await;
+    let registry = &shop.shop.registry;
+    registry
+        .register(&Registration::new(Instance::from_addr(
+            "user-service",
+            rogue,
+        )))
+        .await
+        .unwrap();
+    // One the services' key does vouch for: the check below could fail.
+    let keys = shop::trust::keys_from_secret(SECRET).unwrap();
+    let proven = prove(Instance::from_addr("user-service", vouched), &keys).unwrap();
+    registry.register(&Registration::new(proven)).await.unwrap();
+
+    let mut answers = Vec::new();
+    for i in 0..30 {
+        let body = json!({"email": format!("u{i}@shop.test"), "password": "x", "name": "n"});
+        let (status, _) = shop
+            .send(Method::POST, "/api/users/login", None, None, Some(body))
+            .await;
+        answers.push(status);
+    }
+    assert_eq!(rogue_hits.load(Ordering::SeqCst), 0, "{answers:?}");
+    assert!(
+        vouched_hits.load(Ordering::SeqCst) > 0,
+        "the vouched-for instance got nothing either: {answers:?}"
+    );
+}
