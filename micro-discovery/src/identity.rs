@@ -276,7 +276,7 @@ mod tests {
         let proven = ProvenOnly::new(registry.clone(), ours.clone());
         assert_eq!(
             proven.instances("payment-service").await.unwrap(),
-            [good.clone()]
+            std::slice::from_ref(&good)
         );
         let mut watch = proven.watch("payment-service");
         assert_eq!(watch.next().await.unwrap().unwrap(), [good]);
