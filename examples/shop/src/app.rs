@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use axum::Router;
 use micro_core::client::HttpClient;
 use micro_core::host::{HostConfig, RunningHost, ServiceHost, ServiceHostBuilder};
-use micro_core::identity::{KeyRing, SignCallerLayer};
+use micro_core::identity::KeyRing;
 use micro_core::service::Service;
 use micro_core::telemetry::TelemetryConfig;
 use micro_discovery::client::ServiceClient;
@@ -401,9 +401,9 @@ async fn hosted<S: Service>(
 
 /// A client of the service `to` found in discovery, signing each call as `from`.
 fn client(infra: &Infra, from: &str, to: &str) -> anyhow::Result<HttpClient> {
-    let sign = SignCallerLayer::new(infra.keys.clone(), from.to_owned(), to.to_owned());
     Ok(ServiceClient::builder(infra.discover.clone(), to)
-        .configure(|builder| builder.timeout(Duration::from_secs(5)).layer(sign))
+        .configure(|builder| builder.timeout(Duration::from_secs(5)))
+        .sign_as(infra.keys.clone(), from)
         .build()?
         .into_http())
 }
