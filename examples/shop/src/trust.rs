@@ -264,4 +264,35 @@ mod tests {
         std::fs::write(&path, "# nothing\n").unwrap();
         assert!(KeysFile::new(&path).read().is_err());
     }
+
+    #[tokio::test]
+    async fn a_changed_keys_file_rotates_the_running_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let old = "old key, 0123456789abcdef0123456789";
+        let new = "new key, fedcba9876543210fedcba9876";
+        std::fs::write(&path, format!("k1 {old}\n")).unwrap();
+        let file = KeysFile::new(&path);
+        let ring = KeyRing::new(file.read().unwrap());
+        let task = tokio::spawn(file.watch(ring.clone(), Duration::from_millis(20)));
+        // A broken file keeps the keys as they were.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(&path, "k2 short\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ring.current().signing_key_id(), "k1");
+        std::fs::write(&path, format!("k2 {new}\nk1 {old}\n")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ring.current().signing_key_id() != "k2" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the file was not followed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Tokens of the old key still verify until it leaves the file.
+        let by_old = KeyRing::new(KeySet::new("k1", Secret::new(old.as_bytes()).unwrap()));
+        let token = by_old.sign(&Caller::service("a"), "b").unwrap();
+        assert!(ring.verify(&token, "b").is_ok());
+        task.abort();
+    }
 }
