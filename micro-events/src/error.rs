@@ -125,6 +125,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// A [`SignedPublisher`](crate::identity::SignedPublisher) could not sign a record.
+    #[error("signing the publisher's identity failed")]
+    Identity(#[source] micro_core::identity::Error),
+
     /// The Kafka client failed.
     #[cfg(feature = "kafka")]
     #[error("kafka failed")]

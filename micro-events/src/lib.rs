@@ -90,6 +90,7 @@ mod binary;
 mod error;
 mod event;
 pub mod host;
+pub mod identity;
 pub mod inbox;
 #[cfg(feature = "kafka")]
 pub mod kafka;

@@ -298,7 +298,7 @@ impl Proxy {
     }
 
     /// This proxy, signing every request it forwards with a
-    /// [`Caller`](micro_core::identity::Caller) token saying that `service` (the
+    /// [`Caller`] token saying that `service` (the
     /// gateway's own name) calls `audience` (the upstream service's name, which its
     /// [`VerifyCallerLayer`](micro_core::identity::VerifyCallerLayer) expects), for the
     /// subject of the token the [JWT plugin](crate::plugins::jwt) verified, if any.

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use micro_events::host::ServiceHostBuilderExt as _;
+use micro_events::identity::SignedPublisher;
 use micro_events::{MemoryBus, Publisher, Subscriber};
 
 use crate::cart::{CartStore, Carts};
@@ -74,7 +75,7 @@ pub struct ShopConfig {
     /// `identity_keys_file`); the one-process mode makes one at random when absent.
     pub identity_secret: Option<SecretString>,
     /// A file of service keys, one `<key id> <secret>` per line, the first signing
-    /// (see [`KeysFile`](crate::trust::KeysFile)); followed while the shop runs, so keys
+    /// (see [`KeysFile`]); followed while the shop runs, so keys
     /// rotate without a restart. Takes the place of `identity_secret`.
     pub identity_keys_file: Option<PathBuf>,
     /// PBKDF2-HMAC-SHA256 iterations for new password hashes (OWASP asks 600,000);
@@ -290,7 +291,7 @@ async fn order_storage(
     if let Some(url) = &config.postgres_url {
         return postgres_order_storage(config, infra, url).await;
     }
-    let sink = Arc::new(BusSink::new(infra.publisher.clone(), config.order_events()));
+    let sink = Arc::new(BusSink::new(infra.order_publisher(), config.order_events()));
     let ledger = Ledger::embedded(store(config, "order")?, sink);
     let sagas: Arc<dyn SagaLog> = match &config.data_dir {
         Some(dir) => Arc::new(EmbeddedSagaLog::open(dir.join("order-sagas.redb"))?),
@@ -309,7 +310,7 @@ async fn postgres_order_storage(
     let ledger = Ledger::postgres(
         url,
         &format!("{prefix}_orders"),
-        infra.publisher.clone(),
+        infra.order_publisher(),
         config.order_events(),
     )
     .await?;
@@ -418,6 +419,16 @@ struct Infra {
 }
 
 impl Infra {
+    /// The order service's publisher: every event it publishes carries its signed
+    /// identity, which the consumers check.
+    fn order_publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(SignedPublisher::new(
+            self.publisher.clone(),
+            self.keys.clone(),
+            trust::ORDER_SERVICE,
+        ))
+    }
+
     fn embedded(registry: &MemoryRegistry, bus: &MemoryBus, keys: KeyRing) -> Self {
         Self {
             discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
@@ -529,7 +540,12 @@ async fn add(
             let notifications = Notifications::new(store(config, "notification")?);
             let group = format!("{}notification-service", config.event_prefix);
             let subscription = notifications
-                .subscribe(infra.subscriber.as_ref(), &config.order_events(), &group)
+                .subscribe(
+                    infra.subscriber.as_ref(),
+                    &config.order_events(),
+                    &group,
+                    infra.keys.clone(),
+                )
                 .await?;
             handles.notifications = Some(notifications.clone());
             hosted(builder, infra, config, notifications, listen.notification)

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::api::{ApiError, UserId};
 use crate::events::{EventSink, OrderEvent};
 use crate::store::Store;
+use crate::trust::ORDER_SERVICE;
+use micro_core::identity::KeyRing;
+use micro_events::identity::require_publisher;
 
 const SENT: &str = "sent";
 const SEEN: &str = "seen";
@@ -98,16 +101,21 @@ impl Notifications {
     /// # Errors
     ///
     /// When the bus refuses the subscription.
+    ///
+    /// Only events the order service signed (`keys` verifies its publisher identity) are
+    /// acted on; any other is dead-lettered at once, never retried.
     pub async fn subscribe(
         &self,
         bus: &dyn Subscriber,
         topic: &str,
         group: &str,
+        keys: KeyRing,
     ) -> micro_events::Result<Subscription> {
         let this = self.clone();
         bus.subscribe(topic, group, move |received: Received<OrderEvent>| {
-            let this = this.clone();
+            let (this, keys) = (this.clone(), keys.clone());
             async move {
+                require_publisher(&received, &keys, &[ORDER_SERVICE])?;
                 this.handle(received.event())
                     .map_err(micro_core::error::BoxError::from)
             }

@@ -6,6 +6,7 @@
 mod conformance;
 mod health;
 mod host;
+mod identity;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod memory;

@@ -230,7 +230,12 @@ impl TestShop {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_is_charged_reserved_confirmed_and_notified() {
-    let shop = spawn_shop().await;
+    const SECRET: &str = "the services' key of this test, 4be1d0c7a9f25e36";
+    let shop = spawn_shop_with(ShopConfig {
+        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
+        ..test_config()
+    })
+    .await;
     shop.add("alice", "SKU-1001", 2).await;
     shop.add("alice", "SKU-1004", 1).await;
     shop.add("alice", "SKU-1001", 1).await;
@@ -300,7 +305,12 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
     .envelope(event_id)
     .unwrap();
     let bus = &shop.shop.bus;
-    bus.publish(ORDER_EVENTS, &id, &again).await.unwrap();
+    // Signed as the order service, as the consumer requires.
+    let keys = shop::trust::keys_from_secret(SECRET).unwrap();
+    micro_events::identity::SignedPublisher::new(bus.clone(), keys, "order-service")
+        .publish(ORDER_EVENTS, &id, &again)
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let published = bus.records(ORDER_EVENTS).len() as i64;

@@ -369,10 +369,15 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     }
     .envelope(&format!("{marker_order}:notify"))
     .unwrap();
-    let bus = micro_events::kafka::KafkaBus::new(micro_events::kafka::KafkaConfig::new(
-        kafka_brokers.as_str(),
-    ))
-    .unwrap();
+    // Signed as the order service with the services' key, as the consumer requires.
+    let bus = micro_events::identity::SignedPublisher::new(
+        micro_events::kafka::KafkaBus::new(micro_events::kafka::KafkaConfig::new(
+            kafka_brokers.as_str(),
+        ))
+        .unwrap(),
+        shop::trust::keys_from_secret(TEST_IDENTITY_SECRET).unwrap(),
+        "order-service",
+    );
     let topic = format!("test-{unique}-order-events");
     use micro_events::PublisherExt as _;
     bus.publish(&topic, &order, &duplicate).await.unwrap();
