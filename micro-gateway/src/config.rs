@@ -55,7 +55,7 @@ use crate::plugins::cors::CorsConfig;
 use crate::plugins::ip_restriction::{IpRestrictionConfig, IpRestrictionLayer};
 use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
 use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
-use crate::plugins::transform::{HeaderTransform, TransformLayer};
+use crate::plugins::transform::{RequestEdits, ResponseEdits, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
 
 type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -505,16 +505,12 @@ impl Plugin {
             "request-size-limiting" => {
                 Self::BodyLimit(BodyLimitLayer::new(&typed::<BodyLimitConfig>(spec, place)?))
             }
-            "request-transformer" => {
-                Self::RequestTransform(TransformLayer::request(typed::<HeaderTransform>(
-                    spec, place,
-                )?))
-            }
-            "response-transformer" => {
-                Self::ResponseTransform(TransformLayer::response(typed::<HeaderTransform>(
-                    spec, place,
-                )?))
-            }
+            "request-transformer" => Self::RequestTransform(TransformLayer::request_edits(
+                typed::<RequestEdits>(spec, place)?,
+            )),
+            "response-transformer" => Self::ResponseTransform(TransformLayer::response_edits(
+                typed::<ResponseEdits>(spec, place)?,
+            )),
             "jwt" => Self::Jwt(
                 typed::<JwtConfig>(spec, place)?
                     .with_consumers(consumers)

@@ -1,5 +1,14 @@
-//! Header transforms of requests and responses (the header parts of Kong's
-//! `request-transformer` and `response-transformer`).
+//! Transforms of requests and responses: Kong's `request-transformer` (headers, query
+//! string, body) and `response-transformer` (headers, JSON body).
+//!
+//! Each edit is one of Kong's, in Kong's order: `remove`, `rename`, `replace`, `add`,
+//! `append`; each section lists what it edits: `headers`, `querystring` and `body` for
+//! requests, `headers` and `json` for responses. A body is edited when it is JSON (an
+//! object at the top) or, for requests, a form (`application/x-www-form-urlencoded`);
+//! any other body goes on untouched, as Kong does. A body edit reads the whole body, up
+//! to [`MAX_TRANSFORMED_BODY`]; a longer one is answered `413`. Anything else in the
+//! file (Kong's `http_method`, `uri`, `json_types`, a section for the other side) is
+//! refused at load, with its place.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,6 +22,256 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::HttpService;
+
+/// The largest body a body edit reads: 1 MiB.
+pub const MAX_TRANSFORMED_BODY: usize = 1 << 20;
+
+/// Edits of named fields (query parameters, form fields, top-level JSON members), in
+/// Kong's order; entries are `"name:value"` (`"old:new"` for rename, a bare name for
+/// remove). Values are strings, as Kong writes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FieldEdits {
+    /// Fields to drop.
+    pub remove: Vec<String>,
+    /// Fields to rename, old to new.
+    pub rename: Vec<(String, String)>,
+    /// Fields to overwrite when present.
+    pub replace: Vec<(String, String)>,
+    /// Fields to set when absent.
+    pub add: Vec<(String, String)>,
+    /// Values to add beside those already there (a JSON member becomes an array).
+    pub append: Vec<(String, String)>,
+}
+
+impl FieldEdits {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty()
+            && self.rename.is_empty()
+            && self.replace.is_empty()
+            && self.add.is_empty()
+            && self.append.is_empty()
+    }
+
+    /// Applies the edits to `pairs`, a query string's or a form's fields in order.
+    pub fn apply_pairs(&self, pairs: &mut Vec<(String, String)>) {
+        for name in &self.remove {
+            pairs.retain(|(n, _)| n != name);
+        }
+        for (old, new) in &self.rename {
+            for (n, _) in pairs.iter_mut() {
+                if n == old {
+                    n.clone_from(new);
+                }
+            }
+        }
+        for (name, value) in &self.replace {
+            if pairs.iter().any(|(n, _)| n == name) {
+                pairs.retain(|(n, _)| n != name);
+                pairs.push((name.clone(), value.clone()));
+            }
+        }
+        for (name, value) in &self.add {
+            if !pairs.iter().any(|(n, _)| n == name) {
+                pairs.push((name.clone(), value.clone()));
+            }
+        }
+        for (name, value) in &self.append {
+            pairs.push((name.clone(), value.clone()));
+        }
+    }
+
+    /// Applies the edits to the members of a JSON object.
+    pub fn apply_json(&self, object: &mut serde_json::Map<String, serde_json::Value>) {
+        use serde_json::Value;
+        for name in &self.remove {
+            object.remove(name);
+        }
+        for (old, new) in &self.rename {
+            if let Some(value) = object.remove(old) {
+                object.insert(new.clone(), value);
+            }
+        }
+        for (name, value) in &self.replace {
+            if let Some(slot) = object.get_mut(name) {
+                *slot = Value::String(value.clone());
+            }
+        }
+        for (name, value) in &self.add {
+            object
+                .entry(name.clone())
+                .or_insert_with(|| Value::String(value.clone()));
+        }
+        for (name, value) in &self.append {
+            let value = Value::String(value.clone());
+            match object.remove(name) {
+                None => {
+                    object.insert(name.clone(), value);
+                }
+                Some(Value::Array(mut items)) => {
+                    items.push(value);
+                    object.insert(name.clone(), Value::Array(items));
+                }
+                Some(other) => {
+                    object.insert(name.clone(), Value::Array(vec![other, value]));
+                }
+            }
+        }
+    }
+}
+
+/// A request transformer's edits: headers, query string and body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestEdits {
+    /// Header edits.
+    pub headers: HeaderTransform,
+    /// Query parameter edits.
+    pub querystring: FieldEdits,
+    /// Body field edits (JSON or form).
+    pub body: FieldEdits,
+}
+
+/// A response transformer's edits: headers and JSON body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResponseEdits {
+    /// Header edits.
+    pub headers: HeaderTransform,
+    /// JSON member edits.
+    pub json: FieldEdits,
+}
+
+/// Kong's `remove: {...}, rename: {...}, ...` with the sections `S` of one side.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawEdits<S> {
+    remove: S,
+    rename: S,
+    replace: S,
+    add: S,
+    append: S,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RequestSection {
+    headers: Vec<String>,
+    querystring: Vec<String>,
+    body: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ResponseSection {
+    headers: Vec<String>,
+    json: Vec<String>,
+}
+
+fn field_pair<E: serde::de::Error>(entry: &str) -> Result<(String, String), E> {
+    let (name, value) = entry
+        .split_once(':')
+        .ok_or_else(|| E::custom(format!("`{entry}` is not written `name:value`")))?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(E::custom(format!("`{entry}` has no name")));
+    }
+    Ok((name.to_owned(), value.trim().to_owned()))
+}
+
+fn field_edits<E: serde::de::Error>(
+    remove: &[String],
+    rename: &[String],
+    replace: &[String],
+    add: &[String],
+    append: &[String],
+) -> Result<FieldEdits, E> {
+    let pairs = |entries: &[String]| -> Result<Vec<(String, String)>, E> {
+        entries.iter().map(|e| field_pair::<E>(e)).collect()
+    };
+    Ok(FieldEdits {
+        remove: remove.iter().map(|n| n.trim().to_owned()).collect(),
+        rename: pairs(rename)?,
+        replace: pairs(replace)?,
+        add: pairs(add)?,
+        append: pairs(append)?,
+    })
+}
+
+/// The header sections of `raw`, as Kong's shape, for [`HeaderTransform`]'s parser.
+fn header_json(
+    remove: &[String],
+    rename: &[String],
+    replace: &[String],
+    add: &[String],
+    append: &[String],
+) -> serde_json::Value {
+    serde_json::json!({
+        "remove": { "headers": remove },
+        "rename": { "headers": rename },
+        "replace": { "headers": replace },
+        "add": { "headers": add },
+        "append": { "headers": append },
+    })
+}
+
+impl<'de> Deserialize<'de> for RequestEdits {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = RawEdits::<RequestSection>::deserialize(deserializer)?;
+        let headers = serde_json::from_value(header_json(
+            &raw.remove.headers,
+            &raw.rename.headers,
+            &raw.replace.headers,
+            &raw.add.headers,
+            &raw.append.headers,
+        ))
+        .map_err(D::Error::custom)?;
+        Ok(Self {
+            headers,
+            querystring: field_edits(
+                &raw.remove.querystring,
+                &raw.rename.querystring,
+                &raw.replace.querystring,
+                &raw.add.querystring,
+                &raw.append.querystring,
+            )?,
+            body: field_edits(
+                &raw.remove.body,
+                &raw.rename.body,
+                &raw.replace.body,
+                &raw.add.body,
+                &raw.append.body,
+            )?,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ResponseEdits {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = RawEdits::<ResponseSection>::deserialize(deserializer)?;
+        let headers = serde_json::from_value(header_json(
+            &raw.remove.headers,
+            &raw.rename.headers,
+            &raw.replace.headers,
+            &raw.add.headers,
+            &raw.append.headers,
+        ))
+        .map_err(D::Error::custom)?;
+        Ok(Self {
+            headers,
+            json: field_edits(
+                &raw.remove.json,
+                &raw.rename.json,
+                &raw.replace.json,
+                &raw.add.json,
+                &raw.append.json,
+            )?,
+        })
+    }
+}
 
 /// Header edits, applied in Kong's order: remove, rename, replace, add, append.
 ///
@@ -84,7 +343,7 @@ impl<'de> Deserialize<'de> for HeaderTransform {
         }
 
         #[derive(Deserialize, Default)]
-        #[serde(default)]
+        #[serde(default, deny_unknown_fields)]
         struct Section {
             headers: Vec<String>,
         }
@@ -137,34 +396,47 @@ impl<'de> Deserialize<'de> for HeaderTransform {
     }
 }
 
-/// Which side of the exchange a [`Transform`] edits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Request,
-    Response,
+/// What a [`Transform`] edits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Edits {
+    Request(Arc<RequestEdits>),
+    Response(Arc<ResponseEdits>),
 }
 
 /// Applies [`Transform`].
 #[derive(Debug, Clone)]
 pub struct TransformLayer {
-    transform: Arc<HeaderTransform>,
-    side: Side,
+    edits: Edits,
 }
 
 impl TransformLayer {
     /// Edits the headers of each request before it goes on.
     pub fn request(transform: HeaderTransform) -> Self {
+        Self::request_edits(RequestEdits {
+            headers: transform,
+            ..RequestEdits::default()
+        })
+    }
+
+    /// Edits the headers, query string and body of each request before it goes on.
+    pub fn request_edits(edits: RequestEdits) -> Self {
         Self {
-            transform: Arc::new(transform),
-            side: Side::Request,
+            edits: Edits::Request(Arc::new(edits)),
         }
     }
 
     /// Edits the headers of each response before it goes back.
     pub fn response(transform: HeaderTransform) -> Self {
+        Self::response_edits(ResponseEdits {
+            headers: transform,
+            ..ResponseEdits::default()
+        })
+    }
+
+    /// Edits the headers and JSON body of each response before it goes back.
+    pub fn response_edits(edits: ResponseEdits) -> Self {
         Self {
-            transform: Arc::new(transform),
-            side: Side::Response,
+            edits: Edits::Response(Arc::new(edits)),
         }
     }
 }
@@ -175,18 +447,16 @@ impl<S> Layer<S> for TransformLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Transform {
             inner,
-            transform: self.transform.clone(),
-            side: self.side,
+            edits: self.edits.clone(),
         }
     }
 }
 
-/// Edits request or response headers with a [`HeaderTransform`].
+/// Edits requests or responses as its [`TransformLayer`] says.
 #[derive(Debug, Clone)]
 pub struct Transform<S> {
     inner: S,
-    transform: Arc<HeaderTransform>,
-    side: Side,
+    edits: Edits,
 }
 
 impl<S> Transform<S> {
@@ -206,6 +476,90 @@ impl<S> Transform<S> {
     }
 }
 
+/// How a body is written, when a body edit can read it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Form,
+}
+
+fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
+    let value = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let essence = value.split(';').next()?.trim().to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Some(BodyKind::Json)
+    } else if essence == "application/x-www-form-urlencoded" {
+        Some(BodyKind::Form)
+    } else {
+        None
+    }
+}
+
+/// `body` edited by `edits` when it is of a kind they apply to (`form` too, for
+/// requests); `None` when it is too long to read.
+async fn edit_body(
+    headers: &mut HeaderMap,
+    body: Body,
+    edits: &FieldEdits,
+    form: bool,
+) -> Result<Body, ()> {
+    let kind = match body_kind(headers) {
+        Some(BodyKind::Form) if !form => return Ok(body),
+        Some(kind) => kind,
+        None => return Ok(body),
+    };
+    let limited = http_body_util::Limited::new(body, MAX_TRANSFORMED_BODY);
+    let bytes = match http_body_util::BodyExt::collect(limited).await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return Err(()),
+    };
+    let edited = match kind {
+        BodyKind::Json => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(mut object)) => {
+                edits.apply_json(&mut object);
+                serde_json::to_vec(&object).ok()
+            }
+            // Not an object: nothing to edit; it goes on as it came.
+            _ => None,
+        },
+        BodyKind::Form => {
+            let mut pairs: Vec<(String, String)> =
+                form_urlencoded::parse(&bytes).into_owned().collect();
+            edits.apply_pairs(&mut pairs);
+            Some(
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(pairs)
+                    .finish()
+                    .into_bytes(),
+            )
+        }
+    };
+    let bytes = edited.map_or(bytes, bytes::Bytes::from);
+    headers.remove(http::header::TRANSFER_ENCODING);
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    Ok(Body::from(bytes))
+}
+
+/// The request's URI with its query string edited.
+fn edit_query(uri: &http::Uri, edits: &FieldEdits) -> Option<http::Uri> {
+    let mut pairs: Vec<(String, String)> = uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    edits.apply_pairs(&mut pairs);
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    let path_and_query = if query.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{query}", uri.path())
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
 impl<S: HttpService> Service<Request<Body>> for Transform<S> {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -216,18 +570,53 @@ impl<S: HttpService> Service<Request<Body>> for Transform<S> {
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        match self.side {
-            Side::Request => {
-                self.transform.apply(request.headers_mut());
-                Box::pin(self.inner.call(request))
+        match self.edits.clone() {
+            Edits::Request(edits) => {
+                edits.headers.apply(request.headers_mut());
+                if !edits.querystring.is_empty() {
+                    match edit_query(request.uri(), &edits.querystring) {
+                        Some(uri) => *request.uri_mut() = uri,
+                        None => {
+                            return Box::pin(async {
+                                Ok(crate::error::error_response(
+                                    http::StatusCode::BAD_REQUEST,
+                                    "bad_query",
+                                    "the query string cannot be rewritten",
+                                ))
+                            })
+                        }
+                    }
+                }
+                if edits.body.is_empty() {
+                    return Box::pin(self.inner.call(request));
+                }
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(async move {
+                    let (mut parts, body) = request.into_parts();
+                    match edit_body(&mut parts.headers, body, &edits.body, true).await {
+                        Ok(body) => inner.call(Request::from_parts(parts, body)).await,
+                        Err(()) => Ok(super::body_limit::too_large()),
+                    }
+                })
             }
-            Side::Response => {
-                let transform = self.transform.clone();
+            Edits::Response(edits) => {
                 let response = self.inner.call(request);
                 Box::pin(async move {
                     let mut response = response.await?;
-                    transform.apply(response.headers_mut());
-                    Ok(response)
+                    edits.headers.apply(response.headers_mut());
+                    if edits.json.is_empty() {
+                        return Ok(response);
+                    }
+                    let (mut parts, body) = response.into_parts();
+                    match edit_body(&mut parts.headers, body, &edits.json, false).await {
+                        Ok(body) => Ok(Response::from_parts(parts, body)),
+                        Err(()) => Ok(crate::error::error_response(
+                            http::StatusCode::BAD_GATEWAY,
+                            "upstream_body_too_large",
+                            "the upstream's answer is too large to transform",
+                        )),
+                    }
                 })
             }
         }

@@ -14,3 +14,4 @@ mod proxy;
 mod rate_limit;
 mod rate_limit_redis;
 mod support;
+mod transform;
