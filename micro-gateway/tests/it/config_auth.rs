@@ -150,6 +150,11 @@ fn jwt_and_rate_limiting_errors_name_the_place_in_the_file() {
             "needs `header_name`",
         ),
         (
+            format!("{route}          - name: rate-limiting\n            config:\n              minute: 5\n              limit_by: credential\n              api_key_header: x-api-key\n"),
+            "services[0].routes[0].plugins[0].config.api_key_header",
+            "no key-auth to verify an API key",
+        ),
+        (
             format!("{route}          - name: rate-limiting\n            config:\n              minute: 5\n              polcy: redis\n"),
             "services[0].routes[0].plugins[0].config.polcy",
             "unknown field `polcy`",

@@ -171,7 +171,7 @@ async fn consumers_are_counted_by_jwt_subject_else_by_ip() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn api_keys_and_headers_identify_callers() {
+async fn unverified_api_keys_pick_no_bucket_and_headers_identify_callers() {
     let mut by_key = RateLimitConfig::per_ip(None, Some(1), None);
     by_key.limit_by = "credential".to_owned();
     let (_, service) = limited(&by_key);
@@ -199,13 +199,15 @@ async fn api_keys_and_headers_identify_callers() {
             .status(),
         429
     );
+    // An API key nobody verified picks no bucket of its own: a client can't dodge the
+    // limit (or grow the store) with a fresh key per request.
     assert_eq!(
         service()
             .oneshot(with("apikey", "k2"))
             .await
             .unwrap()
             .status(),
-        200
+        429
     );
 
     let mut by_header = RateLimitConfig::per_ip(None, Some(1), None);

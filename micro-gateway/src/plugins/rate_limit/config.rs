@@ -40,14 +40,17 @@ pub struct RateLimitConfig {
     /// Kong's calendar year; not supported (refused when set).
     pub year: Option<u64>,
     /// Whom a limit counts: `consumer` (the default, as in Kong: the consumer whose key
-    /// verified the JWT, else the verified token's `sub`), `credential` (the API key in `api_key_header`), `ip`, `header` (the value of
-    /// `header_name`), `service` (everyone on the route together) or `path`. A request
-    /// without the consumer, credential or header is counted by its IP, as Kong does.
+    /// verified the JWT, else the verified token's `sub`), `credential` (the credential
+    /// the gateway verified: the JWT's consumer, else its `sub`; never an unverified
+    /// header), `ip`, `header` (the value of `header_name`), `service` (everyone on the
+    /// route together) or `path`. A request without the consumer, credential or header is
+    /// counted by its IP, as Kong does.
     pub limit_by: String,
     /// The header `limit_by: header` reads.
     pub header_name: Option<String>,
-    /// The header holding the API key for `limit_by: credential` (`apikey`, as Kong's
-    /// `key-auth`).
+    /// Kong's header of `key-auth` API keys. micro-gateway has no `key-auth` to verify
+    /// one, so an API key never picks a bucket: only `apikey` (Kong's default) is
+    /// accepted, and another value is refused rather than ignored.
     pub api_key_header: String,
     /// Proxies whose `X-Forwarded-For` is believed: the client is the right-most address
     /// in it that is not one of these. Empty (the default): the peer address.
@@ -254,7 +257,16 @@ impl RateLimitConfig {
         };
         Ok(match self.limit_by.as_str() {
             "consumer" | "consumer-group" => Identity::Subject,
-            "credential" => Identity::ApiKey(header("api_key_header", &self.api_key_header)?),
+            "credential" => {
+                if self.api_key_header != "apikey" {
+                    return Err(RateLimitConfigError::new(
+                        "api_key_header",
+                        "micro-gateway has no key-auth to verify an API key: \
+                         `limit_by: credential` counts the credential the jwt plugin verified",
+                    ));
+                }
+                Identity::Credential
+            }
             "ip" => Identity::Ip,
             "header" => {
                 let name = self.header_name.as_deref().ok_or_else(|| {

@@ -60,7 +60,7 @@ use crate::gateway::MatchedRoute;
 #[derive(Debug, Clone)]
 enum Identity {
     Subject,
-    ApiKey(HeaderName),
+    Credential,
     Ip,
     Header(HeaderName),
     Route,
@@ -150,7 +150,18 @@ impl Limiter {
                     let name: String = name.chars().take(MAX_IDENTIFIER).collect();
                     Some(format!("{kind}:{name}"))
                 }),
-            Identity::ApiKey(name) => header(name).map(|key| format!("key:{key}")),
+            // Only a credential the gateway verified picks a bucket: a header the client
+            // chose would let it take a fresh bucket per request and grow the store.
+            Identity::Credential => {
+                request
+                    .extensions()
+                    .get::<VerifiedClaims>()
+                    .and_then(|claims| {
+                        let name = claims.consumer().or(claims.subject())?;
+                        let name: String = name.chars().take(MAX_IDENTIFIER).collect();
+                        Some(format!("credential:{name}"))
+                    })
+            }
             Identity::Header(name) => header(name).map(|value| format!("hdr:{value}")),
             Identity::Ip => None,
             Identity::Route => Some("route".to_owned()),
