@@ -136,3 +136,100 @@ async fn the_guide_s_example_file_builds() {
     let resources = micro_gateway::config::Resources::new().discover(discover);
     config.build_with(&resources).unwrap();
 }
+
+mod any_file {
+    use micro_gateway::config::DeclarativeConfig;
+    use proptest::prelude::*;
+
+    /// Lines of a Kong declarative file, well-formed or not, at any indentation.
+    fn line() -> impl Strategy<Value = String> {
+        let keys = prop::sample::select(vec![
+            "_format_version",
+            "services",
+            "routes",
+            "plugins",
+            "name",
+            "url",
+            "host",
+            "port",
+            "path",
+            "paths",
+            "methods",
+            "hosts",
+            "strip_path",
+            "config",
+            "enabled",
+            "service",
+            "consumers",
+            "jwt_secrets",
+            "remove",
+            "add",
+            "headers",
+            "querystring",
+            "body",
+            "json",
+            "second",
+            "minute",
+            "limit_by",
+            "header_name",
+            "allow",
+            "deny",
+            "origins",
+            "retries",
+            "read_timeout",
+            "discovery",
+            "compositions",
+            "regex_priority",
+            "rewrite",
+            "- name",
+            "-",
+        ]);
+        let values = prop::sample::select(vec![
+            "",
+            "a",
+            "http://127.0.0.1:1",
+            "[/a, /b]",
+            "[GET]",
+            "{}",
+            "[]",
+            "1",
+            "-1",
+            "99999999999999999999",
+            "true",
+            "jwt",
+            "rate-limiting",
+            "cors",
+            "request-transformer",
+            "response-transformer",
+            "ip-restriction",
+            "request-size-limiting",
+            "access-log",
+            "\"x:y\"",
+            "[\"a:1\"]",
+            "~",
+            "'",
+            "\"3.0\"",
+            "/a/../b",
+            "/%2e%2e/",
+            "{ name: jwt }",
+            "- /x",
+        ]);
+        (0usize..4, keys, values)
+            .prop_map(|(indent, key, value)| format!("{}{key}: {value}", "  ".repeat(indent)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_file_loads_or_is_refused_with_a_place_and_never_panics(
+            lines in prop::collection::vec(line(), 0..24)
+        ) {
+            let text = lines.join("\n");
+            if let Err(error) = DeclarativeConfig::from_yaml(&text).and_then(|c| c.build().map(|_| ())) {
+                prop_assert!(!error.reason().is_empty(), "{text}\n=> {error}");
+                prop_assert!(!error.to_string().is_empty());
+            }
+        }
+    }
+}
