@@ -22,7 +22,8 @@
 # processes other than the ones measured used more than this share of the machine's
 # CPUs is measured again, up to RETRIES (3) times, then counted but marked `busy`),
 # MODE (wrk or callgrind), CALLGRIND_DURATION (20s), GATEWAY_BIN (a micro-gateway
-# binary to measure instead of building this tree's, e.g. an earlier version's).
+# binary to measure instead of building this tree's, e.g. an earlier version's),
+# BACKEND_BIN (likewise for bench-backend).
 # nginx, HAProxy, wrk and valgrind are installed from Debian's packages when missing.
 set -euo pipefail
 
@@ -71,8 +72,10 @@ if [ -z "${GATEWAY_BIN:-}" ]; then
     cargo build --release --quiet -p micro-gateway --bin micro-gateway
     GATEWAY_BIN=$target_dir/release/micro-gateway
 fi
-cargo build --release --quiet -p micro-benches --bin bench-backend
-BACKEND_BIN=$target_dir/release/bench-backend
+if [ -z "${BACKEND_BIN:-}" ]; then
+    cargo build --release --quiet -p micro-benches --bin bench-backend
+    BACKEND_BIN=$target_dir/release/bench-backend
+fi
 
 work=$(mktemp -d /tmp/bench-gateway.XXXXXX)
 chmod 755 "$work"
@@ -88,13 +91,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A port nothing listens on (the harness is a script: it may pick ports, and checks).
-free_port() {
-    local port
+# Sets `port` to one nothing listens on, not handed out before and below the ephemeral
+# range (where the kernel picks the ports of outgoing connections; the harness is a
+# script: it may pick ports, and checks). Called in this shell, not in `$(...)`, whose
+# copy of RANDOM would repeat the same number.
+taken=" "
+pick_port() {
     while :; do
-        port=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
+        port=$((20000 + RANDOM % 12000))
+        if [[ $taken != *" $port "* ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            taken+="$port "
             return
         fi
     done
@@ -141,15 +147,17 @@ FORGED=$(jwt $(($(date +%s) + 86400)) wrong-secret-wrong-secret-wrong-secret)
 wrap() {
     local name=$1
     shift
+    # `exec`: started in the background, the proxy then has the pid `$!` gives.
     if [ "$MODE" = callgrind ]; then
-        valgrind --tool=callgrind --instr-atstart=no \
+        exec valgrind --tool=callgrind --instr-atstart=no \
             --callgrind-out-file="$work/callgrind.$name.%p" "$@"
     else
-        "$@"
+        exec "$@"
     fi
 }
 
-backend_port=$(free_port)
+pick_port
+backend_port=$port
 "$BACKEND_BIN" --listen "127.0.0.1:$backend_port" --threads "$BACKEND_THREADS" \
     >"$work/backend.log" 2>&1 &
 pids+=($!)
@@ -191,8 +199,8 @@ EOF
 }
 
 start_gateway() {
-    local name=$1 auth=$2 port
-    port=$(free_port)
+    local name=$1 auth=$2
+    pick_port
     gateway_file "$auth" >"$work/$name.yaml"
     local runtime=()
     [ "$GATEWAY_FLAVOR" != multi-thread ] && runtime=(--runtime "$GATEWAY_FLAVOR")
@@ -206,8 +214,7 @@ start_gateway() {
 }
 
 start_nginx() {
-    local port
-    port=$(free_port)
+    pick_port
     mkdir -p "$work/nginx"
     local master=on
     [ "$MODE" = callgrind ] && master=off
@@ -251,8 +258,8 @@ EOF
 }
 
 start_haproxy() {
-    local name=$1 auth=$2 port
-    port=$(free_port)
+    local name=$1 auth=$2
+    pick_port
     {
         cat <<EOF
 global
@@ -450,7 +457,7 @@ awk -v rounds="$ROUNDS" -v list="${targets[*]}" '
     }
     { for (c = 2; c <= 7; c++) col[$1, c] = col[$1, c] " " $c; if ($8 == "busy") busy[$1]++ }
     function ratio(a, b, label) {
-        if (!((a, 2) in m) || !((b, 2) in m)) return
+        if (!((a, 2) in m) || !((b, 2) in m) || m[b, 6] == 0) return
         printf "%-34s req/s %.2f  p50 %.2f  p99 %.2f  CPU/request %.2f\n", label,
             m[a, 2] / m[b, 2], m[a, 3] / m[b, 3], m[a, 5] / m[b, 5], m[a, 6] / m[b, 6]
     }

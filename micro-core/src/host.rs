@@ -40,12 +40,13 @@ use tower::BoxError;
 
 use crate::health::{self, HealthCheck, Readiness};
 use crate::listener::{InvalidListenerConfig, ListenerConfig};
-use crate::metrics::{self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle};
+use crate::metrics::{
+    self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle, RecordHttp, TagRouteLayer,
+};
 use crate::middleware::{RequestSpanLayer, SetRequestIdLayer};
 use crate::serve::{self, Drained};
 use crate::service::{BoxFuture, DynService, Service};
 use crate::shutdown::Shutdown;
-use tower_layer::Layer;
 
 /// Timing of the host's lifecycle. Deserializes from configuration with durations such as
 /// `"30s"`.
@@ -688,12 +689,7 @@ fn app(service: &Arc<dyn DynService>, phase: Arc<Phase>, metrics: PrometheusHand
         phase,
         metrics,
     };
-    let service_routes = axum::middleware::from_fn_with_state(http_metrics, host_metrics::record)
-        .layer(
-            service
-                .router()
-                .layer(axum::middleware::from_fn(host_metrics::tag_route)),
-        );
+    let service_routes = RecordHttp::new(service.router().layer(TagRouteLayer), http_metrics);
     // The host's endpoints sit in front of the service's router, so probes and scrapes are
     // not counted as the service's traffic, and the service keeps its own fallback.
     Router::new()
