@@ -455,7 +455,10 @@ impl Gateway {
 /// Replaces the request's path with its normalized spelling (query kept); `Ok(true)`
 /// when an encoded slash was kept, for the route to allow or refuse.
 fn normalize_request(request: &mut Request<Body>) -> Result<bool, crate::path::PathError> {
-    use crate::path::{normalize, Options, PathError};
+    use crate::path::{is_canonical, normalize, Options, PathError};
+    if is_canonical(request.uri().path()) {
+        return Ok(false);
+    }
     let normalized = normalize(
         request.uri().path(),
         Options::new().allow_encoded_slashes(true),

@@ -410,7 +410,10 @@ impl Proxy {
         } else {
             1
         };
-        parts.extensions.insert(Attempts::new());
+        // Only a balancer reads the instances already tried.
+        if matches!(self.target, Target::Discovered { .. }) {
+            parts.extensions.insert(Attempts::new());
+        }
         let mut body = Some(body);
         let mut parts = Some(parts);
         let mut attempt = 0;
