@@ -17,13 +17,14 @@
 # ROUNDS (3: each target is measured once per round, in turn), WARMUP (2s per target
 # before the first round), PROXY_WORKERS (1: nginx worker processes, HAProxy threads,
 # micro-gateway tokio worker threads), GATEWAY_FLAVOR (multi-thread, or current-thread
-# for micro-gateway's `--runtime current-thread`), BACKEND_THREADS (1), REQUEST_PATH
+# for micro-gateway's `--runtime current-thread --workers $PROXY_WORKERS`), BACKEND_THREADS (1), REQUEST_PATH
 # (/api/items/42), SCENARIOS ("plain auth"), MAX_OTHER_CPU (0.10: a round during which
 # processes other than the ones measured used more than this share of the machine's
 # CPUs is measured again, up to RETRIES (3) times, then counted but marked `busy`),
 # MODE (wrk or callgrind), CALLGRIND_DURATION (20s), GATEWAY_BIN (a micro-gateway
 # binary to measure instead of building this tree's, e.g. an earlier version's),
-# BACKEND_BIN (likewise for bench-backend).
+# BACKEND_BIN (likewise for bench-backend), BASELINE_BIN (an earlier micro-gateway
+# binary measured in the same rounds as `micro-gateway-before`, for before/after ratios).
 # nginx, HAProxy, wrk and valgrind are installed from Debian's packages when missing.
 set -euo pipefail
 
@@ -199,13 +200,14 @@ EOF
 }
 
 start_gateway() {
-    local name=$1 auth=$2
+    local name=$1 auth=$2 bin=${3:-$GATEWAY_BIN}
     pick_port
     gateway_file "$auth" >"$work/$name.yaml"
     local runtime=()
-    [ "$GATEWAY_FLAVOR" != multi-thread ] && runtime=(--runtime "$GATEWAY_FLAVOR")
+    [ "$GATEWAY_FLAVOR" != multi-thread ] && [ "$bin" = "$GATEWAY_BIN" ] &&
+        runtime=(--runtime "$GATEWAY_FLAVOR" --workers "$PROXY_WORKERS")
     # The access log and per-request logging are off on every proxy.
-    RUST_LOG=warn TOKIO_WORKER_THREADS=$PROXY_WORKERS wrap "$name" "$GATEWAY_BIN" \
+    RUST_LOG=warn TOKIO_WORKER_THREADS=$PROXY_WORKERS wrap "$name" "$bin" \
         --config "$work/$name.yaml" --listen "127.0.0.1:$port" --reload-interval 0s \
         "${runtime[@]}" >"$work/$name.log" 2>&1 &
     pids+=($!)
@@ -309,6 +311,10 @@ for scenario in $SCENARIOS; do
             start_nginx
             start_haproxy haproxy plain
             targets+=(direct micro-gateway nginx haproxy)
+            if [ -n "${BASELINE_BIN:-}" ]; then
+                start_gateway micro-gateway-before plain "$BASELINE_BIN"
+                targets+=(micro-gateway-before)
+            fi
             ;;
         auth)
             start_gateway micro-gateway-auth auth
@@ -316,6 +322,11 @@ for scenario in $SCENARIOS; do
             auth_of[micro-gateway-auth]="Bearer $TOKEN"
             auth_of[haproxy-auth]="Bearer $TOKEN"
             targets+=(micro-gateway-auth haproxy-auth)
+            if [ -n "${BASELINE_BIN:-}" ]; then
+                start_gateway micro-gateway-auth-before auth "$BASELINE_BIN"
+                auth_of[micro-gateway-auth-before]="Bearer $TOKEN"
+                targets+=(micro-gateway-auth-before)
+            fi
             ;;
         *) echo "unknown scenario $scenario" >&2; exit 2 ;;
     esac
@@ -326,7 +337,7 @@ done
 
 # Both JWT targets refuse a missing, a forged and an expired token before anything is
 # measured.
-for target in micro-gateway-auth haproxy-auth; do
+for target in micro-gateway-auth haproxy-auth micro-gateway-auth-before; do
     [ -n "${auth_of[$target]:-}" ] || continue
     for bad in "" "Bearer $FORGED" "Bearer $EXPIRED"; do
         got=$(status_of "${url[$target]}" "$bad")
@@ -402,7 +413,7 @@ measure() {
 
 if [ "$MODE" = callgrind ]; then
     # Instructions per request: instrumentation on for one wrk window, dumped after it.
-    printf "\n%-20s %10s %14s %12s\n" target requests instructions "instr/req"
+    printf "\n%-26s %10s %14s %12s\n" target requests instructions "instr/req"
     for target in "${targets[@]}"; do
         [ "$target" = direct ] && continue
         run_wrk "$target" 2s >/dev/null
@@ -413,7 +424,7 @@ if [ "$MODE" = callgrind ]; then
         requests=$(awk '$2 == "requests" && $3 == "in" { print $1 }' <<<"$out")
         file=$work/callgrind.$target.${pid_of[$target]}.1
         instructions=$(awk '$1 == "summary:" || $1 == "totals:" { print $2; exit }' "$file")
-        printf "%-20s %10s %14s %12.0f\n" "$target" "$requests" "$instructions" \
+        printf "%-26s %10s %14s %12.0f\n" "$target" "$requests" "$instructions" \
             "$(awk -v i="$instructions" -v r="$requests" 'BEGIN { print i / r }')"
         cp "$file" "/tmp/callgrind.$target.out"
     done
@@ -463,12 +474,12 @@ awk -v rounds="$ROUNDS" -v list="${targets[*]}" '
     }
     END {
         n = split(list, names, " ")
-        printf "\n%-20s %9s %8s %8s %8s %12s %8s\n", "target", "req/s", "p50 ms", "p90 ms",
+        printf "\n%-26s %9s %8s %8s %8s %12s %8s\n", "target", "req/s", "p50 ms", "p90 ms",
             "p99 ms", "CPU us/req", "other"
         for (i = 1; i <= n; i++) {
             t = names[i]
             for (c = 2; c <= 7; c++) m[t, c] = median(col[t, c], rounds)
-            printf "%-20s %9.0f %8.3f %8.3f %8.3f %12.2f %8.3f%s\n", t, m[t, 2], m[t, 3],
+            printf "%-26s %9.0f %8.3f %8.3f %8.3f %12.2f %8.3f%s\n", t, m[t, 2], m[t, 3],
                 m[t, 4], m[t, 5], m[t, 6], m[t, 7], busy[t] ? "  (" busy[t] " busy)" : ""
         }
         printf "\nmedians of %d rounds; CPU us/req is the proxy'"'"'s own user+system time\n", rounds
@@ -476,5 +487,10 @@ awk -v rounds="$ROUNDS" -v list="${targets[*]}" '
         ratio("micro-gateway", "haproxy", "micro-gateway / haproxy:")
         ratio("micro-gateway-auth", "haproxy-auth", "micro-gateway / haproxy, JWT+limit:")
         ratio("nginx", "haproxy", "nginx / haproxy:")
+        ratio("micro-gateway-before", "nginx", "before / nginx:")
+        ratio("micro-gateway-before", "haproxy", "before / haproxy:")
+        ratio("micro-gateway-auth-before", "haproxy-auth", "before / haproxy, JWT+limit:")
+        ratio("micro-gateway", "micro-gateway-before", "after / before:")
+        ratio("micro-gateway-auth", "micro-gateway-auth-before", "after / before, JWT+limit:")
     }
 ' "$results"
