@@ -87,13 +87,17 @@ fn gateway_stack(c: &mut Criterion) {
     let mut group = c.benchmark_group("gateway_routes");
     for count in [10, 1000] {
         let service = BoxCloneSyncService::new(gateway(count, Plugins::None));
-        group.bench_with_input(BenchmarkId::from_parameter(count), &service, |b, service| {
-            b.to_async(&runtime).iter_batched(
-                request,
-                |request| call(service.clone(), request),
-                BatchSize::SmallInput,
-            )
-        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(count),
+            &service,
+            |b, service| {
+                b.to_async(&runtime).iter_batched(
+                    request,
+                    |request| call(service.clone(), request),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
     }
     group.finish();
 
