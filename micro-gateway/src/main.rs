@@ -158,59 +158,73 @@ fn main() -> ExitCode {
 }
 
 /// `--runtime current-thread`: one single-threaded runtime per worker thread, each with
-/// its own socket on the address.
+/// its own socket on the address. The first binds (to a port of its choosing when the
+/// address's port is 0) and the others join it on the port it got.
 fn per_core(args: &Args) -> ExitCode {
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let codes: Vec<ExitCode> = std::thread::scope(|scope| {
-        let threads: Vec<_> = (0..workers)
-            .map(|index| {
-                std::thread::Builder::new()
-                    .name(format!("micro-gateway-{index}"))
-                    .spawn_scoped(scope, move || {
-                        let runtime = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build();
-                        match runtime {
-                            Ok(runtime) => runtime.block_on(async {
-                                // One worker binds as usual; several share the port.
-                                let listener = if workers == 1 {
-                                    None
-                                } else {
-                                    match reuse_port(args.listen) {
-                                        Ok(listener) => Some(listener),
-                                        Err(error) => {
-                                            eprintln!(
-                                                "micro-gateway: cannot listen on {}: {error}",
-                                                args.listen
-                                            );
-                                            return ExitCode::FAILURE;
-                                        }
-                                    }
-                                };
-                                serve(args, listener).await
-                            }),
-                            Err(error) => {
-                                eprintln!("micro-gateway: cannot start the runtime: {error}");
-                                ExitCode::FAILURE
-                            }
-                        }
-                    })
-            })
-            .collect();
-        threads
-            .into_iter()
-            .map(|thread| match thread {
+    std::thread::scope(|scope| {
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let mut threads = vec![spawn_worker(scope, args, 0, args.listen, Some(bound_tx))];
+        if let Ok(addr) = bound_rx.recv() {
+            for index in 1..workers {
+                threads.push(spawn_worker(scope, args, index, addr, None));
+            }
+        }
+        let mut code = ExitCode::SUCCESS;
+        for thread in threads {
+            let ended = match thread {
                 Ok(handle) => handle.join().unwrap_or(ExitCode::FAILURE),
-                Err(_) => ExitCode::FAILURE,
+                Err(error) => {
+                    eprintln!("micro-gateway: cannot start a worker thread: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+            if ended != ExitCode::SUCCESS {
+                code = ended;
+            }
+        }
+        code
+    })
+}
+
+/// One worker: a single-threaded runtime serving on its own socket bound to `addr`, which
+/// it reports on `bound` once bound.
+fn spawn_worker<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    args: &'scope Args,
+    index: usize,
+    addr: SocketAddr,
+    bound: Option<std::sync::mpsc::Sender<SocketAddr>>,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, ExitCode>> {
+    std::thread::Builder::new()
+        .name(format!("micro-gateway-{index}"))
+        .spawn_scoped(scope, move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("micro-gateway: cannot start the runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let listener = match reuse_port(addr) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        eprintln!("micro-gateway: cannot listen on {addr}: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if let (Some(bound), Ok(local)) = (bound, listener.local_addr()) {
+                    let _ = bound.send(local);
+                }
+                serve(args, Some(listener)).await
             })
-            .collect()
-    });
-    codes
-        .into_iter()
-        .find(|code| *code != ExitCode::SUCCESS)
-        .unwrap_or(ExitCode::SUCCESS)
+        })
 }
 
 /// A listener on `addr` that other workers' listeners share.
