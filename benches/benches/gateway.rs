@@ -3,6 +3,8 @@
 //! - `route_match_50`: looking a request up in a table of 50 realistic routes, for a hit
 //!   of each kind of route and a miss; `route_match_scaling`: a template hit and a miss
 //!   in tables of 10, 100 and 1000 routes.
+//! - `gateway_routes`: one request through a gateway of 10 and of 1000 routes, routing
+//!   only.
 //! - `gateway_stack`: one request through the stack with `oneshot`, answered by a stub
 //!   upstream service, side by side: the stub called directly (no layer), through the
 //!   gateway's routing alone, with each plugin alone, and with the full plugin chain.
@@ -79,6 +81,25 @@ fn gateway_stack(c: &mut Criterion) {
             BoxCloneSyncService::new(gateway(50, plugins)),
         ));
     }
+
+    // The whole routing step (normalization, index, precedence checks, path rewrite,
+    // metrics) in front of tables of 10 and 1000 routes: the index keeps them close.
+    let mut group = c.benchmark_group("gateway_routes");
+    for count in [10, 1000] {
+        let service = BoxCloneSyncService::new(gateway(count, Plugins::None));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(count),
+            &service,
+            |b, service| {
+                b.to_async(&runtime).iter_batched(
+                    request,
+                    |request| call(service.clone(), request),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
+    }
+    group.finish();
 
     let mut group = c.benchmark_group("gateway_stack");
     for (name, service) in setups {

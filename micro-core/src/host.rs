@@ -21,6 +21,7 @@
 //! the sequence goes on: a stuck hook must not keep a process from exiting.
 
 use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,12 +41,13 @@ use tower::BoxError;
 
 use crate::health::{self, HealthCheck, Readiness};
 use crate::listener::{InvalidListenerConfig, ListenerConfig};
-use crate::metrics::{self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle};
-use crate::middleware::{RequestSpanLayer, SetRequestIdLayer};
+use crate::metrics::{
+    self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle, RecordHttp, TagRouteLayer,
+};
+use crate::middleware::{RequestSpan, SetRequestId};
 use crate::serve::{self, Drained};
 use crate::service::{BoxFuture, DynService, Service};
 use crate::shutdown::Shutdown;
-use tower_layer::Layer;
 
 /// Timing of the host's lifecycle. Deserializes from configuration with durations such as
 /// `"30s"`.
@@ -688,22 +690,90 @@ fn app(service: &Arc<dyn DynService>, phase: Arc<Phase>, metrics: PrometheusHand
         phase,
         metrics,
     };
-    let service_routes = axum::middleware::from_fn_with_state(http_metrics, host_metrics::record)
-        .layer(
-            service
-                .router()
-                .layer(axum::middleware::from_fn(host_metrics::tag_route)),
-        );
-    // The host's endpoints sit in front of the service's router, so probes and scrapes are
-    // not counted as the service's traffic, and the service keeps its own fallback.
-    Router::new()
+    let service_routes = RecordHttp::new(service.router().layer(TagRouteLayer), http_metrics);
+    let ops = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(render_metrics))
-        .with_state(ops)
-        .fallback_service(service_routes)
-        .layer(RequestSpanLayer::new(service.name()))
-        .layer(SetRequestIdLayer::new())
+        .with_state(ops);
+    let routes = HostRoutes {
+        ops,
+        service: service_routes,
+    };
+    // One stack under one route, rather than `Router::layer`, which boxes each layer
+    // again and clones every box per request.
+    Router::new().fallback_service(SetRequestId::new(RequestSpan::new(routes, service.name())))
+}
+
+/// The host's endpoints sit in front of the service's router, so probes and scrapes are
+/// not counted as the service's traffic, and the service keeps its own fallback. They are
+/// told apart by path alone, as a router holding the three routes with the service as its
+/// fallback would, without the service's traffic going through that router too.
+#[derive(Clone)]
+struct HostRoutes<S> {
+    ops: Router,
+    service: S,
+}
+
+const HOST_PATHS: [&str; 3] = ["/health/live", "/health/ready", "/metrics"];
+
+impl<S> tower::Service<axum::extract::Request> for HostRoutes<S>
+where
+    S: tower::Service<axum::extract::Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = HostFuture<<Router as tower::Service<axum::extract::Request>>::Future, S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::ready!(tower::Service::<axum::extract::Request>::poll_ready(
+            &mut self.ops,
+            cx
+        ))?;
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        if HOST_PATHS.contains(&request.uri().path()) {
+            HostFuture::Ops {
+                future: tower::Service::call(&mut self.ops, request),
+            }
+        } else {
+            HostFuture::Service {
+                future: self.service.call(request),
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`HostRoutes`].
+    #[project = HostFutureProj]
+    enum HostFuture<O, S> {
+        Ops { #[pin] future: O },
+        Service { #[pin] future: S },
+    }
+}
+
+impl<O, S> Future for HostFuture<O, S>
+where
+    O: Future<Output = Result<Response, Infallible>>,
+    S: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            HostFutureProj::Ops { future } => future.poll(cx),
+            HostFutureProj::Service { future } => future.poll(cx),
+        }
+    }
 }
 
 async fn live(State(ops): State<OpsState>) -> Json<serde_json::Value> {

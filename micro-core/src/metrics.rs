@@ -19,13 +19,19 @@
 //! `route` is the axum route template (`/orders/{id}`), never the raw path, so the number
 //! of series stays bounded; requests no route matched are labelled `unmatched`.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::extract::{MatchedPath, Request};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
 
 pub use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -72,11 +78,26 @@ pub fn install_prometheus() -> Result<PrometheusHandle, MetricsError> {
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
-/// The label values one service's HTTP metrics share.
-#[derive(Debug, Clone)]
+/// One service's HTTP metrics: the in-flight gauge, and the counter and histogram of
+/// each series (method, route, status) met so far.
+///
+/// The handles of a series are taken from the recorder once, when the series is first
+/// seen, and kept: a request then costs a map lookup under a read lock instead of
+/// formatting four labels and hashing them in the recorder's registry.
+#[derive(Clone)]
 pub(crate) struct HttpMetrics {
-    service: Arc<str>,
+    inner: Arc<MetricsInner>,
 }
+
+struct MetricsInner {
+    service: Arc<str>,
+    in_flight: metrics::Gauge,
+    /// By route template (or `unmatched`), then method label, then status class.
+    series: RwLock<HashMap<Box<str>, Arc<RouteSeries>>>,
+}
+
+type RouteSeries =
+    [[OnceLock<(metrics::Counter, metrics::Histogram)>; STATUSES.len()]; METHODS.len()];
 
 impl HttpMetrics {
     pub(crate) fn new(service: &str, version: &str) -> Self {
@@ -86,56 +107,202 @@ impl HttpMetrics {
             "version" => version.to_owned()
         )
         .set(1.0);
+        let in_flight =
+            metrics::gauge!("http_server_requests_in_flight", "service" => service.to_owned());
         Self {
-            service: service.into(),
+            inner: Arc::new(MetricsInner {
+                service: service.into(),
+                in_flight,
+                series: RwLock::new(HashMap::new()),
+            }),
         }
+    }
+
+    /// Counts one finished request and records its latency.
+    fn finished(&self, method: usize, route: &str, status: u16, elapsed: f64) {
+        let status = status_index(status);
+        let series = self.route_series(route);
+        let (counter, histogram) = series[method][status].get_or_init(|| {
+            let labels = [
+                ("service", self.inner.service.to_string()),
+                ("method", METHODS[method].to_owned()),
+                ("route", route.to_owned()),
+                ("status", STATUSES[status].to_owned()),
+            ];
+            (
+                metrics::counter!("http_server_requests_total", &labels),
+                metrics::histogram!("http_server_request_duration_seconds", &labels),
+            )
+        });
+        counter.increment(1);
+        histogram.record(elapsed);
+    }
+
+    fn route_series(&self, route: &str) -> Arc<RouteSeries> {
+        let series = &self.inner.series;
+        if let Some(found) = series.read().unwrap_or_else(|e| e.into_inner()).get(route) {
+            return found.clone();
+        }
+        series
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(route.into())
+            .or_insert_with(|| Arc::new(Default::default()))
+            .clone()
+    }
+}
+
+impl fmt::Debug for HttpMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpMetrics")
+            .field("service", &self.inner.service)
+            .finish_non_exhaustive()
     }
 }
 
 /// The route template that served a response, copied from [`MatchedPath`] by
-/// [`tag_route`] so that [`record`], which runs outside the router, can label with it.
+/// [`TagRoute`] so that [`RecordHttp`], which runs outside the router, can label with it.
 #[derive(Debug, Clone)]
 struct RouteTemplate(MatchedPath);
 
-/// Applied with `Router::layer`, so it runs after routing and sees the [`MatchedPath`].
-pub(crate) async fn tag_route(request: Request, next: Next) -> Response {
-    let matched = request.extensions().get::<MatchedPath>().cloned();
-    let mut response = next.run(request).await;
-    if let Some(matched) = matched {
-        response.extensions_mut().insert(RouteTemplate(matched));
+/// Applies [`TagRoute`]; used with `Router::layer`, so it runs after routing and sees
+/// the [`MatchedPath`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TagRouteLayer;
+
+impl<S> Layer<S> for TagRouteLayer {
+    type Service = TagRoute<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TagRoute { inner }
     }
-    response
+}
+
+/// Copies the request's [`MatchedPath`] to its response's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct TagRoute<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request> for TagRoute<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TagRouteFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let matched = request.extensions().get::<MatchedPath>().cloned();
+        TagRouteFuture {
+            inner: self.inner.call(request),
+            matched,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`TagRoute`].
+    pub(crate) struct TagRouteFuture<F> {
+        #[pin]
+        inner: F,
+        matched: Option<MatchedPath>,
+    }
+}
+
+impl<F, B, E> Future for TagRouteFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.inner.poll(cx))?;
+        if let Some(matched) = this.matched.take() {
+            response.extensions_mut().insert(RouteTemplate(matched));
+        }
+        Poll::Ready(Ok(response))
+    }
 }
 
 /// Records request count, latency and in-flight requests. Wraps the whole router, so
 /// requests no route matched are counted too.
-pub(crate) async fn record(
-    State(metrics): State<HttpMetrics>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let service = metrics.service.to_string();
-    let method = method_label(request.method());
-    let in_flight = metrics::gauge!("http_server_requests_in_flight", "service" => service.clone());
-    in_flight.increment(1.0);
-    let _in_flight = DecrementOnDrop(in_flight);
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let route = response.extensions().get::<RouteTemplate>().map_or_else(
-        || "unmatched".to_owned(),
-        |route| route.0.as_str().to_owned(),
-    );
-    let status = status_class(response.status().as_u16());
-    let labels = [
-        ("service", service),
-        ("method", method.to_owned()),
-        ("route", route),
-        ("status", status.to_owned()),
-    ];
-    metrics::counter!("http_server_requests_total", &labels).increment(1);
-    metrics::histogram!("http_server_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
-    response
+#[derive(Debug, Clone)]
+pub(crate) struct RecordHttp<S> {
+    inner: S,
+    metrics: HttpMetrics,
+}
+
+impl<S> RecordHttp<S> {
+    pub(crate) fn new(inner: S, metrics: HttpMetrics) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl<S, B> Service<Request> for RecordHttp<S>
+where
+    S: Service<Request, Response = http::Response<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = RecordFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let method = method_index(request.method());
+        let in_flight = self.metrics.inner.in_flight.clone();
+        in_flight.increment(1.0);
+        RecordFuture {
+            inner: self.inner.call(request),
+            metrics: self.metrics.clone(),
+            method,
+            started: Instant::now(),
+            _in_flight: DecrementOnDrop(in_flight),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`RecordHttp`].
+    pub(crate) struct RecordFuture<F> {
+        #[pin]
+        inner: F,
+        metrics: HttpMetrics,
+        method: usize,
+        started: Instant,
+        _in_flight: DecrementOnDrop,
+    }
+}
+
+impl<F, B, E> Future for RecordFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let route = response
+            .extensions()
+            .get::<RouteTemplate>()
+            .map_or("unmatched", |route| route.0.as_str());
+        this.metrics.finished(
+            *this.method,
+            route,
+            response.status().as_u16(),
+            this.started.elapsed().as_secs_f64(),
+        );
+        Poll::Ready(Ok(response))
+    }
 }
 
 /// Keeps the in-flight gauge right when a request's future is dropped mid-way (client gone,
@@ -148,32 +315,50 @@ impl Drop for DecrementOnDrop {
     }
 }
 
-/// The method as a label: one of the standard methods, or `_OTHER` (as OpenTelemetry's
-/// HTTP conventions name it), so that a client inventing methods can't create series.
-fn method_label(method: &http::Method) -> &'static str {
+/// The method labels: the standard methods, then `_OTHER`.
+const METHODS: [&str; 10] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "_OTHER",
+];
+
+/// The status class labels.
+const STATUSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn method_index(method: &http::Method) -> usize {
     use http::Method;
     match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::CONNECT => "CONNECT",
-        Method::OPTIONS => "OPTIONS",
-        Method::TRACE => "TRACE",
-        Method::PATCH => "PATCH",
-        _ => "_OTHER",
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::CONNECT => 5,
+        Method::OPTIONS => 6,
+        Method::TRACE => 7,
+        Method::PATCH => 8,
+        _ => 9,
     }
 }
 
-fn status_class(status: u16) -> &'static str {
+fn status_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
+}
+
+/// The method as a label: one of the standard methods, or `_OTHER` (as OpenTelemetry's
+/// HTTP conventions name it), so that a client inventing methods can't create series.
+#[cfg(test)]
+fn method_label(method: &http::Method) -> &'static str {
+    METHODS[method_index(method)]
+}
+
+#[cfg(test)]
+fn status_class(status: u16) -> &'static str {
+    STATUSES[status_index(status)]
 }
 
 #[cfg(test)]

@@ -241,8 +241,15 @@ impl TraceContext {
     /// To send a request on behalf of the current span, inject a [`child`](Self::child)
     /// (or use [`inject_current`]).
     pub fn inject(&self, headers: &mut HeaderMap) {
-        let value = HeaderValue::from_str(&self.to_traceparent())
-            .expect("a traceparent is always a valid header value");
+        // Written in place rather than formatted: this runs for every proxied request.
+        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        encode_hex(&self.trace_id.0, &mut buf[3..35]);
+        encode_hex(&self.span_id.0, &mut buf[36..52]);
+        if self.sampled {
+            buf[54] = b'1';
+        }
+        let value =
+            HeaderValue::from_bytes(&buf).expect("a traceparent is always a valid header value");
         headers.insert(TRACEPARENT, value);
     }
 
@@ -256,6 +263,14 @@ impl TraceContext {
     /// The context is task-local: it is not inherited by tasks spawned from `fut`;
     /// wrap their futures in a scope of their own.
     pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        self.scoped(fut)
+    }
+
+    /// [`scope`](Self::scope) with a type that can be named, for response futures.
+    pub(crate) fn scoped<F: Future>(
+        self,
+        fut: F,
+    ) -> tokio::task::futures::TaskLocalFuture<TraceContext, F> {
         CURRENT.scope(self, fut)
     }
 }

@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -184,6 +184,44 @@ struct CompiledRoute {
     allow_encoded_slashes: bool,
     rewrite: Option<String>,
     service: RouteService,
+    metrics: RouteMetrics,
+}
+
+/// A route's metric handles, each taken from the recorder the first time it is used
+/// (not when the gateway is built, which may be before the recorder is installed), so
+/// that a request does not build and look up its labels again.
+#[derive(Default)]
+struct RouteMetrics {
+    requests: [OnceLock<metrics::Counter>; STATUS_CLASSES.len()],
+    duration: OnceLock<metrics::Histogram>,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl RouteMetrics {
+    fn record(&self, route: &Arc<str>, status: StatusCode, elapsed: f64) {
+        let class = match status.as_u16() {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.requests[class]
+            .get_or_init(|| {
+                metrics::counter!(
+                    "micro_gateway_requests_total",
+                    "route" => route.clone(),
+                    "status" => STATUS_CLASSES[class],
+                )
+            })
+            .increment(1);
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("micro_gateway_request_duration_seconds", "route" => route.clone())
+            })
+            .record(elapsed);
+    }
 }
 
 /// Collects routes; see [`Gateway::builder`].
@@ -270,6 +308,7 @@ impl GatewayBuilder {
                 allow_encoded_slashes: route.allow_encoded_slashes,
                 rewrite: route.rewrite,
                 service,
+                metrics: RouteMetrics::default(),
             });
         }
         Ok(Gateway {
@@ -337,11 +376,10 @@ impl Gateway {
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
         let found = self.inner.table.find(
             request.method(),
-            host.as_deref(),
+            host,
             request.uri().path(),
             request.headers(),
         );
@@ -400,22 +438,16 @@ impl Gateway {
             name: route.name.clone(),
             params: found.params,
         });
-        let name = route.name.clone();
         let started = Instant::now();
         let response = match route.service.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         };
-        let status = match response.status().as_u16() {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        metrics::counter!("micro_gateway_requests_total", "route" => name.clone(), "status" => status).increment(1);
-        metrics::histogram!("micro_gateway_request_duration_seconds", "route" => name)
-            .record(started.elapsed().as_secs_f64());
+        route.metrics.record(
+            &route.name,
+            response.status(),
+            started.elapsed().as_secs_f64(),
+        );
         response
     }
 }
@@ -423,7 +455,10 @@ impl Gateway {
 /// Replaces the request's path with its normalized spelling (query kept); `Ok(true)`
 /// when an encoded slash was kept, for the route to allow or refuse.
 fn normalize_request(request: &mut Request<Body>) -> Result<bool, crate::path::PathError> {
-    use crate::path::{normalize, Options, PathError};
+    use crate::path::{is_canonical, normalize, Options, PathError};
+    if is_canonical(request.uri().path()) {
+        return Ok(false);
+    }
     let normalized = normalize(
         request.uri().path(),
         Options::new().allow_encoded_slashes(true),

@@ -232,6 +232,7 @@ pub struct Proxy {
     label: Arc<str>,
     config: Arc<ProxyConfig>,
     identity: Option<Arc<SignAs>>,
+    durations: Arc<UpstreamDurations>,
 }
 
 /// How a [`Proxy`] signs what it forwards.
@@ -240,6 +241,39 @@ struct SignAs {
     keys: KeyRing,
     service: Arc<str>,
     audience: Arc<str>,
+}
+
+/// The `micro_gateway_upstream_duration_seconds` histogram of each route a proxy serves,
+/// taken from the recorder at the route's first request and kept.
+#[derive(Default)]
+struct UpstreamDurations {
+    by_route: std::sync::RwLock<std::collections::HashMap<Arc<str>, metrics::Histogram>>,
+}
+
+impl UpstreamDurations {
+    fn record(&self, route: &Arc<str>, upstream: &Arc<str>, seconds: f64) {
+        let by_route = &self.by_route;
+        if let Some(histogram) = by_route
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(route)
+        {
+            histogram.record(seconds);
+            return;
+        }
+        by_route
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(route.clone())
+            .or_insert_with(|| {
+                metrics::histogram!(
+                    "micro_gateway_upstream_duration_seconds",
+                    "route" => route.clone(),
+                    "upstream" => upstream.clone(),
+                )
+            })
+            .record(seconds);
+    }
 }
 
 impl Proxy {
@@ -293,6 +327,7 @@ impl Proxy {
             target,
             label: label.into(),
             config: Arc::new(config),
+            durations: Arc::default(),
             identity: None,
         }
     }
@@ -450,18 +485,24 @@ impl Proxy {
         } else {
             1
         };
-        parts.extensions.insert(Attempts::new());
+        // Only a balancer reads the instances already tried.
+        if matches!(self.target, Target::Discovered { .. }) {
+            parts.extensions.insert(Attempts::new());
+        }
         let mut body = Some(body);
+        let mut parts = Some(parts);
         let mut attempt = 0;
         let started = std::time::Instant::now();
         let outcome = loop {
             attempt += 1;
-            let this_body = if attempt == attempts {
-                body.take().unwrap_or_default()
+            // Only an attempt that may be followed by another needs a copy of the head.
+            let request = if attempt == attempts {
+                let parts = parts.take().expect("the last attempt takes the parts");
+                Request::from_parts(parts, body.take().unwrap_or_default())
             } else {
-                Body::empty()
+                let parts = parts.as_ref().expect("kept until the last attempt").clone();
+                Request::from_parts(parts, Body::empty())
             };
-            let request = Request::from_parts(parts.clone(), this_body);
             match self.pipeline.clone().oneshot(request).await {
                 Ok(response) => break Ok(response),
                 Err(error) if attempt < attempts && is_transport_failure(&*error) => {
@@ -470,12 +511,8 @@ impl Proxy {
                 Err(error) => break Err(error),
             }
         };
-        metrics::histogram!(
-            "micro_gateway_upstream_duration_seconds",
-            "route" => route.clone(),
-            "upstream" => self.label.clone(),
-        )
-        .record(started.elapsed().as_secs_f64());
+        self.durations
+            .record(&route, &self.label, started.elapsed().as_secs_f64());
         match outcome {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
@@ -702,6 +739,10 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Removes the hop-by-hop headers and every header the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than nine removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -725,25 +766,31 @@ pub fn set_forwarding_headers(
     const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+    use std::fmt::Write as _;
+    let mut value = String::with_capacity(64);
     if let Some(client) = client {
-        let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {client}"),
-            None => client.to_string(),
-        };
-        if let Ok(value) = HeaderValue::try_from(chain) {
-            headers.insert(X_FORWARDED_FOR, value);
+        if let Some(earlier) = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            value.push_str(earlier);
+            value.push_str(", ");
+        }
+        let _ = write!(value, "{client}");
+        if let Ok(chain) = HeaderValue::from_str(&value) {
+            headers.insert(X_FORWARDED_FOR, chain);
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    let mut element = String::new();
-    if let Some(client) = client {
-        match client {
-            IpAddr::V4(ip) => element.push_str(&format!("for={ip}")),
-            IpAddr::V6(ip) => element.push_str(&format!("for=\"[{ip}]\"")),
-        }
-        element.push(';');
+    value.clear();
+    if let Some(earlier) = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        value.push_str(earlier);
+        value.push_str(", ");
     }
-    element.push_str("proto=http");
+    if let Some(client) = client {
+        let _ = match client {
+            IpAddr::V4(ip) => write!(value, "for={ip};"),
+            IpAddr::V6(ip) => write!(value, "for=\"[{ip}]\";"),
+        };
+    }
+    value.push_str("proto=http");
     if let Some(host) = host
         .and_then(|h| h.to_str().ok())
         .filter(|h| is_token_safe(h))
@@ -752,14 +799,12 @@ pub fn set_forwarding_headers(
             X_FORWARDED_HOST,
             HeaderValue::from_str(host).expect("checked above"),
         );
-        element.push_str(&format!(";host=\"{host}\""));
+        value.push_str(";host=\"");
+        value.push_str(host);
+        value.push('"');
     }
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {element}"),
-        None => element,
-    };
-    if let Ok(value) = HeaderValue::try_from(forwarded) {
-        headers.insert(header::FORWARDED, value);
+    if let Ok(forwarded) = HeaderValue::from_str(&value) {
+        headers.insert(header::FORWARDED, forwarded);
     }
 }
 

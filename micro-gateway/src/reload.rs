@@ -17,8 +17,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::Router;
 use http::{Request, Response};
-use micro_core::service::BoxFuture;
-use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::config::{ConfigError, DeclarativeConfig, Resources};
@@ -68,15 +66,15 @@ impl fmt::Debug for Reloadable {
 impl Service<Request<Body>> for Reloadable {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = <Gateway as Service<Request<Body>>>::Future;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let gateway = self.current();
-        Box::pin(gateway.oneshot(request))
+        // A gateway is always ready: its future is passed on as it is, not boxed again.
+        self.current().call(request)
     }
 }
 

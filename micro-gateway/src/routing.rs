@@ -20,8 +20,20 @@
 //! predicate; then an exact path over a template over a prefix; then the longer pattern;
 //! then the one declared first. The rule is the same as Kong's in spirit: the more a
 //! route says about a request, the more it is trusted with it.
+//!
+//! # Lookup
+//!
+//! A [`RouteTable`] keeps an index in front of those checks: a trie of the literal
+//! path segments each pattern starts with (`/api/orders/{id}` files under `api` →
+//! `orders`), split by exact host and by method. A lookup walks the request's path
+//! segments down the trie of its host and the trie of routes without an exact host,
+//! collects the routes filed along the way under its method or under no method, and
+//! runs the full checks on those candidates alone, in precedence order. The winner is
+//! the one a scan of every route in precedence order would pick, at a cost that follows
+//! the number of candidates, not the size of the table.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -161,7 +173,7 @@ impl PathPattern {
     pub fn matches(&self, path: &str) -> Option<(Params, usize)> {
         match &self.kind {
             PathKind::Exact(exact) => {
-                (normalize(path) == *exact).then(|| (Params::default(), path.len()))
+                (normalized(path) == exact).then(|| (Params::default(), path.len()))
             }
             PathKind::Prefix(prefix) => {
                 if prefix == "/" {
@@ -202,6 +214,22 @@ impl PathPattern {
         }
     }
 
+    /// The literal segments every path this pattern matches begins with: all of a
+    /// prefix's or an exact path's, a template's up to its first parameter.
+    fn literal_prefix(&self) -> Vec<&str> {
+        match &self.kind {
+            PathKind::Exact(p) | PathKind::Prefix(p) if p == "/" => Vec::new(),
+            PathKind::Exact(p) | PathKind::Prefix(p) => p[1..].split('/').collect(),
+            PathKind::Template { segments, .. } => segments
+                .iter()
+                .map_while(|segment| match segment {
+                    Segment::Literal(literal) => Some(literal.as_str()),
+                    Segment::Param(_) => None,
+                })
+                .collect(),
+        }
+    }
+
     fn rank(&self) -> (u8, usize) {
         match &self.kind {
             PathKind::Exact(p) => (2, p.len()),
@@ -212,11 +240,16 @@ impl PathPattern {
 }
 
 fn normalize(path: &str) -> String {
+    normalized(path).to_owned()
+}
+
+/// `path` without its trailing slashes, `/` when nothing else is left.
+fn normalized(path: &str) -> &str {
     let trimmed = path.trim_end_matches('/');
     if trimmed.is_empty() {
-        "/".to_owned()
+        "/"
     } else {
-        trimmed.to_owned()
+        trimmed
     }
 }
 
@@ -260,11 +293,21 @@ impl HostPattern {
 
     /// Whether the request's host (without the port) matches.
     pub fn matches(&self, host: &str) -> bool {
-        let host = host.to_ascii_lowercase();
         match self.0.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
-            None => host == self.0,
+            Some(suffix) => {
+                host.len() > suffix.len() + 1 && {
+                    let dot = host.len() - suffix.len() - 1;
+                    host.as_bytes()[dot] == b'.'
+                        && host.as_bytes()[dot + 1..].eq_ignore_ascii_case(suffix.as_bytes())
+                }
+            }
+            None => host.eq_ignore_ascii_case(&self.0),
         }
+    }
+
+    /// The host when the pattern names exactly one, not a wildcard.
+    fn exact(&self) -> Option<&str> {
+        (!self.0.starts_with("*.")).then_some(self.0.as_str())
     }
 }
 
@@ -293,11 +336,83 @@ pub struct Match {
     pub matched_len: usize,
 }
 
-/// Routes in precedence order.
+/// Routes in precedence order, with an index in front (see [Lookup](self#lookup)).
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Predicates>,
+    /// The routes, most specific first.
     order: Vec<usize>,
+    /// Each route's place in `order`.
+    position: Vec<usize>,
+    /// Routes whose hosts are all exact, by (lowercase) host.
+    by_host: HashMap<String, Trie>,
+    /// Routes without a host predicate or with a wildcard host.
+    any_host: Trie,
+}
+
+/// Routes filed by the literal path segments their patterns begin with.
+#[derive(Debug, Clone, Default)]
+struct Trie {
+    root: Node,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    here: Bucket,
+}
+
+/// The routes filed at one node: those without a method predicate, and the others by
+/// method.
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    any_method: Vec<usize>,
+    by_method: Vec<(Method, Vec<usize>)>,
+}
+
+impl Trie {
+    fn insert(&mut self, segments: &[&str], methods: &[Method], route: usize) {
+        let mut node = &mut self.root;
+        for segment in segments {
+            node = node.children.entry((*segment).into()).or_default();
+        }
+        let bucket = &mut node.here;
+        if methods.is_empty() {
+            push_once(&mut bucket.any_method, route);
+        }
+        for method in methods {
+            match bucket.by_method.iter_mut().find(|(m, _)| m == method) {
+                Some((_, routes)) => push_once(routes, route),
+                None => bucket.by_method.push((method.clone(), vec![route])),
+            }
+        }
+    }
+
+    /// Adds to `out` every route filed along `path`'s segments under `method` or under
+    /// no method.
+    fn collect(&self, method: &Method, path: &str, out: &mut Vec<usize>) {
+        let mut node = &self.root;
+        let mut segments = path[1..].split('/');
+        loop {
+            out.extend_from_slice(&node.here.any_method);
+            if let Some((_, routes)) = node.here.by_method.iter().find(|(m, _)| m == method) {
+                out.extend_from_slice(routes);
+            }
+            match segments
+                .next()
+                .and_then(|segment| node.children.get(segment))
+            {
+                Some(child) => node = child,
+                None => return,
+            }
+        }
+    }
+}
+
+fn push_once(routes: &mut Vec<usize>, route: usize) {
+    if routes.last() != Some(&route) {
+        routes.push(route);
+    }
 }
 
 impl RouteTable {
@@ -308,6 +423,8 @@ impl RouteTable {
 
     /// Adds a route; its index is the number of routes added before it.
     pub fn add(&mut self, predicates: Predicates) -> usize {
+        let index = self.routes.len();
+        self.file(index, &predicates);
         self.routes.push(predicates);
         let mut order: Vec<usize> = (0..self.routes.len()).collect();
         order.sort_by(|&a, &b| {
@@ -315,8 +432,43 @@ impl RouteTable {
                 .cmp(&rank(&self.routes[a]))
                 .then(a.cmp(&b))
         });
+        self.position = vec![0; order.len()];
+        for (place, &route) in order.iter().enumerate() {
+            self.position[route] = place;
+        }
         self.order = order;
-        self.routes.len() - 1
+        index
+    }
+
+    /// Files route `index` in the index: under each exact host (or with the routes of
+    /// any host), at the literal prefix of each of its path patterns (or at the root),
+    /// under each of its methods (or under none).
+    fn file(&mut self, index: usize, route: &Predicates) {
+        let exact_hosts: Option<Vec<&str>> = route.hosts.iter().map(HostPattern::exact).collect();
+        let prefixes: Vec<Vec<&str>> = if route.paths.is_empty() {
+            vec![Vec::new()]
+        } else {
+            route
+                .paths
+                .iter()
+                .map(PathPattern::literal_prefix)
+                .collect()
+        };
+        let file_in = |trie: &mut Trie| {
+            for prefix in &prefixes {
+                trie.insert(prefix, &route.methods, index);
+            }
+        };
+        match exact_hosts {
+            Some(mut hosts) if !hosts.is_empty() => {
+                hosts.sort_unstable();
+                hosts.dedup();
+                for host in hosts {
+                    file_in(self.by_host.entry(host.to_owned()).or_default());
+                }
+            }
+            _ => file_in(&mut self.any_host),
+        }
     }
 
     /// The number of routes.
@@ -338,49 +490,97 @@ impl RouteTable {
         headers: &HeaderMap,
     ) -> Option<Match> {
         let host = host.map(strip_port);
-        self.order.iter().find_map(|&index| {
-            let route = &self.routes[index];
-            if !route.methods.is_empty() && !route.methods.contains(method) {
-                return None;
+        if !path.starts_with('/') {
+            // Not a path the index files; only an exact `/` or a prefix `/` can match it.
+            return self
+                .order
+                .iter()
+                .find_map(|&index| self.check(index, method, host, path, headers));
+        }
+        let mut candidates = Vec::new();
+        self.any_host.collect(method, path, &mut candidates);
+        if let Some(host) = host {
+            let host = match host.bytes().any(|b| b.is_ascii_uppercase()) {
+                true => Cow::Owned(host.to_ascii_lowercase()),
+                false => Cow::Borrowed(host),
+            };
+            if let Some(trie) = self.by_host.get(&*host) {
+                trie.collect(method, path, &mut candidates);
             }
-            if !route.hosts.is_empty()
-                && !host.is_some_and(|h| route.hosts.iter().any(|p| p.matches(h)))
-            {
-                return None;
-            }
-            let headers_ok = route.headers.iter().all(|(name, values)| {
-                headers
-                    .get_all(name)
-                    .iter()
-                    .any(|v| values.iter().any(|want| want == v))
+        }
+        candidates.sort_unstable_by_key(|&index| self.position[index]);
+        candidates.dedup();
+        candidates
+            .into_iter()
+            .find_map(|index| self.check(index, method, host, path, headers))
+    }
+
+    /// Every route checked in precedence order, without the index: what
+    /// [`find`](Self::find) must agree with.
+    #[cfg(test)]
+    fn find_by_scan(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<Match> {
+        let host = host.map(strip_port);
+        self.order
+            .iter()
+            .find_map(|&index| self.check(index, method, host, path, headers))
+    }
+
+    /// Route `index`'s full checks against the request.
+    fn check(
+        &self,
+        index: usize,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<Match> {
+        let route = &self.routes[index];
+        if !route.methods.is_empty() && !route.methods.contains(method) {
+            return None;
+        }
+        if !route.hosts.is_empty()
+            && !host.is_some_and(|h| route.hosts.iter().any(|p| p.matches(h)))
+        {
+            return None;
+        }
+        let headers_ok = route.headers.iter().all(|(name, values)| {
+            headers
+                .get_all(name)
+                .iter()
+                .any(|v| values.iter().any(|want| want == v))
+        });
+        if !headers_ok {
+            return None;
+        }
+        if route.paths.is_empty() {
+            return Some(Match {
+                route: index,
+                params: Params::default(),
+                matched_len: 0,
             });
-            if !headers_ok {
-                return None;
-            }
-            if route.paths.is_empty() {
-                return Some(Match {
-                    route: index,
-                    params: Params::default(),
-                    matched_len: 0,
-                });
-            }
-            // The most specific of this route's own patterns.
-            let mut best: Option<((u8, usize), Params, usize)> = None;
-            for pattern in &route.paths {
-                if let Some((params, len)) = pattern.matches(path) {
-                    if best
-                        .as_ref()
-                        .is_none_or(|(rank, _, _)| pattern.rank() > *rank)
-                    {
-                        best = Some((pattern.rank(), params, len));
-                    }
+        }
+        // The most specific of this route's own patterns.
+        let mut best: Option<((u8, usize), Params, usize)> = None;
+        for pattern in &route.paths {
+            if let Some((params, len)) = pattern.matches(path) {
+                if best
+                    .as_ref()
+                    .is_none_or(|(rank, _, _)| pattern.rank() > *rank)
+                {
+                    best = Some((pattern.rank(), params, len));
                 }
             }
-            best.map(|(_, params, matched_len)| Match {
-                route: index,
-                params,
-                matched_len,
-            })
+        }
+        best.map(|(_, params, matched_len)| Match {
+            route: index,
+            params,
+            matched_len,
         })
     }
 }
@@ -586,6 +786,86 @@ mod tests {
         );
     }
 
+    const SEGMENTS: [&str; 5] = ["a", "b", "api", "", "A"];
+
+    fn arbitrary_pattern() -> impl Strategy<Value = PathPattern> {
+        let segment = prop_oneof![
+            4 => prop::sample::select(&SEGMENTS[..]).prop_map(str::to_owned),
+            1 => Just("{p}".to_owned()),
+        ];
+        (
+            prop::sample::select(&["", "=", ""][..]),
+            prop::collection::vec(segment, 0..4),
+            prop::sample::select(&["", "/", "/{*rest}"][..]),
+        )
+            .prop_filter_map("a valid pattern", |(exact, segments, tail)| {
+                PathPattern::parse(&format!("{exact}/{}{tail}", segments.join("/"))).ok()
+            })
+    }
+
+    fn arbitrary_route() -> impl Strategy<Value = Predicates> {
+        let methods = prop::collection::vec(
+            prop::sample::select(vec![Method::GET, Method::POST, Method::DELETE]),
+            0..3,
+        );
+        let hosts = prop::collection::vec(
+            prop::sample::select(&["a.example", "B.example", "*.example", "*.a.example"][..])
+                .prop_map(HostPattern::new),
+            0..3,
+        );
+        let headers = prop::collection::vec(
+            prop::sample::select(&["1", "2"][..]).prop_map(|v| {
+                (
+                    HeaderName::from_static("x-v"),
+                    vec![HeaderValue::from_static(v)],
+                )
+            }),
+            0..2,
+        );
+        (
+            prop::collection::vec(arbitrary_pattern(), 0..3),
+            methods,
+            hosts,
+            headers,
+        )
+            .prop_map(|(paths, methods, hosts, headers)| Predicates {
+                paths,
+                methods,
+                hosts,
+                headers,
+            })
+    }
+
+    fn arbitrary_request() -> impl Strategy<Value = (Method, Option<String>, String, HeaderMap)> {
+        let segment = prop::sample::select(&SEGMENTS[..]);
+        (
+            prop::sample::select(vec![Method::GET, Method::POST, Method::PUT]),
+            prop::option::of(prop::sample::select(
+                &[
+                    "a.example",
+                    "A.EXAMPLE:8080",
+                    "x.a.example",
+                    "b.example",
+                    "example",
+                ][..],
+            )),
+            prop::collection::vec(segment, 0..5),
+            prop::sample::select(&["", "/", "x"][..]),
+            prop::option::of(prop::sample::select(&["1", "2"][..])),
+        )
+            .prop_map(|(method, host, segments, tail, header)| {
+                let mut headers = HeaderMap::new();
+                if let Some(value) = header {
+                    headers.insert("x-v", HeaderValue::from_static(value));
+                }
+                let path = match tail {
+                    "x" => segments.join("/"),
+                    tail => format!("/{}{tail}", segments.join("/")),
+                };
+                (method, host.map(str::to_owned), path, headers)
+            })
+    }
+
     proptest! {
         #[test]
         fn a_template_matches_the_path_built_from_it(
@@ -599,6 +879,22 @@ mod tests {
             prop_assert_eq!(params.get("first"), Some(first.as_str()));
             prop_assert_eq!(params.get("second"), Some(second.as_str()));
             prop_assert_eq!(len, built.len() - tail.len());
+        }
+
+        #[test]
+        fn the_index_finds_what_a_scan_finds(
+            table in prop::collection::vec(arbitrary_route(), 1..40),
+            requests in prop::collection::vec(arbitrary_request(), 1..20),
+        ) {
+            let table = routes(table);
+            for (method, host, path, headers) in requests {
+                let host = host.as_deref();
+                prop_assert_eq!(
+                    table.find(&method, host, &path, &headers),
+                    table.find_by_scan(&method, host, &path, &headers),
+                    "{} {:?} {}", method, host, path
+                );
+            }
         }
 
         #[test]

@@ -26,8 +26,13 @@ pub struct RequestId(HeaderValue);
 impl RequestId {
     /// A new random id: 32 lowercase hex digits.
     pub fn generate() -> Self {
-        let value = format!("{:032x}", rand::random::<u128>());
-        Self(HeaderValue::try_from(value).expect("hex digits are a valid header value"))
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let random = rand::random::<u128>();
+        let mut hex = [0u8; 32];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = DIGITS[((random >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        Self(HeaderValue::from_bytes(&hex).expect("hex digits are a valid header value"))
     }
 
     /// Accepts an incoming id if it is 1 to [`MAX_LEN`] visible ASCII characters.

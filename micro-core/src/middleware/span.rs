@@ -1,16 +1,19 @@
 //! A tracing span per request, continuing the caller's W3C trace.
 
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::task::futures::TaskLocalFuture;
 use tower_layer::Layer;
 use tower_service::Service;
-use tracing::Instrument;
 
 use crate::middleware::RequestId;
-use crate::service::BoxFuture;
 use crate::trace::TraceContext;
 
 /// Applies [`RequestSpan`].
@@ -82,12 +85,11 @@ impl<S> RequestSpan<S> {
 impl<S, B, ResBody> Service<Request<B>> for RequestSpan<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
     S::Error: std::fmt::Display,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -96,41 +98,69 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let context = TraceContext::from_headers(request.headers())
             .map_or_else(TraceContext::new_root, |parent| parent.child());
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        // The fields are formatted only when a subscriber wants the span.
         let span = tracing::info_span!(
             "http.request",
             service = %self.service,
             method = %request.method(),
             path = %request.uri().path(),
-            request_id = %request_id,
+            request_id = %request.extensions().get::<RequestId>().map_or("", RequestId::as_str),
             trace_id = %context.trace_id(),
             span_id = %context.span_id(),
             status = tracing::field::Empty,
             latency_ms = tracing::field::Empty,
         );
         request.extensions_mut().insert(context);
-        let response = context.scope(self.inner.call(request));
-        let started = Instant::now();
-        Box::pin(
-            async move {
-                let result = response.await;
-                let span = tracing::Span::current();
-                span.record("latency_ms", started.elapsed().as_secs_f64() * 1000.0);
-                match &result {
-                    Ok(response) => {
-                        span.record("status", response.status().as_u16());
-                        tracing::debug!("request finished");
-                    }
-                    Err(error) => tracing::warn!(%error, "request failed"),
-                }
-                result
+        ResponseFuture {
+            inner: context.scoped(self.inner.call(request)),
+            span,
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`RequestSpan`]: the inner future, polled inside the span
+    /// and the trace context's scope.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: TaskLocalFuture<TraceContext, F>,
+        span: tracing::Span,
+        started: Instant,
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("span", &self.span)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    E: std::fmt::Display,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let result = ready!(this.inner.poll(cx));
+        if !this.span.is_disabled() {
+            this.span
+                .record("latency_ms", this.started.elapsed().as_secs_f64() * 1000.0);
+        }
+        match &result {
+            Ok(response) => {
+                this.span.record("status", response.status().as_u16());
+                tracing::debug!("request finished");
             }
-            .instrument(span),
-        )
+            Err(error) => tracing::warn!(%error, "request failed"),
+        }
+        Poll::Ready(result)
     }
 }
 

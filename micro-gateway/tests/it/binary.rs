@@ -216,3 +216,64 @@ async fn the_file_names_where_discovery_services_are_found() {
     assert_eq!(status, 200);
     assert_eq!(seen["uri"], "/hello");
 }
+
+#[tokio::test]
+async fn current_thread_workers_share_the_port_and_all_stop_on_sigterm() {
+    let upstream = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, echo_config(upstream.addr, "/api")).unwrap();
+    let (mut child, addr) = spawn(&config, &["--runtime", "current-thread", "--workers", "3"]);
+
+    // Each call is a new connection; the kernel spreads them over the workers' sockets.
+    for i in 0..12 {
+        let (status, seen) = get_json(addr, &format!("/api/{i}"), &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(seen["uri"], format!("/{i}"));
+    }
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a worker did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn runtime_arguments_are_checked() {
+    for (args, expected) in [
+        (
+            &["--runtime", "single"][..],
+            "--runtime is `multi-thread` or `current-thread`",
+        ),
+        (
+            &["--workers", "2"][..],
+            "--workers is for --runtime current-thread",
+        ),
+        (
+            &["--runtime", "current-thread", "--workers", "0"][..],
+            "`0` is not a positive number",
+        ),
+    ] {
+        let output = binary()
+            .args(["--config", "gateway.yaml"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
