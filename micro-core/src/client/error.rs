@@ -35,6 +35,12 @@ pub enum ErrorKind {
     Decode,
     /// A circuit breaker layer refused the request without sending it.
     CircuitOpen,
+    /// The client's TLS settings can't be used (a CA bundle or client certificate that
+    /// can't be read); from [`ClientBuilder::build`](super::ClientBuilder::build). The
+    /// [`TlsError`](crate::tls::TlsError) is the source. A server whose certificate does
+    /// not verify fails the handshake, which is a [`Connect`](Self::Connect) error.
+    #[cfg(feature = "tls")]
+    Tls,
     /// Another layer added with [`ClientBuilder::layer`](super::ClientBuilder::layer)
     /// failed the request; its error is the [`source`](std::error::Error::source).
     Rejected,
@@ -175,6 +181,11 @@ impl Error {
             .with_source(source)
     }
 
+    #[cfg(feature = "tls")]
+    pub(super) fn tls(source: crate::tls::TlsError) -> Self {
+        Self::new(ErrorKind::Tls).with_source(source)
+    }
+
     pub(super) fn invalid_request(source: impl Into<BoxError>) -> Self {
         Self::new(ErrorKind::InvalidRequest).with_source(source)
     }
@@ -270,6 +281,8 @@ impl fmt::Display for Error {
             ErrorKind::Decode => write!(f, "failed to decode {detail}")?,
             ErrorKind::CircuitOpen => f.write_str("circuit breaker is open")?,
             ErrorKind::Rejected => f.write_str("request rejected by a client layer")?,
+            #[cfg(feature = "tls")]
+            ErrorKind::Tls => f.write_str("the client's tls settings can't be used")?,
         }
         if let Some(request) = &self.inner.request {
             write!(f, " ({} {})", request.method, request.uri)?;
