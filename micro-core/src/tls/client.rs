@@ -148,8 +148,11 @@ impl ClientTlsConfig {
     /// As [`rustls_config`](Self::rustls_config).
     pub fn https_connector(&self, mut http: HttpConnector) -> Result<HttpsConnector, TlsError> {
         http.enforce_http(false);
+        let mut config = self.rustls_config()?;
+        // The connector offers the protocols it was enabled for (the same two).
+        config.alpn_protocols.clear();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(self.rustls_config()?)
+            .with_tls_config(config)
             .https_or_http()
             .enable_http1()
             .enable_http2()
