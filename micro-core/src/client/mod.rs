@@ -407,7 +407,7 @@ impl ClientBuilder {
             let tls = self.tls.unwrap_or_default();
             (tls.https_connector(connector).map_err(Error::tls)?, true)
         } else {
-            (crate::tls::plain_only(connector), false)
+            (crate::tls::http_only_connector(connector), false)
         };
         #[cfg(not(feature = "tls"))]
         let https = false;

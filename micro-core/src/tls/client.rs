@@ -212,9 +212,10 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-/// A connector for a client that calls only `http` URLs: an `https` one would fail its
-/// handshake, as nothing is trusted (the client refuses such URLs before that).
-pub(crate) fn plain_only(http: HttpConnector) -> HttpsConnector {
+/// A connector of the same type as [`ClientTlsConfig::https_connector`]'s for a client
+/// that calls only `http` URLs, built without reading any trust store: it trusts no CA,
+/// so an `https` URL fails its handshake. For a client whose URL is known to be `http`.
+pub fn http_only_connector(http: HttpConnector) -> HttpsConnector {
     let config = ClientConfig::builder_with_provider(super::provider())
         .with_safe_default_protocol_versions()
         .expect("the provider supports the default protocol versions")

@@ -57,8 +57,7 @@ mod files;
 mod peer;
 mod server;
 
-pub(crate) use self::client::plain_only;
-pub use self::client::{ClientTlsConfig, HttpsConnector};
+pub use self::client::{http_only_connector, ClientTlsConfig, HttpsConnector};
 pub use self::files::TlsError;
 pub use self::peer::PeerCertificate;
 pub use self::server::{ClientAuth, TlsConfig, TlsReloader};
