@@ -18,8 +18,9 @@ data="target/shop-multiprocess"
 mkdir -p "$data"
 
 export SHOP_DATA_DIR="$data"
-# `shop serve` refuses the built-in development secret.
+# `shop serve` refuses the built-in development secret, and has no services' key built in.
 export SHOP_JWT_SECRET="${SHOP_JWT_SECRET:-$(openssl rand -base64 48)}"
+export SHOP_IDENTITY_SECRET="${SHOP_IDENTITY_SECRET:-$(openssl rand -base64 48)}"
 export SHOP_ETCD_ENDPOINTS="$MICRO_TEST_ETCD_ENDPOINT"
 export SHOP_KAFKA_BROKERS="$MICRO_TEST_KAFKA_BROKERS"
 export SHOP_POSTGRES_URL="${SHOP_POSTGRES_URL:-$MICRO_TEST_POSTGRES_URL}"

@@ -36,6 +36,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use micro_core::client::{ClientBuilder, HttpClient};
+use micro_core::identity::{KeyRing, SignCallerLayer};
 use micro_core::resilience::ResiliencePolicy;
 
 use crate::balance::{AttemptsLayer, BalanceConfig, Balancer};
@@ -64,6 +65,7 @@ impl ServiceClient {
             balance: BalanceConfig::default(),
             policy: None,
             configure: Vec::new(),
+            identity: None,
         }
     }
 
@@ -91,6 +93,7 @@ pub struct ServiceClientBuilder {
     balance: BalanceConfig,
     policy: Option<ResiliencePolicy>,
     configure: Vec<Configure>,
+    identity: Option<(KeyRing, String)>,
 }
 
 impl ServiceClientBuilder {
@@ -104,6 +107,16 @@ impl ServiceClientBuilder {
     /// balancer: each retry picks an instance again.
     pub fn policy(mut self, policy: ResiliencePolicy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// Signs every call as the service `caller` with `keys`, for this client's service
+    /// (the token's audience), carrying the end user along: the user of the request
+    /// being handled, or the one of an [`OnBehalfOf`](micro_core::identity::OnBehalfOf)
+    /// extension (see [`SignCallerLayer`]). It sits inside the retry policy, so each
+    /// attempt is signed afresh.
+    pub fn sign_as(mut self, keys: KeyRing, caller: impl Into<String>) -> Self {
+        self.identity = Some((keys, caller.into()));
         self
     }
 
@@ -134,6 +147,9 @@ impl ServiceClientBuilder {
         if let Some(policy) = self.policy {
             builder = builder.policy(&self.service, policy);
         }
+        if let Some((keys, caller)) = self.identity {
+            builder = builder.layer(SignCallerLayer::new(keys, caller, self.service.clone()));
+        }
         let http = builder.layer(balancer.layer()).build()?;
         Ok(ServiceClient { http, balancer })
     }
@@ -146,6 +162,7 @@ impl fmt::Debug for ServiceClientBuilder {
             .field("balance", &self.balance)
             .field("policy", &self.policy)
             .field("configure", &self.configure.len())
+            .field("sign_as", &self.identity.as_ref().map(|(_, caller)| caller))
             .finish_non_exhaustive()
     }
 }

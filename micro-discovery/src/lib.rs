@@ -100,6 +100,7 @@ pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod host;
+pub mod identity;
 pub mod memory;
 pub mod static_list;
 

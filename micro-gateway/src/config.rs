@@ -43,6 +43,7 @@ use serde::Deserialize;
 use tower::util::BoxCloneSyncService;
 use tower_layer::Layer;
 
+use micro_core::identity::KeyRing;
 use micro_discovery::balance::BalanceConfig;
 use micro_discovery::Discover;
 
@@ -220,6 +221,7 @@ impl DiscoverySpec {
 #[non_exhaustive]
 pub struct Resources {
     discover: Option<Arc<dyn Discover>>,
+    identity: Option<(KeyRing, Arc<str>)>,
 }
 
 impl Resources {
@@ -233,12 +235,25 @@ impl Resources {
         self.discover = Some(discover);
         self
     }
+
+    /// Signs every forwarded request as the gateway's `service` with `keys` (see
+    /// [`Proxy::sign_as`]): for the upstream's `discovery:` name, or the service's `name`
+    /// for a service at a fixed URL. Without it, requests reach the services with no
+    /// identity at all (any that came with them is removed).
+    pub fn identity(mut self, keys: KeyRing, service: impl Into<Arc<str>>) -> Self {
+        self.identity = Some((keys, service.into()));
+        self
+    }
 }
 
 impl fmt::Debug for Resources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Resources")
             .field("discover", &self.discover)
+            .field(
+                "identity",
+                &self.identity.as_ref().map(|(_, service)| service),
+            )
             .finish()
     }
 }
@@ -843,7 +858,13 @@ fn proxy(service: &ServiceSpec, resources: &Resources) -> Result<Proxy, String> 
         if service.balance.is_some() {
             return Err("`balance` needs `discovery`".to_owned());
         }
-        return Ok(Proxy::new(upstream(service)?, config));
+        let proxy = Proxy::new(upstream(service)?, config);
+        return Ok(match &resources.identity {
+            Some((keys, gateway)) => {
+                proxy.sign_as(keys.clone(), gateway.clone(), service.name.as_str())
+            }
+            None => proxy,
+        });
     };
     if service.url.is_some() || service.host.is_some() {
         return Err("give either `discovery` or `url`/`host`, not both".to_owned());
@@ -858,13 +879,17 @@ fn proxy(service: &ServiceSpec, resources: &Resources) -> Result<Proxy, String> 
     if !prefix.is_empty() && !prefix.starts_with('/') {
         return Err(format!("`path` must start with `/`, not `{prefix}`"));
     }
-    Ok(Proxy::discovered(
+    let proxy = Proxy::discovered(
         discover,
         name,
         prefix,
         service.balance.clone().unwrap_or_default(),
         config,
-    ))
+    );
+    Ok(match &resources.identity {
+        Some((keys, gateway)) => proxy.sign_as(keys.clone(), gateway.clone(), name.as_str()),
+        None => proxy,
+    })
 }
 
 fn upstream(service: &ServiceSpec) -> Result<Upstream, String> {

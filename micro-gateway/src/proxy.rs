@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use micro_core::error::BoxError;
+use micro_core::identity::{Caller, KeyRing, IDENTITY_HEADER};
 use micro_core::middleware::RequestId;
 use micro_core::resilience::{CircuitBreaker, CircuitOpen};
 use micro_core::service::BoxFuture;
@@ -219,12 +220,26 @@ type Pipeline = BoxCloneSyncService<Request<Body>, Response<Incoming>, BoxError>
 ///
 /// The client address comes from axum's [`ConnectInfo<SocketAddr>`] extension, which
 /// micro-core's host sets; it is appended to `X-Forwarded-For` and `Forwarded`.
+///
+/// An [identity token](micro_core::identity::IDENTITY_HEADER) that came with the request
+/// is always removed: a client never speaks for a service. With
+/// [`Proxy::sign_as`], the gateway signs each forwarded request as itself instead, for
+/// the end user whose token the [JWT plugin](crate::plugins::jwt) verified.
 #[derive(Clone)]
 pub struct Proxy {
     pipeline: Pipeline,
     target: Target,
     label: Arc<str>,
     config: Arc<ProxyConfig>,
+    identity: Option<Arc<SignAs>>,
+}
+
+/// How a [`Proxy`] signs what it forwards.
+#[derive(Debug)]
+struct SignAs {
+    keys: KeyRing,
+    service: Arc<str>,
+    audience: Arc<str>,
 }
 
 impl Proxy {
@@ -278,6 +293,36 @@ impl Proxy {
             target,
             label: label.into(),
             config: Arc::new(config),
+            identity: None,
+        }
+    }
+
+    /// This proxy, signing every request it forwards with a
+    /// [`Caller`](micro_core::identity::Caller) token saying that `service` (the
+    /// gateway's own name) calls `audience` (the upstream service's name, which its
+    /// [`VerifyCallerLayer`](micro_core::identity::VerifyCallerLayer) expects), for the
+    /// subject of the token the [JWT plugin](crate::plugins::jwt) verified, if any.
+    ///
+    /// Keys rotate without a rebuild: [`KeyRing::rotate`] is seen by the next request.
+    pub fn sign_as(
+        mut self,
+        keys: KeyRing,
+        service: impl Into<Arc<str>>,
+        audience: impl Into<Arc<str>>,
+    ) -> Self {
+        self.identity = Some(Arc::new(SignAs {
+            keys,
+            service: service.into(),
+            audience: audience.into(),
+        }));
+        self
+    }
+
+    /// The upstream's service name in discovery, for a discovered proxy.
+    pub fn service(&self) -> Option<&str> {
+        match &self.target {
+            Target::Fixed(_) => None,
+            Target::Discovered { service, .. } => Some(service),
         }
     }
 
@@ -315,6 +360,36 @@ impl Proxy {
 
         remove_hop_by_hop(&mut parts.headers);
         set_forwarding_headers(&mut parts.headers, peer, host.as_ref());
+        parts.headers.remove(IDENTITY_HEADER);
+        if let Some(identity) = &self.identity {
+            let user = parts
+                .extensions
+                .get::<crate::plugins::jwt::VerifiedClaims>()
+                .and_then(|claims| claims.subject())
+                .map(str::to_owned);
+            let caller = Caller {
+                service: identity.service.to_string(),
+                user,
+            };
+            let signed = identity
+                .keys
+                .sign(&caller, &identity.audience)
+                .map_err(BoxError::from)
+                .and_then(|token| HeaderValue::try_from(token).map_err(BoxError::from));
+            match signed {
+                Ok(token) => {
+                    parts.headers.insert(IDENTITY_HEADER, token);
+                }
+                Err(error) => {
+                    tracing::error!(target = %self.target(), error = %DisplayChain(&*error), "cannot sign the gateway's identity");
+                    return error_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "identity_unavailable",
+                        "the gateway cannot vouch for this request now",
+                    );
+                }
+            }
+        }
         if !self.config.preserve_host {
             parts.headers.remove(header::HOST);
         }

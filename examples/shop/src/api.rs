@@ -1,5 +1,5 @@
-//! What every shop service's HTTP API shares: the JSON error shape, the caller's identity
-//! as the gateway forwards it, and the idempotency key header.
+//! What every shop service's HTTP API shares: the JSON error shape, the end user of a
+//! verified call, and the idempotency key header.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -7,10 +7,8 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use micro_core::identity::Caller;
 use serde::de::DeserializeOwned;
-
-/// The header in which the gateway forwards the verified JWT subject.
-pub const USER_ID_HEADER: &str = "x-user-id";
 
 /// An error answered as `{"error": {"code": ..., "message": ...}}`.
 #[derive(Debug)]
@@ -102,7 +100,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     }
 }
 
-/// The caller, as the gateway verified it (`x-user-id`); `401` without it.
+/// The end user a call acts for, from its verified [`Caller`] (which
+/// [`VerifyCallerLayer`](micro_core::identity::VerifyCallerLayer) put there: the gateway
+/// vouches for the user whose token it checked, and services carry the user on); `401`
+/// without one. No header is ever taken for the user: an `x-user-id` is ignored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserId(pub String);
 
@@ -111,11 +112,11 @@ impl<S: Send + Sync> FromRequestParts<S> for UserId {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         parts
-            .headers
-            .get(USER_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(|v| Self(v.to_owned()))
+            .extensions
+            .get::<Caller>()
+            .and_then(|caller| caller.user.as_deref())
+            .filter(|user| !user.is_empty())
+            .map(|user| Self(user.to_owned()))
             .ok_or_else(|| {
                 ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "sign in first")
             })

@@ -11,10 +11,12 @@ use anyhow::Context as _;
 use axum::Router;
 use micro_core::client::HttpClient;
 use micro_core::host::{HostConfig, RunningHost, ServiceHost, ServiceHostBuilder};
+use micro_core::identity::KeyRing;
 use micro_core::service::Service;
 use micro_core::telemetry::TelemetryConfig;
 use micro_discovery::client::ServiceClient;
 use micro_discovery::host::ServiceHostBuilderExt;
+use micro_discovery::identity::ProvenOnly;
 use micro_discovery::memory::MemoryRegistry;
 use micro_discovery::{Discover, Instance, Registration, Registry};
 use micro_gateway::config::{DeclarativeConfig, Resources};
@@ -35,7 +37,11 @@ use crate::notification::Notifications;
 use crate::order::{Ledger, Orders, Upstreams};
 use crate::payment::Payments;
 use crate::store::Store;
+use crate::trust::{self, KeysFile, SecretString, Verified};
 use crate::user::{UserStore, Users};
+
+/// The `jwt_secret` of the one-process mode on your machine, refused by `shop serve`.
+const DEVELOPMENT_JWT_SECRET: &str = "micro-shop-development-secret-change-me";
 
 /// The gateway configuration the shop ships with.
 pub const GATEWAY_YAML: &str = include_str!("../config/gateway.yaml");
@@ -60,8 +66,20 @@ pub struct ShopConfig {
     /// Units of each product in stock when the inventory starts empty.
     pub initial_stock: i64,
     /// The HS256 secret the user service signs tokens with and the gateway checks them
-    /// with. Set your own (`SHOP_JWT_SECRET`) anywhere but on your machine.
-    pub jwt_secret: String,
+    /// with. Set your own (`SHOP_JWT_SECRET`) anywhere but on your machine: `shop serve`
+    /// refuses the built-in one.
+    pub jwt_secret: SecretString,
+    /// The HMAC key the services sign their calls to each other with
+    /// (`SHOP_IDENTITY_SECRET`, at least 32 bytes). `shop serve` needs it (or
+    /// `identity_keys_file`); the one-process mode makes one at random when absent.
+    pub identity_secret: Option<SecretString>,
+    /// A file of service keys, one `<key id> <secret>` per line, the first signing
+    /// (see [`KeysFile`](crate::trust::KeysFile)); followed while the shop runs, so keys
+    /// rotate without a restart. Takes the place of `identity_secret`.
+    pub identity_keys_file: Option<PathBuf>,
+    /// PBKDF2-HMAC-SHA256 iterations for new password hashes (OWASP asks 600,000);
+    /// hashes made with fewer are upgraded at the user's next login.
+    pub password_iterations: u32,
     /// How long a login token lives.
     #[serde(with = "micro_core::config::duration")]
     pub token_lifetime: Duration,
@@ -165,7 +183,10 @@ impl Default for ShopConfig {
             gateway_config: None,
             payment_hang: Duration::from_secs(30),
             initial_stock: 100,
-            jwt_secret: "micro-shop-development-secret-change-me".to_owned(),
+            jwt_secret: SecretString::new(DEVELOPMENT_JWT_SECRET),
+            identity_secret: None,
+            identity_keys_file: None,
+            password_iterations: crate::user::OWASP_ITERATIONS,
             token_lifetime: Duration::from_secs(3600),
             etcd_endpoints: None,
             etcd_prefix: "/micro/shop/".to_owned(),
@@ -339,7 +360,7 @@ pub fn gateway_yaml(config: &ShopConfig) -> anyhow::Result<String> {
         }
         None => GATEWAY_YAML.to_owned(),
     };
-    Ok(yaml.replace("${JWT_SECRET}", &config.jwt_secret))
+    Ok(yaml.replace("${JWT_SECRET}", config.jwt_secret.expose()))
 }
 
 /// Binds `addr`, adds `service` on it, and registers it in the registry once ready, at
@@ -365,21 +386,31 @@ async fn hosted<S: Service>(
         None => Instance::from_addr(service.name(), bound),
     }
     .with_version(service.version());
+    // The registration proves which service made it: the others find only proven
+    // instances, so a rogue registration under this name draws no traffic.
+    let instance = micro_discovery::identity::prove(instance, &infra.keys)?;
     let registration = Registration::new(instance).ttl(Duration::from_secs(10));
-    Ok(builder
-        .service_on(service, listener)
-        .register_in(infra.registry.clone(), registration))
+    let builder = if service.name() == trust::GATEWAY {
+        // The public face: callers are checked by its own plugins (JWT), not by tokens.
+        builder.service_on(service, listener)
+    } else {
+        builder.service_on(Verified::new(service, infra.keys.clone()), listener)
+    };
+    Ok(builder.register_in(infra.registry.clone(), registration))
 }
 
-fn client(discover: &Arc<dyn Discover>, service: &str) -> anyhow::Result<HttpClient> {
-    Ok(ServiceClient::builder(discover.clone(), service)
+/// A client of the service `to` found in discovery, signing each call as `from`.
+fn client(infra: &Infra, from: &str, to: &str) -> anyhow::Result<HttpClient> {
+    Ok(ServiceClient::builder(infra.discover.clone(), to)
         .configure(|builder| builder.timeout(Duration::from_secs(5)))
+        .sign_as(infra.keys.clone(), from)
         .build()?
         .into_http())
 }
 
 /// Where the services find each other and send their events.
 struct Infra {
+    keys: KeyRing,
     registry: Arc<dyn Registry>,
     discover: Arc<dyn Discover>,
     publisher: Arc<dyn Publisher>,
@@ -387,10 +418,11 @@ struct Infra {
 }
 
 impl Infra {
-    fn embedded(registry: &MemoryRegistry, bus: &MemoryBus) -> Self {
+    fn embedded(registry: &MemoryRegistry, bus: &MemoryBus, keys: KeyRing) -> Self {
         Self {
+            discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
+            keys,
             registry: Arc::new(registry.clone()),
-            discover: Arc::new(registry.clone()),
             publisher: Arc::new(bus.clone()),
             subscriber: Arc::new(bus.clone()),
         }
@@ -398,7 +430,7 @@ impl Infra {
 
     /// etcd and Kafka, as configured, for `shop serve`.
     #[cfg(feature = "real-servers")]
-    async fn real(config: &ShopConfig) -> anyhow::Result<Self> {
+    async fn real(config: &ShopConfig, keys: KeyRing) -> anyhow::Result<Self> {
         use micro_discovery::etcd::{EtcdConfig, EtcdRegistry};
         use micro_events::kafka::{KafkaBus, KafkaConfig};
         let (Some(endpoints), Some(brokers)) = (&config.etcd_endpoints, &config.kafka_brokers)
@@ -411,15 +443,16 @@ impl Infra {
         let bus = KafkaBus::new(KafkaConfig::new(brokers.as_str()))?;
         bus.create_topic(&config.order_events(), 4, 1).await?;
         Ok(Self {
-            registry: Arc::new(registry.clone()),
-            discover: Arc::new(registry),
+            discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
+            keys,
+            registry: Arc::new(registry),
             publisher: Arc::new(bus.clone()),
             subscriber: Arc::new(bus),
         })
     }
 
     #[cfg(not(feature = "real-servers"))]
-    async fn real(_config: &ShopConfig) -> anyhow::Result<Self> {
+    async fn real(_config: &ShopConfig, _keys: KeyRing) -> anyhow::Result<Self> {
         anyhow::bail!(
             "`shop serve` needs etcd and Kafka: build the shop with `--features real-servers`"
         )
@@ -456,14 +489,18 @@ async fn add(
     handles: &mut Handles,
 ) -> anyhow::Result<ServiceHostBuilder> {
     let listen = &config.listen;
-    let discover = &infra.discover;
     Ok(match name {
         "user" => {
             let users_store = match &config.postgres_url {
                 Some(url) => user_store_in_postgres(config, url).await?,
                 None => UserStore::Embedded(store(config, "user")?),
             };
-            let users = Users::new(users_store, &config.jwt_secret, config.token_lifetime);
+            let users = Users::new(
+                users_store,
+                config.jwt_secret.expose(),
+                config.token_lifetime,
+            )
+            .password_iterations(config.password_iterations);
             hosted(builder, infra, config, users, listen.user).await?
         }
         "product" => {
@@ -504,14 +541,17 @@ async fn add(
                 Some(url) => CartStore::redis(url, config.redis_prefix.clone()).await?,
                 None => CartStore::Embedded(store(config, "cart")?),
             };
-            let carts = Carts::new(carts_store, client(discover, "product-service")?);
+            let carts = Carts::new(
+                carts_store,
+                client(infra, "cart-service", "product-service")?,
+            );
             hosted(builder, infra, config, carts, listen.cart).await?
         }
         "order" => {
             let upstreams = Upstreams {
-                carts: client(discover, "cart-service")?,
-                payments: client(discover, "payment-service")?,
-                inventory: client(discover, "inventory-service")?,
+                carts: client(infra, trust::ORDER_SERVICE, "cart-service")?,
+                payments: client(infra, trust::ORDER_SERVICE, "payment-service")?,
+                inventory: client(infra, trust::ORDER_SERVICE, "inventory-service")?,
             };
             let (ledger, sagas) = order_storage(config, infra).await?;
             let orders = Orders::new(ledger, sagas, upstreams)?;
@@ -519,14 +559,16 @@ async fn add(
             hosted(builder, infra, config, orders, listen.order).await?
         }
         "gateway" => {
-            let resources = Resources::new().discover(discover.clone());
+            let resources = Resources::new()
+                .discover(infra.discover.clone())
+                .identity(infra.keys.clone(), trust::GATEWAY);
             let gateway =
                 DeclarativeConfig::from_yaml(&gateway_yaml(config)?)?.build_with(&resources)?;
             let reloadable = Reloadable::new(gateway);
             // A file given in the configuration is followed: a changed file is applied
             // without closing a connection, with the same secret filled in.
             let watcher = config.gateway_config.as_ref().map(|path| {
-                let secret = config.jwt_secret.clone();
+                let secret = config.jwt_secret.expose().to_owned();
                 ConfigWatcher::new(path, resources, reloadable.clone())
                     .preprocess(move |text| text.replace("${JWT_SECRET}", &secret))
             });
@@ -561,6 +603,25 @@ fn check_jwt_secret(secret: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The services' key ring from `identity_keys_file` (followed while the process runs)
+/// or `identity_secret`, if either is set.
+fn configured_keys(config: &ShopConfig) -> anyhow::Result<Option<KeyRing>> {
+    if let Some(path) = &config.identity_keys_file {
+        if config.identity_secret.is_some() {
+            anyhow::bail!("set `identity_secret` or `identity_keys_file`, not both");
+        }
+        let file = KeysFile::new(path);
+        let keys = KeyRing::new(file.read()?);
+        tokio::spawn(file.watch(keys.clone(), Duration::from_secs(2)));
+        return Ok(Some(keys));
+    }
+    config
+        .identity_secret
+        .as_ref()
+        .map(|secret| trust::keys_from_secret(secret.expose()))
+        .transpose()
+}
+
 /// Runs one service of the shop in this process (`shop serve <name>`), finding the others
 /// in etcd and publishing and consuming events on Kafka.
 pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHost> {
@@ -571,9 +632,16 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
         );
     }
     if SIGNS_OR_CHECKS_TOKENS.contains(&name) {
-        check_jwt_secret(&config.jwt_secret)?;
+        check_jwt_secret(config.jwt_secret.expose())?;
     }
-    let infra = Infra::real(config).await?;
+    let Some(keys) = configured_keys(config)? else {
+        anyhow::bail!(
+            "`shop serve` needs the services' key: set `identity_secret` \
+             (SHOP_IDENTITY_SECRET, e.g. `openssl rand -base64 48`, the same for every \
+             service) or `identity_keys_file` (SHOP_IDENTITY_KEYS_FILE)"
+        );
+    };
+    let infra = Infra::real(config, keys).await?;
     let builder = ServiceHost::builder().config(config.host.clone());
     let builder = add(builder, name, config, &infra, &mut Handles::default()).await?;
     Ok(builder.build()?.start().await?)
@@ -583,7 +651,11 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
 pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
     let registry = MemoryRegistry::new();
     let bus = MemoryBus::new();
-    let infra = Infra::embedded(&registry, &bus);
+    let keys = match configured_keys(config)? {
+        Some(keys) => keys,
+        None => trust::random_keys()?,
+    };
+    let infra = Infra::embedded(&registry, &bus, keys);
     let mut handles = Handles::default();
     let mut builder = ServiceHost::builder().config(config.host.clone());
     for name in SERVICES {

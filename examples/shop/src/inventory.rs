@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, Body};
 use crate::store::Store;
+use crate::trust::{only, ORDER_SERVICE};
 
 const STOCK: &str = "stock";
 const RESERVATIONS: &str = "reservations";
@@ -280,12 +281,17 @@ impl Service for Inventory {
     }
 
     fn router(&self) -> Router {
-        Router::new()
-            .route("/inventory", get(levels))
-            .route("/inventory/{sku}", get(level))
+        // Stock moves for orders only: the order service alone reserves, commits and
+        // releases.
+        let reservations = Router::new()
             .route("/inventory/reservations", post(reserve))
             .route("/inventory/reservations/{order_id}/commit", post(commit))
             .route("/inventory/reservations/{order_id}/release", post(release))
+            .route_layer(only([ORDER_SERVICE]));
+        Router::new()
+            .route("/inventory", get(levels))
+            .route("/inventory/{sku}", get(level))
+            .merge(reservations)
             .with_state(self.clone())
     }
 

@@ -15,4 +15,5 @@ pub mod notification;
 pub mod order;
 pub mod payment;
 pub mod store;
+pub mod trust;
 pub mod user;

@@ -71,7 +71,9 @@ pub enum Auth {
     Auto,
     /// Register and log in through `/api/users`, then send `Authorization: Bearer`.
     Jwt,
-    /// Send the `x-user-id` header, for a gateway without the user service.
+    /// Send the `x-user-id` header, for a system without sign-in; the shop's services
+    /// refuse it (`401`), so against the shop this probes that no service believes a
+    /// bare header.
     Header,
 }
 

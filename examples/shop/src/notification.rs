@@ -9,7 +9,7 @@ use micro_core::service::{BoxFuture, Service};
 use micro_events::{Event, Received, Subscriber, SubscriberExt, Subscription};
 use serde::{Deserialize, Serialize};
 
-use crate::api::ApiError;
+use crate::api::{ApiError, UserId};
 use crate::events::{EventSink, OrderEvent};
 use crate::store::Store;
 
@@ -134,9 +134,18 @@ impl EventSink for Notifications {
 
 async fn by_order(
     State(notifications): State<Notifications>,
+    UserId(user): UserId,
     Query(query): Query<ByOrder>,
 ) -> Result<Json<Vec<Notification>>, ApiError> {
-    Ok(Json(notifications.for_order(&query.order_id)?))
+    let sent = notifications.for_order(&query.order_id)?;
+    // An order's notifications are its owner's: another user's order is not found.
+    if sent.iter().any(|n| n.user_id != user) {
+        return Err(ApiError::not_found(
+            "order_not_found",
+            format!("no order `{}`", query.order_id),
+        ));
+    }
+    Ok(Json(sent))
 }
 
 impl Service for Notifications {

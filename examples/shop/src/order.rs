@@ -32,12 +32,13 @@ use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::api::{ApiError, Body, IdempotencyKey, UserId, USER_ID_HEADER};
+use crate::api::{ApiError, Body, IdempotencyKey, UserId};
 use crate::cart::{CartView, Line};
 use crate::catalog::Money;
 use crate::events::OrderEvent;
 use crate::inventory::Item;
-use crate::payment::Payment;
+use crate::payment::{ChargeRequest, Payment, PaymentMethod};
+use micro_core::identity::OnBehalfOf;
 
 mod ledger;
 
@@ -160,19 +161,33 @@ fn now() -> String {
 pub struct Checkout {
     /// The order.
     pub order_id: String,
+    /// The user who placed it: the charge is made for them.
+    #[serde(default)]
+    pub user_id: String,
     /// The amount to charge.
     pub total: Money,
-    /// The card to charge.
-    pub card_number: String,
+    /// The payment method to charge: the payment service's token for the card (the
+    /// card number itself is only ever held by the payment service).
+    #[serde(default)]
+    pub payment_method: String,
+    /// The card's last four digits, for people.
+    #[serde(default)]
+    pub card_last4: String,
     /// The stock to reserve.
     pub items: Vec<Item>,
 }
 
 /// `POST /orders`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 pub struct PlaceOrder {
-    /// The card to charge.
+    /// The card to charge; handed to the payment service and kept nowhere else.
     pub card_number: String,
+}
+
+impl std::fmt::Debug for PlaceOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlaceOrder").finish_non_exhaustive()
+    }
 }
 
 /// `GET /orders?status=`.
@@ -283,14 +298,15 @@ fn order_saga(
                 let (ledger, payments) = (charge_ledger.clone(), charge_client.clone());
                 async move {
                     let checkout = cx.data();
-                    let body = serde_json::json!({
-                        "order_id": checkout.order_id,
-                        "amount": checkout.total,
-                        "card_number": checkout.card_number,
-                    });
+                    let body = ChargeRequest {
+                        order_id: checkout.order_id.clone(),
+                        amount: checkout.total.clone(),
+                        payment_method: checkout.payment_method.clone(),
+                    };
                     let charged = payments
                         .request(http::Method::POST, "/payments")
                         .idempotency_key(cx.idempotency_key())
+                        .extension(OnBehalfOf::user(&checkout.user_id))
                         .json(&body)
                         .send_json::<Payment>()
                         .await;
@@ -517,7 +533,7 @@ impl Orders {
             .upstreams
             .carts
             .request(http::Method::GET, "/carts/me")
-            .header(USER_ID_HEADER, user)
+            .extension(OnBehalfOf::user(user))
             .send_json()
             .await
             .map_err(|error| {
@@ -545,10 +561,13 @@ impl Orders {
             }],
             payment_id: None,
         };
+        let method = self.keep_card(user, card_number).await?;
         let checkout = Checkout {
             order_id: id.clone(),
+            user_id: user.to_owned(),
             total: total.clone(),
-            card_number: card_number.to_owned(),
+            payment_method: method.token,
+            card_last4: method.card_last4,
             items: cart
                 .lines
                 .iter()
@@ -577,7 +596,7 @@ impl Orders {
                 .upstreams
                 .carts
                 .request(http::Method::DELETE, "/carts/me")
-                .header(USER_ID_HEADER, user)
+                .extension(OnBehalfOf::user(user))
                 .send()
                 .await;
             if let Err(error) = cleared {
@@ -586,6 +605,33 @@ impl Orders {
             self.start_saga(checkout).await?;
         }
         Ok(order)
+    }
+
+    /// Hands the card to the payment service, the only one that keeps card numbers, for
+    /// the token that stands for it.
+    async fn keep_card(&self, user: &str, card_number: &str) -> Result<PaymentMethod, ApiError> {
+        let body = serde_json::json!({ "card_number": card_number });
+        self.inner
+            .upstreams
+            .payments
+            .request(http::Method::POST, "/payments/methods")
+            .extension(OnBehalfOf::user(user))
+            .json(&body)
+            .send_json()
+            .await
+            .map_err(|error| match error.status() {
+                Some(status) if status == StatusCode::BAD_REQUEST => {
+                    ApiError::bad_request("invalid_card", describe(&error))
+                }
+                _ => {
+                    tracing::warn!(%error, "the payment service failed");
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "payment_unavailable",
+                        "the card cannot be taken now; try again",
+                    )
+                }
+            })
     }
 
     async fn start_saga(&self, checkout: Checkout) -> anyhow::Result<()> {

@@ -8,6 +8,12 @@
 //! | `4000 0000 0000 0259` | charged, but the first answer comes late (the caller times out); a repeat of the key answers at once |
 //! | `4000 0000 0000 0341` | charged, but every refund fails (`503 refund_failed`) |
 //!
+//! The payment service is the only holder of card numbers. The order service hands it
+//! the card at checkout (`POST /payments/methods`) and gets back a payment-method token
+//! and the last four digits; the order, its saga and its events carry only those. A
+//! token belongs to the user it was made for: a charge for another user doesn't find it.
+//! Payments are read by their owner only (`GET /payments?order_id=`).
+//!
 //! A charge needs an `Idempotency-Key`: the same key answers the same payment (or the
 //! same decline) without charging twice. Refunds are idempotent per payment. A refund by
 //! the charge's key (`POST /payments/by-key/{key}/refund`) is for a caller that never got
@@ -18,18 +24,20 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use micro_core::service::Service;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ApiError, Body, IdempotencyKey};
+use crate::api::{ApiError, Body, IdempotencyKey, UserId};
 use crate::catalog::Money;
 use crate::store::Store;
+use crate::trust::{only, GATEWAY, ORDER_SERVICE};
 
 const PAYMENTS: &str = "payments";
 const BY_KEY: &str = "payments-by-key";
 const VOIDED: &str = "payments-voided-keys";
+const METHODS: &str = "payment-methods";
 
 /// The card that is always declined.
 pub const DECLINED_CARD: &str = "4000000000000002";
@@ -76,17 +84,49 @@ struct Stored {
     payment: Payment,
     /// Whether refunds of this payment fail (the test card).
     refund_fails: bool,
+    /// The user whose card paid.
+    #[serde(default)]
+    user_id: String,
+}
+
+/// A card, as only this service keeps it.
+#[derive(Clone, Serialize, Deserialize)]
+struct Card {
+    user_id: String,
+    number: String,
+}
+
+/// `POST /payments/methods`: a card to keep for a charge.
+#[derive(Deserialize)]
+pub struct NewPaymentMethod {
+    /// The card number, digits and spaces.
+    pub card_number: String,
+}
+
+impl std::fmt::Debug for NewPaymentMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewPaymentMethod").finish_non_exhaustive()
+    }
+}
+
+/// A kept card, as the rest of the shop knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentMethod {
+    /// The token that stands for the card in a charge.
+    pub token: String,
+    /// The card's last four digits.
+    pub card_last4: String,
 }
 
 /// `POST /payments`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChargeRequest {
     /// The order to pay.
     pub order_id: String,
     /// How much.
     pub amount: Money,
-    /// The card number, digits and spaces.
-    pub card_number: String,
+    /// The payment method's token, from `POST /payments/methods`.
+    pub payment_method: String,
 }
 
 /// `GET /payments?order_id=`.
@@ -128,15 +168,46 @@ impl Payments {
         Self { store, hang }
     }
 
-    /// Charges a card once per idempotency key.
-    pub async fn charge(&self, key: &str, request: &ChargeRequest) -> Result<Payment, ApiError> {
-        let number: String = request.card_number.chars().filter(|c| *c != ' ').collect();
+    /// Keeps `user`'s card and answers the token that stands for it.
+    pub fn add_method(&self, user: &str, card_number: &str) -> Result<PaymentMethod, ApiError> {
+        let number: String = card_number.chars().filter(|c| *c != ' ').collect();
         if !(12..=19).contains(&number.len()) || !luhn(&number) {
             return Err(ApiError::bad_request(
                 "invalid_card",
                 "the card number is not valid",
             ));
         }
+        let method = PaymentMethod {
+            token: format!("pm_{}", uuid::Uuid::new_v4().simple()),
+            card_last4: number[number.len() - 4..].to_owned(),
+        };
+        let card = Card {
+            user_id: user.to_owned(),
+            number,
+        };
+        self.store
+            .write(|tx| tx.put(METHODS, &method.token, &card))?;
+        Ok(method)
+    }
+
+    /// The card behind `user`'s payment-method token; `404` for a token of another user.
+    fn card(&self, user: &str, token: &str) -> Result<Card, ApiError> {
+        self.store
+            .get::<Card>(METHODS, token)?
+            .filter(|card| card.user_id == user)
+            .ok_or_else(|| {
+                ApiError::not_found("payment_method_not_found", "no such payment method")
+            })
+    }
+
+    /// Charges `user`'s payment method once per idempotency key.
+    pub async fn charge(
+        &self,
+        key: &str,
+        user: &str,
+        request: &ChargeRequest,
+    ) -> Result<Payment, ApiError> {
+        let number = self.card(user, &request.payment_method)?.number;
         if request.amount.amount <= 0 || request.amount.currency.len() != 3 {
             return Err(ApiError::bad_request(
                 "invalid_amount",
@@ -164,6 +235,7 @@ impl Payments {
                 },
             },
             refund_fails: number == REFUND_FAILS_CARD,
+            user_id: user.to_owned(),
         };
         let payment = self.store.write(|tx| {
             if tx.get::<bool>(VOIDED, key)?.is_some() {
@@ -260,6 +332,25 @@ impl Payments {
             .map_err(ApiError::from)?
     }
 
+    /// `user`'s payments of an order; `404` when the order's payments are another
+    /// user's.
+    pub fn of_order(&self, user: &str, order_id: &str) -> Result<Vec<Payment>, ApiError> {
+        let of_order: Vec<Stored> = self
+            .store
+            .list::<Stored>(PAYMENTS, "")?
+            .into_iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.payment.order_id == order_id)
+            .collect();
+        if of_order.iter().any(|s| s.user_id != user) {
+            return Err(ApiError::not_found(
+                "order_not_found",
+                format!("no order `{order_id}`"),
+            ));
+        }
+        Ok(of_order.into_iter().map(|s| s.payment).collect())
+    }
+
     /// Every payment, for the shop's invariant checks.
     pub fn all(&self) -> anyhow::Result<Vec<Payment>> {
         Ok(self
@@ -282,12 +373,22 @@ fn answer(payment: Payment) -> Result<Payment, ApiError> {
     Ok(payment)
 }
 
+async fn add_method(
+    State(payments): State<Payments>,
+    UserId(user): UserId,
+    Body(request): Body<NewPaymentMethod>,
+) -> Result<(StatusCode, Json<PaymentMethod>), ApiError> {
+    let method = payments.add_method(&user, &request.card_number)?;
+    Ok((StatusCode::CREATED, Json(method)))
+}
+
 async fn charge(
     State(payments): State<Payments>,
     IdempotencyKey(key): IdempotencyKey,
+    UserId(user): UserId,
     Body(request): Body<ChargeRequest>,
 ) -> Result<(StatusCode, Json<Payment>), ApiError> {
-    let payment = payments.charge(&key, &request).await?;
+    let payment = payments.charge(&key, &user, &request).await?;
     Ok((StatusCode::CREATED, Json(payment)))
 }
 
@@ -307,14 +408,10 @@ async fn refund_by_key(
 
 async fn by_order(
     State(payments): State<Payments>,
+    UserId(user): UserId,
     Query(query): Query<ByOrder>,
 ) -> Result<Json<Vec<Payment>>, ApiError> {
-    let all = payments.all()?;
-    Ok(Json(
-        all.into_iter()
-            .filter(|p| p.order_id == query.order_id)
-            .collect(),
-    ))
+    payments.of_order(&user, &query.order_id).map(Json)
 }
 
 impl Service for Payments {
@@ -327,11 +424,18 @@ impl Service for Payments {
     }
 
     fn router(&self) -> Router {
-        Router::new()
-            .route("/payments", post(charge).get(by_order))
+        // Moving money and keeping cards: the order service only. Reading: the users,
+        // through the gateway.
+        let money = Router::new()
+            .route("/payments", post(charge))
+            .route("/payments/methods", post(add_method))
             .route("/payments/{id}/refund", post(refund))
             .route("/payments/by-key/{key}/refund", post(refund_by_key))
-            .with_state(self.clone())
+            .route_layer(only([ORDER_SERVICE]));
+        let reads = Router::new()
+            .route("/payments", get(by_order))
+            .route_layer(only([GATEWAY]));
+        money.merge(reads).with_state(self.clone())
     }
 }
 
@@ -339,14 +443,15 @@ impl Service for Payments {
 mod tests {
     use super::*;
 
-    fn request(card: &str) -> ChargeRequest {
+    /// A charge of `card`, kept for the user `u1`.
+    fn request(payments: &Payments, card: &str) -> ChargeRequest {
         ChargeRequest {
             order_id: "o1".into(),
             amount: Money {
                 amount: 1999,
                 currency: "USD".into(),
             },
-            card_number: card.into(),
+            payment_method: payments.add_method("u1", card).unwrap().token,
         }
     }
 
@@ -368,17 +473,23 @@ mod tests {
     #[tokio::test]
     async fn one_key_charges_once_and_cards_behave_as_documented() {
         let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
-        let first = payments.charge("k1", &request(GOOD_CARD)).await.unwrap();
-        let again = payments.charge("k1", &request(GOOD_CARD)).await.unwrap();
+        let first = payments
+            .charge("k1", "u1", &request(&payments, GOOD_CARD))
+            .await
+            .unwrap();
+        let again = payments
+            .charge("k1", "u1", &request(&payments, GOOD_CARD))
+            .await
+            .unwrap();
         assert_eq!(first, again);
         assert_eq!(payments.all().unwrap().len(), 1);
 
         let declined = payments
-            .charge("k2", &request(DECLINED_CARD))
+            .charge("k2", "u1", &request(&payments, DECLINED_CARD))
             .await
             .unwrap_err();
         assert_eq!(declined.code(), "card_declined");
-        let invalid = payments.charge("k3", &request("1234")).await.unwrap_err();
+        let invalid = payments.add_method("u1", "1234").unwrap_err();
         assert_eq!(invalid.code(), "invalid_card");
 
         assert_eq!(
@@ -390,7 +501,7 @@ mod tests {
             PaymentStatus::Refunded
         );
         let sticky = payments
-            .charge("k4", &request(REFUND_FAILS_CARD))
+            .charge("k4", "u1", &request(&payments, REFUND_FAILS_CARD))
             .await
             .unwrap();
         assert_eq!(
@@ -402,9 +513,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_timeout_card_charges_and_never_answers_and_its_key_refunds_it() {
         let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
-        let request = request(TIMEOUT_CARD);
+        let request = request(&payments, TIMEOUT_CARD);
         for _ in 0..2 {
-            let charge = payments.charge("k1", &request);
+            let charge = payments.charge("k1", "u1", &request);
             let hung = tokio::time::timeout(Duration::from_secs(59), charge).await;
             assert!(hung.is_err());
         }
@@ -419,15 +530,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_late_card_answers_a_repeat_at_once() {
         let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
-        let request = request(LATE_CARD);
-        let charge = payments.charge("k1", &request);
+        let request = request(&payments, LATE_CARD);
+        let charge = payments.charge("k1", "u1", &request);
         assert!(tokio::time::timeout(Duration::from_secs(2), charge)
             .await
             .is_err());
-        let again = tokio::time::timeout(Duration::from_secs(2), payments.charge("k1", &request))
-            .await
-            .expect("a repeat answers at once")
-            .unwrap();
+        let again = tokio::time::timeout(
+            Duration::from_secs(2),
+            payments.charge("k1", "u1", &request),
+        )
+        .await
+        .expect("a repeat answers at once")
+        .unwrap();
         assert_eq!(again.status, PaymentStatus::Captured);
         assert_eq!(payments.all().unwrap(), [again]);
     }
@@ -437,15 +551,32 @@ mod tests {
         let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
         assert_eq!(payments.refund_by_key("k1").unwrap(), None);
         let late = payments
-            .charge("k1", &request(GOOD_CARD))
+            .charge("k1", "u1", &request(&payments, GOOD_CARD))
             .await
             .unwrap_err();
         assert_eq!(late.code(), "key_voided");
         assert!(payments.all().unwrap().is_empty());
         payments
-            .charge("k2", &request(DECLINED_CARD))
+            .charge("k2", "u1", &request(&payments, DECLINED_CARD))
             .await
             .unwrap_err();
         assert_eq!(payments.refund_by_key("k2").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn cards_and_payments_belong_to_their_user() {
+        let payments = Payments::new(Store::in_memory().unwrap(), Duration::from_secs(60));
+        let request = request(&payments, GOOD_CARD);
+        assert!(request.payment_method.starts_with("pm_"));
+        let stolen = payments.charge("k1", "u2", &request).await.unwrap_err();
+        assert_eq!(stolen.code(), "payment_method_not_found");
+        let paid = payments.charge("k1", "u1", &request).await.unwrap();
+        assert_eq!(paid.card_last4, "4242");
+        assert_eq!(payments.of_order("u1", "o1").unwrap(), [paid]);
+        assert_eq!(
+            payments.of_order("u2", "o1").unwrap_err().code(),
+            "order_not_found"
+        );
+        assert!(payments.of_order("u2", "o2").unwrap().is_empty());
     }
 }

@@ -1,10 +1,13 @@
 //! The user service: register, log in (a signed JWT that the gateway verifies), and the
 //! caller's profile.
 //!
-//! Passwords are kept as PBKDF2-HMAC-SHA256 hashes with a random salt per user. Tokens
-//! are HS256 JWTs with `sub` (the user id), `iss`, `aud`, `iat`, `exp` and `scope`; the
-//! gateway checks them and forwards `sub` as `x-user-id`, so no other service handles
-//! tokens.
+//! Passwords are kept as PBKDF2-HMAC-SHA256 hashes with a random salt per user, at
+//! OWASP's [600,000 iterations](OWASP_ITERATIONS) by default; a hash made with fewer is
+//! made again at the user's next login. A login for an unknown email spends the same
+//! work on a hash as one for a wrong password, so its timing doesn't tell whether the
+//! email is registered. Tokens are HS256 JWTs with `sub` (the user id), `iss`, `aud`,
+//! `iat`, `exp` and `scope`; the gateway checks them and vouches for `sub` in the
+//! identity it signs for the services, so no other service handles tokens.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -23,7 +26,11 @@ use crate::store::Store;
 
 const USERS: &str = "users";
 const BY_EMAIL: &str = "users-by-email";
-const ITERATIONS: u32 = 100_000;
+/// The iterations of hashes stored before the count was kept with each hash.
+const LEGACY_ITERATIONS: u32 = 100_000;
+
+/// OWASP's Password Storage Cheat Sheet's PBKDF2-HMAC-SHA256 work factor.
+pub const OWASP_ITERATIONS: u32 = 600_000;
 
 /// The `iss` of the shop's tokens.
 pub const ISSUER: &str = "shop-user-service";
@@ -47,6 +54,13 @@ struct Stored {
     profile: Profile,
     salt: String,
     hash: String,
+    /// The PBKDF2 iterations the hash was made with.
+    #[serde(default = "legacy_iterations")]
+    iterations: u32,
+}
+
+fn legacy_iterations() -> u32 {
+    LEGACY_ITERATIONS
 }
 
 /// `POST /users/register`.
@@ -171,6 +185,23 @@ impl UserStore {
         }
     }
 
+    /// Writes a user that exists again (a new password hash).
+    async fn replace(&self, stored: &Stored) -> anyhow::Result<()> {
+        match self {
+            Self::Embedded(store) => store.write(|tx| tx.put(USERS, &stored.profile.id, stored)),
+            #[cfg(feature = "real-servers")]
+            Self::Postgres { client, schema } => {
+                client
+                    .execute(
+                        &format!("UPDATE {schema}.users SET doc = $2 WHERE id = $1"),
+                        &[&stored.profile.id, &serde_json::to_value(stored)?],
+                    )
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
     async fn find(&self, by_email: bool, value: &str) -> anyhow::Result<Option<Stored>> {
         match self {
             Self::Embedded(store) => {
@@ -206,6 +237,7 @@ pub struct Users {
     store: UserStore,
     key: EncodingKey,
     lifetime: Duration,
+    iterations: u32,
 }
 
 impl std::fmt::Debug for Users {
@@ -227,8 +259,53 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn iterations() -> NonZeroU32 {
-    NonZeroU32::new(ITERATIONS).unwrap_or(NonZeroU32::MIN)
+/// A PBKDF2-HMAC-SHA256 hash of `password`, off the async workers (it takes
+/// milliseconds of CPU).
+async fn derive(password: &str, salt: [u8; 16], iterations: u32) -> anyhow::Result<[u8; 32]> {
+    let password = password.to_owned();
+    let iterations = NonZeroU32::new(iterations).unwrap_or(NonZeroU32::MIN);
+    tokio::task::spawn_blocking(move || {
+        let mut hash = [0u8; 32];
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            iterations,
+            &salt,
+            password.as_bytes(),
+            &mut hash,
+        );
+        hash
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Whether `password` matches `hash`, in constant time.
+async fn verify(
+    password: &str,
+    salt: Vec<u8>,
+    hash: Vec<u8>,
+    iterations: u32,
+) -> anyhow::Result<bool> {
+    let password = password.to_owned();
+    let iterations = NonZeroU32::new(iterations).unwrap_or(NonZeroU32::MIN);
+    tokio::task::spawn_blocking(move || {
+        pbkdf2::verify(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            iterations,
+            &salt,
+            password.as_bytes(),
+            &hash,
+        )
+        .is_ok()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn new_salt() -> anyhow::Result<[u8; 16]> {
+    let mut salt = [0u8; 16];
+    rand::fill(&mut salt).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    Ok(salt)
 }
 
 impl Users {
@@ -238,7 +315,15 @@ impl Users {
             store,
             key: EncodingKey::from_secret(secret.as_bytes()),
             lifetime,
+            iterations: OWASP_ITERATIONS,
         }
+    }
+
+    /// Hashes new passwords with `iterations` of PBKDF2 (and upgrades weaker hashes at
+    /// login); [`OWASP_ITERATIONS`] by default. Fewer is for tests only.
+    pub fn password_iterations(mut self, iterations: u32) -> Self {
+        self.iterations = iterations.max(1);
+        self
     }
 
     /// Registers a user.
@@ -267,23 +352,8 @@ impl Users {
                 "a name has 1 to 100 characters",
             ));
         }
-        let mut salt = [0u8; 16];
-        rand::fill(&mut salt).map_err(|_| anyhow::anyhow!("no randomness"))?;
-        let password = request.password.clone();
-        // Hashing takes milliseconds of CPU: keep it off the async workers.
-        let hash = tokio::task::spawn_blocking(move || {
-            let mut hash = [0u8; 32];
-            pbkdf2::derive(
-                pbkdf2::PBKDF2_HMAC_SHA256,
-                iterations(),
-                &salt,
-                password.as_bytes(),
-                &mut hash,
-            );
-            hash
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+        let salt = new_salt()?;
+        let hash = derive(&request.password, salt, self.iterations).await?;
         let stored = Stored {
             profile: Profile {
                 id: format!("usr-{}", uuid::Uuid::new_v4().simple()),
@@ -292,6 +362,7 @@ impl Users {
             },
             salt: hex(&salt),
             hash: hex(&hash),
+            iterations: self.iterations,
         };
         if !self.store.insert(&stored).await? {
             return Err(ApiError::conflict(
@@ -313,24 +384,29 @@ impl Users {
         };
         let email = request.email.trim().to_lowercase();
         let Some(stored) = self.store.find(true, &email).await? else {
+            // The same work as a wrong password, so that timing doesn't reveal whether
+            // the email is registered.
+            let _ = derive(&request.password, [0; 16], self.iterations).await?;
             return Err(refused());
         };
         let (Some(salt), Some(hash)) = (unhex(&stored.salt), unhex(&stored.hash)) else {
             return Err(anyhow::anyhow!("a stored password hash is corrupt").into());
         };
-        let password = request.password.clone();
-        let verified = tokio::task::spawn_blocking(move || {
-            pbkdf2::verify(
-                pbkdf2::PBKDF2_HMAC_SHA256,
-                iterations(),
-                &salt,
-                password.as_bytes(),
-                &hash,
-            )
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
-        verified.map_err(|_| refused())?;
+        if !verify(&request.password, salt, hash, stored.iterations).await? {
+            return Err(refused());
+        }
+        if stored.iterations < self.iterations {
+            let salt = new_salt()?;
+            let hash = derive(&request.password, salt, self.iterations).await?;
+            let upgraded = Stored {
+                salt: hex(&salt),
+                hash: hex(&hash),
+                iterations: self.iterations,
+                ..stored.clone()
+            };
+            self.store.replace(&upgraded).await?;
+            tracing::info!(user = %stored.profile.id, from = stored.iterations, to = self.iterations, "password hash upgraded");
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|e| anyhow::anyhow!(e))?
@@ -420,7 +496,8 @@ mod tests {
     }
 
     async fn a_registered_user_logs_in_with_the_right_password_only(store: UserStore) {
-        let users = Users::new(store, "secret", Duration::from_secs(60));
+        let users =
+            Users::new(store.clone(), "secret", Duration::from_secs(60)).password_iterations(1_000);
         let profile = users
             .register(&register(" Alice@Example.com ", "correct horse", "Alice"))
             .await
@@ -451,6 +528,29 @@ mod tests {
             jsonwebtoken::decode::<serde_json::Value>(&token.token, &key, &validation).unwrap();
         assert_eq!(decoded.claims["sub"], profile.id.as_str());
         assert_eq!(users.profile(&profile.id).await.unwrap(), profile);
+
+        // A hash made with fewer iterations than asked is made again at login.
+        let stronger =
+            Users::new(store.clone(), "secret", Duration::from_secs(60)).password_iterations(2_000);
+        stronger
+            .login(&login("alice@example.com", "correct horse"))
+            .await
+            .unwrap();
+        let stored = store
+            .find(true, "alice@example.com")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.iterations, 2_000);
+        assert_ne!(stored.hash, "");
+        stronger
+            .login(&login("alice@example.com", "correct horse"))
+            .await
+            .unwrap();
+        let wrong = stronger
+            .login(&login("alice@example.com", "wrong horse"))
+            .await;
+        assert_eq!(wrong.unwrap_err().code(), "invalid_credentials");
     }
 
     #[tokio::test]

@@ -362,3 +362,61 @@ async fn no_instances_is_a_retryable_error() {
     let source = std::error::Error::source(&err).unwrap().to_string();
     assert_eq!(source, "no healthy instance of service `nobody`");
 }
+
+#[tokio::test]
+async fn a_signing_client_proves_its_service_and_carries_the_user_on_every_attempt() {
+    use micro_core::identity::{Caller, KeyRing, KeySet, OnBehalfOf, Secret, VerifyCallerLayer};
+    let keys = KeyRing::new(KeySet::new(
+        "k1",
+        Secret::new(*b"discovery test key, 0123456789abcdef").unwrap(),
+    ));
+    let registry = MemoryRegistry::new();
+    let failures = Arc::new(AtomicUsize::new(1));
+    let app = Router::new()
+        .route(
+            "/whoami",
+            get(move |caller: Caller| {
+                let failures = failures.clone();
+                async move {
+                    // The first attempt fails: the retry must carry a valid token too.
+                    if failures.fetch_sub(1, Ordering::SeqCst) == 1 {
+                        return Err(StatusCode::SERVICE_UNAVAILABLE);
+                    }
+                    Ok(format!("{} for {:?}", caller.service, caller.user))
+                }
+            }),
+        )
+        .layer(VerifyCallerLayer::new(keys.clone(), SERVICE));
+    let server = Server::start(app).await;
+    registry
+        .register(&Registration::new(Instance::from_addr(
+            SERVICE,
+            server.addr,
+        )))
+        .await
+        .unwrap();
+    let client = ServiceClient::builder(Arc::new(registry.clone()), SERVICE)
+        .policy(retrying())
+        .sign_as(keys.clone(), "cart-service")
+        .build()
+        .unwrap();
+    let answer = client
+        .http()
+        .request(http::Method::GET, "/whoami")
+        .extension(OnBehalfOf::user("usr-7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.body().as_ref(), b"cart-service for Some(\"usr-7\")");
+
+    let unsigned = ServiceClient::builder(Arc::new(registry), SERVICE)
+        .build()
+        .unwrap();
+    let refused = unsigned
+        .http()
+        .request(http::Method::GET, "/whoami")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(StatusCode::UNAUTHORIZED));
+}

@@ -7,6 +7,7 @@ mod config_auth;
 mod discovered;
 mod edge;
 mod gateway;
+mod identity;
 mod jwt;
 mod plugins;
 mod proxy;

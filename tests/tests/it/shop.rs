@@ -29,6 +29,8 @@ fn test_config() -> ShopConfig {
         listen: Listen::ephemeral(),
         payment_hang: Duration::from_secs(10),
         initial_stock: INITIAL_STOCK,
+        // Fast hashes for many test users; the default is OWASP's 600,000.
+        password_iterations: 10_000,
         ..ShopConfig::default()
     }
 }
@@ -271,7 +273,9 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
     let path = format!("/api/notifications?order_id={id}");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+        let (_, sent) = shop
+            .call(Method::GET, &path, Some("alice"), None, None)
+            .await;
         if sent.as_array().is_some_and(|s| !s.is_empty()) {
             assert_eq!(sent[0]["kind"], "order_confirmed");
             break;
@@ -284,7 +288,9 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
     }
 
     // The same event delivered again sends nothing twice.
-    let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let (_, sent) = shop
+        .call(Method::GET, &path, Some("alice"), None, None)
+        .await;
     let event_id = sent[0]["event_id"].as_str().unwrap();
     let again = OrderEvent::OrderConfirmed {
         order_id: id.clone(),
@@ -311,7 +317,9 @@ async fn an_order_is_charged_reserved_confirmed_and_notified() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (_, sent) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let (_, sent) = shop
+        .call(Method::GET, &path, Some("alice"), None, None)
+        .await;
     assert_eq!(sent.as_array().unwrap().len(), 1, "{sent}");
 
     // The same key again answers the same order and charges nothing more.
@@ -349,7 +357,9 @@ async fn failures_end_cancelled_with_a_reason_or_needing_attention() {
     let reason = order["history"].as_array().unwrap().last().unwrap()["reason"].to_string();
     assert!(reason.contains("out of stock"), "{order}");
     let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
-    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let (_, payments) = shop
+        .call(Method::GET, &path, Some("carol"), None, None)
+        .await;
     assert_eq!(payments[0]["status"], "REFUNDED", "{payments}");
 
     shop.add("dave", "SKU-OOS", 1).await;
@@ -364,7 +374,9 @@ async fn failures_end_cancelled_with_a_reason_or_needing_attention() {
     let order = shop.settled("erin", slow["id"].as_str().unwrap()).await;
     assert_eq!(order["status"], "CANCELLED", "{order}");
     let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
-    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let (_, payments) = shop
+        .call(Method::GET, &path, Some("erin"), None, None)
+        .await;
     assert_eq!(payments.as_array().unwrap().len(), 1, "{payments}");
     assert_eq!(payments[0]["status"], "REFUNDED", "{payments}");
 
@@ -375,7 +387,9 @@ async fn failures_end_cancelled_with_a_reason_or_needing_attention() {
     let order = shop.settled("frank", late["id"].as_str().unwrap()).await;
     assert_eq!(order["status"], "CONFIRMED", "{order}");
     let path = format!("/api/payments?order_id={}", order["id"].as_str().unwrap());
-    let (_, payments) = shop.call(Method::GET, &path, Some("ops"), None, None).await;
+    let (_, payments) = shop
+        .call(Method::GET, &path, Some("frank"), None, None)
+        .await;
     assert_eq!(payments.as_array().unwrap().len(), 1, "{payments}");
     assert_eq!(payments[0]["status"], "CAPTURED", "{payments}");
 
@@ -575,4 +589,371 @@ async fn tokens_are_checked_at_the_gateway_and_limits_hold() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_a_second_user_with_the_first_users_ids_not_found() {
+    let shop = spawn_shop().await;
+    shop.add("alice", "SKU-1001", 1).await;
+    let placed = shop.checkout("alice", "mine", GOOD_CARD).await;
+    let id = placed["id"].as_str().unwrap().to_owned();
+    let order = shop.settled("alice", &id).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    // Wait until the owner sees the notification, so there is something to hide.
+    let notifications = format!("/api/notifications?order_id={id}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, sent) = shop
+            .call(Method::GET, &notifications, Some("alice"), None, None)
+            .await;
+        if sent.as_array().is_some_and(|s| !s.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing was sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let payments = format!("/api/payments?order_id={id}");
+    let (status, mine) = shop
+        .call(Method::GET, &payments, Some("alice"), None, None)
+        .await;
+    assert_eq!(
+        (status, mine.as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{mine}"
+    );
+    assert!(
+        !mine.to_string().contains(GOOD_CARD) && mine[0].get("user_id").is_none(),
+        "a payment shows the card or its owner: {mine}"
+    );
+
+    // Every route that takes an id of alice's, called by bob.
+    let by_id = [
+        (Method::GET, format!("/api/orders/{id}")),
+        (Method::POST, format!("/api/orders/{id}/cancel")),
+        (Method::GET, payments.clone()),
+        (Method::GET, notifications.clone()),
+    ];
+    for (method, path) in by_id {
+        let (status, body) = shop
+            .call(method.clone(), &path, Some("bob"), None, None)
+            .await;
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert!(!body.to_string().contains(GOOD_CARD), "{body}");
+    }
+    // The routes of "my" things show bob's own, never alice's.
+    let (status, orders) = shop
+        .call(Method::GET, "/api/orders", Some("bob"), None, None)
+        .await;
+    assert_eq!(status, 200, "{orders}");
+    assert!(!orders.to_string().contains(&id), "{orders}");
+    let (_, cart) = shop
+        .call(Method::GET, "/api/carts/me", Some("bob"), None, None)
+        .await;
+    assert_eq!(cart["lines"], json!([]), "{cart}");
+    let (_, profile) = shop
+        .call(Method::GET, "/api/users/me", Some("bob"), None, None)
+        .await;
+    assert_eq!(profile["email"], "bob@shop.test");
+    // Alice's order is untouched by bob's cancel.
+    let order = shop.settled("alice", &id).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_endpoints_refuse_calls_without_identity_or_from_the_wrong_service() {
+    use micro_core::identity::{Caller, KeyRing, KeySet, Secret, IDENTITY_HEADER};
+    const SECRET: &str = "the services' key of this test, 7d1e04b9a2c35f68";
+    let shop = spawn_shop_with(ShopConfig {
+        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
+        ..test_config()
+    })
+    .await;
+    let keys = shop::trust::keys_from_secret(SECRET).unwrap();
+    let stranger = KeyRing::new(KeySet::new(
+        "shop",
+        Secret::new(*b"an attacker's own key, 0123456789abcdef").unwrap(),
+    ));
+    let service = |name: &str| {
+        let addr = shop.shop.host.local_addr(name).unwrap();
+        HttpClient::builder(&format!("http://{addr}"))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    // (service, method, path, a service that may call it, one that may not)
+    let endpoints = [
+        (
+            "payment-service",
+            Method::POST,
+            "/payments",
+            "order-service",
+            "gateway",
+        ),
+        (
+            "payment-service",
+            Method::POST,
+            "/payments/methods",
+            "order-service",
+            "gateway",
+        ),
+        (
+            "payment-service",
+            Method::POST,
+            "/payments/pay-x/refund",
+            "order-service",
+            "gateway",
+        ),
+        (
+            "payment-service",
+            Method::POST,
+            "/payments/by-key/k/refund",
+            "order-service",
+            "cart-service",
+        ),
+        (
+            "payment-service",
+            Method::GET,
+            "/payments?order_id=o",
+            "gateway",
+            "order-service",
+        ),
+        (
+            "inventory-service",
+            Method::POST,
+            "/inventory/reservations",
+            "order-service",
+            "gateway",
+        ),
+        (
+            "inventory-service",
+            Method::POST,
+            "/inventory/reservations/o/commit",
+            "order-service",
+            "gateway",
+        ),
+        (
+            "inventory-service",
+            Method::POST,
+            "/inventory/reservations/o/release",
+            "order-service",
+            "cart-service",
+        ),
+        (
+            "inventory-service",
+            Method::GET,
+            "/inventory",
+            "gateway",
+            "notification-service",
+        ),
+        (
+            "order-service",
+            Method::GET,
+            "/orders",
+            "gateway",
+            "payment-service",
+        ),
+        (
+            "order-service",
+            Method::POST,
+            "/orders",
+            "gateway",
+            "cart-service",
+        ),
+        (
+            "cart-service",
+            Method::GET,
+            "/carts/me",
+            "order-service",
+            "payment-service",
+        ),
+        (
+            "user-service",
+            Method::GET,
+            "/users/me",
+            "gateway",
+            "order-service",
+        ),
+        (
+            "notification-service",
+            Method::GET,
+            "/notifications?order_id=o",
+            "gateway",
+            "order-service",
+        ),
+        (
+            "product-service",
+            Method::GET,
+            "/products",
+            "cart-service",
+            "payment-service",
+        ),
+    ];
+    let call = |name: &str, method: &Method, path: &str, token: Option<String>| {
+        let mut request = service(name)
+            .request(method.clone(), path)
+            .header("x-user-id", "alice")
+            .idempotency_key("k");
+        if *method == Method::POST {
+            request = request.json(&json!({}));
+        }
+        if let Some(token) = token {
+            request = request.header(IDENTITY_HEADER, token);
+        }
+        async move {
+            match request.send().await {
+                Ok(response) => response.status().as_u16(),
+                Err(error) => error.status().map_or(0, |s| s.as_u16()),
+            }
+        }
+    };
+    for (name, method, path, allowed, refused) in endpoints {
+        let place = format!("{name} {method} {path}");
+        // A bare user header is no identity.
+        assert_eq!(call(name, &method, path, None).await, 401, "{place}");
+        let forged = stranger
+            .sign(&Caller::for_user(allowed, "alice"), name)
+            .unwrap();
+        assert_eq!(
+            call(name, &method, path, Some(forged)).await,
+            401,
+            "{place}: forged"
+        );
+        let for_another = keys
+            .sign(&Caller::for_user(allowed, "alice"), "some-other-service")
+            .unwrap();
+        assert_eq!(
+            call(name, &method, path, Some(for_another)).await,
+            401,
+            "{place}: a token for another service"
+        );
+        let wrong = keys
+            .sign(&Caller::for_user(refused, "alice"), name)
+            .unwrap();
+        assert_eq!(
+            call(name, &method, path, Some(wrong)).await,
+            403,
+            "{place}: {refused}"
+        );
+        let right = keys
+            .sign(&Caller::for_user(allowed, "alice"), name)
+            .unwrap();
+        let status = call(name, &method, path, Some(right)).await;
+        assert!(
+            ![401, 403].contains(&status),
+            "{place}: {allowed} was refused ({status})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_but_the_payment_services_holds_a_card_number() {
+    let data = tempfile::tempdir().unwrap();
+    let shop = spawn_shop_with(ShopConfig {
+        data_dir: Some(data.path().to_owned()),
+        ..test_config()
+    })
+    .await;
+    let cards = [GOOD_CARD, DECLINED_CARD, LATE_CARD];
+    for (i, card) in cards.iter().enumerate() {
+        let user = format!("card-user-{i}");
+        shop.add(&user, "SKU-1001", 1).await;
+        let placed = shop.checkout(&user, "k", card).await;
+        shop.settled(&user, placed["id"].as_str().unwrap()).await;
+    }
+    let mut scanned = Vec::new();
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let holds = |card: &str| bytes.windows(card.len()).any(|w| w == card.as_bytes());
+        if name == "payment.redb" {
+            // The one holder: the scan does find what is there.
+            assert!(
+                holds(GOOD_CARD),
+                "the scan missed the payment service's card"
+            );
+        } else {
+            for card in cards {
+                assert!(!holds(card), "{name} holds the card number {card}");
+            }
+        }
+        scanned.push(name);
+    }
+    scanned.sort();
+    for store in [
+        "order-sagas.redb",
+        "order.redb",
+        "payment.redb",
+        "notification.redb",
+    ] {
+        assert!(
+            scanned.iter().any(|s| s == store),
+            "{store} not in {scanned:?}"
+        );
+    }
+    // Nor does any event on the bus.
+    let records = shop.shop.bus.records(ORDER_EVENTS);
+    assert!(!records.is_empty());
+    for record in records {
+        let text = String::from_utf8_lossy(&record.payload);
+        assert!(text.contains("order_id"), "{text}");
+        for card in cards {
+            assert!(!text.contains(card), "an event holds {card}: {text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_that_cannot_prove_its_service_draws_no_traffic() {
+    use micro_discovery::identity::prove;
+    use micro_discovery::{Instance, Registration, Registry};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const SECRET: &str = "the services' key of this test, 1c9a7e5f3b2d4068";
+    let shop = spawn_shop_with(ShopConfig {
+        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
+        ..test_config()
+    })
+    .await;
+    // Two impostors of the user service, each counting what reaches it.
+    let impostor = || async {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { (http::StatusCode::SERVICE_UNAVAILABLE, "impostor") }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, hits)
+    };
+    let (rogue, rogue_hits) = impostor().await;
+    let (vouched, vouched_hits) = impostor().await;
+    let registry = &shop.shop.registry;
+    registry
+        .register(&Registration::new(Instance::from_addr(
+            "user-service",
+            rogue,
+        )))
+        .await
+        .unwrap();
+    // One the services' key does vouch for: the check below could fail.
+    let keys = shop::trust::keys_from_secret(SECRET).unwrap();
+    let proven = prove(Instance::from_addr("user-service", vouched), &keys).unwrap();
+    registry.register(&Registration::new(proven)).await.unwrap();
+
+    let mut answers = Vec::new();
+    for i in 0..30 {
+        let body = json!({"email": format!("u{i}@shop.test"), "password": "x", "name": "n"});
+        let (status, _) = shop
+            .send(Method::POST, "/api/users/login", None, None, Some(body))
+            .await;
+        answers.push(status);
+    }
+    assert_eq!(rogue_hits.load(Ordering::SeqCst), 0, "{answers:?}");
+    assert!(
+        vouched_hits.load(Ordering::SeqCst) > 0,
+        "the vouched-for instance got nothing either: {answers:?}"
+    );
 }

@@ -29,6 +29,8 @@ fn server(variable: &str, default: &str) -> String {
 
 /// The token secret of these test processes (`shop serve` refuses the built-in default).
 const TEST_JWT_SECRET: &str = "multi-process test secret, 9f3c1a77e0b24d58a6c1";
+/// The services' key of these test processes (`shop serve` has none built in).
+const TEST_IDENTITY_SECRET: &str = "multi-process service key, 51b0c9e2d47f8a36e5d2";
 
 #[test]
 fn shop_serve_refuses_a_guessable_jwt_secret() {
@@ -58,6 +60,30 @@ fn shop_serve_refuses_a_guessable_jwt_secret() {
     }
 }
 
+#[test]
+fn shop_serve_refuses_to_run_without_the_services_key() {
+    for (secret, expected) in [
+        (None, "`shop serve` needs the services' key"),
+        (
+            Some("short"),
+            "`identity_secret` (SHOP_IDENTITY_SECRET) is unusable",
+        ),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
+        command
+            .args(["serve", "payment"])
+            .env_remove("SHOP_IDENTITY_SECRET")
+            .env_remove("SHOP_IDENTITY_KEYS_FILE");
+        if let Some(secret) = secret {
+            command.env("SHOP_IDENTITY_SECRET", secret);
+        }
+        let output = command.output().expect("the shop binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "started with {secret:?}");
+        assert!(stderr.contains(expected), "{secret:?}: {stderr}");
+    }
+}
+
 /// Starts `shop serve <service>`; returns it and the address it printed.
 fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
@@ -69,6 +95,8 @@ fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
             "127.0.0.1:0",
         )
         .env("SHOP_JWT_SECRET", TEST_JWT_SECRET)
+        .env("SHOP_IDENTITY_SECRET", TEST_IDENTITY_SECRET)
+        .env("SHOP_PASSWORD_ITERATIONS", "10000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped());
     let mut child = command.spawn().expect("the shop binary starts");
