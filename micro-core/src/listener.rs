@@ -278,6 +278,14 @@ mod tests {
         assert_eq!(error.key(), "max_header_bytes");
     }
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_zero_tls_reload_interval_is_refused_with_its_key() {
+        let tls = crate::tls::TlsConfig::new("cert.pem", "key.pem").reload_interval(Duration::ZERO);
+        let error = ListenerConfig::default().tls(tls).validate().unwrap_err();
+        assert_eq!(error.key(), "tls.reload_interval");
+    }
+
     #[test]
     fn deserializes_partial_tables_over_the_defaults() {
         let config: ListenerConfig = crate::config::ConfigLoader::new()
