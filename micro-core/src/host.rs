@@ -45,7 +45,7 @@ use crate::metrics::{
     self as host_metrics, HttpMetrics, MetricsError, PrometheusHandle, RecordHttp, TagRouteLayer,
 };
 use crate::middleware::{RequestSpan, SetRequestId};
-use crate::serve::{self, Drained};
+use crate::serve::{self, Drained, Security};
 use crate::service::{BoxFuture, DynService, Service};
 use crate::shutdown::Shutdown;
 
@@ -131,6 +131,17 @@ pub enum HostError {
         #[source]
         source: InvalidListenerConfig,
     },
+    /// A listener's TLS files can't be used (missing, not PEM, a key that does not
+    /// match its certificate).
+    #[cfg(feature = "tls")]
+    #[error("the tls set-up of the listener of service `{service}` can't be used")]
+    Tls {
+        /// The service the listener is for.
+        service: String,
+        /// Which setting and file, and why.
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// [`HostConfig::listeners`] names a service the host does not run.
     #[error("`listeners.{0}` names no service of this host")]
     UnknownListener(String),
@@ -160,6 +171,7 @@ struct Planned {
     service: Arc<dyn DynService>,
     listen: Listen,
     limits: Option<ListenerConfig>,
+    security: Security,
 }
 
 struct Hook {
@@ -223,6 +235,7 @@ impl ServiceHostBuilder {
             service: Arc::new(service),
             listen,
             limits,
+            security: Security::Plain,
         });
         self
     }
@@ -278,7 +291,9 @@ impl ServiceHostBuilder {
     ///
     /// [`HostError::DuplicateService`] when two services share a name,
     /// [`HostError::UnknownListener`] when [`HostConfig::listeners`] names no service, and
-    /// [`HostError::Listener`] when a listener's limits can't be used.
+    /// [`HostError::Listener`] when a listener's limits can't be used, and (with the `tls`
+    /// feature) `HostError::Tls` when a listener's TLS files can't be used: they are read
+    /// here.
     pub fn build(mut self) -> Result<ServiceHost, HostError> {
         let mut names = HashSet::new();
         for planned in &self.services {
@@ -309,6 +324,15 @@ impl ServiceHostBuilder {
                 service: name.to_owned(),
                 source,
             })?;
+            #[cfg(feature = "tls")]
+            if let Some(tls) = &limits.tls {
+                let loaded =
+                    crate::tls::ServerTls::load(name, tls).map_err(|source| HostError::Tls {
+                        service: name.to_owned(),
+                        source,
+                    })?;
+                planned.security = Security::Tls(loaded);
+            }
             planned.limits = Some(limits);
         }
         Ok(ServiceHost { builder: self })
@@ -411,6 +435,7 @@ impl ServiceHost {
             service,
             listen,
             limits,
+            security,
         } in services
         {
             let listener = match listen {
@@ -426,14 +451,14 @@ impl ServiceHost {
                         .0
                 }
             };
-            bound.push((service, listener, limits.unwrap_or_default()));
+            bound.push((service, listener, limits.unwrap_or_default(), security));
         }
 
         let phase = Arc::new(Phase::new());
         let stop = Shutdown::new();
         let mut started: Vec<Arc<dyn DynService>> = Vec::new();
         let mut servers = Vec::new();
-        for (service, listener, limits) in bound {
+        for (service, listener, limits, security) in bound {
             if let Err(source) = service.start().await {
                 let error = HostError::Start {
                     service: service.name().to_owned(),
@@ -448,17 +473,24 @@ impl ServiceHost {
                 source,
             })?;
             let app = app(&service, phase.clone(), metrics.clone());
+            let tls = match &security {
+                Security::Plain => false,
+                #[cfg(feature = "tls")]
+                Security::Tls(_) => true,
+            };
             let task = tokio::spawn(serve::serve(
                 listener,
                 app,
                 limits,
+                security.clone(),
                 stop.wait(),
                 config.drain_timeout,
             ));
-            tracing::info!(service = service.name(), %addr, "service listening");
+            tracing::info!(service = service.name(), %addr, tls, "service listening");
             servers.push(Server {
                 name: service.name().to_owned(),
                 addr,
+                security,
                 task,
             });
             started.push(service);
@@ -511,6 +543,8 @@ impl ServiceHost {
 struct Server {
     name: String,
     addr: SocketAddr,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    security: Security,
     task: JoinHandle<Drained>,
 }
 
@@ -533,6 +567,19 @@ impl RunningHost {
             .iter()
             .find(|server| server.name == service)
             .map(|server| server.addr)
+    }
+
+    /// The handle that reloads the TLS files of a service's listener at once, or `None`
+    /// when the service has no TLS listener (or no such service runs here).
+    #[cfg(feature = "tls")]
+    pub fn tls_reloader(&self, service: &str) -> Option<crate::tls::TlsReloader> {
+        self.servers
+            .iter()
+            .find(|server| server.name == service)
+            .and_then(|server| match &server.security {
+                Security::Tls(tls) => Some(tls.reloader()),
+                Security::Plain => None,
+            })
     }
 
     /// Every service's name and address, in the order they were added.

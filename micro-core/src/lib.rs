@@ -79,6 +79,7 @@
 //! | [`backoff`] | the one exponential backoff with jitter, used by retries, consumers and sagas |
 //! | [`resilience`] | timeout, retry with backoff and budget, circuit breaker, bulkhead |
 //! | [`identity`] | verified service-to-service identity: signed tokens, [`Caller`](identity::Caller), route policies |
+//! | [`tls`] | TLS termination and mTLS for listeners, HTTPS for clients (rustls) |
 //! | [`client`] | an HTTP client for calling another service, with those layers |
 //! | [`error`] | [`BoxError`](error::BoxError) and which errors are worth a retry |
 //! | [`shutdown`] | shutdown triggers: OS signals and a [`Shutdown`](shutdown::Shutdown) handle |
@@ -88,6 +89,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `identity` | yes | the [`identity`] module (HS256 tokens through `jsonwebtoken` on `aws-lc-rs`) |
+//! | `tls` | yes | the [`tls`] module: TLS and mTLS on listeners, HTTPS in [`client`] (rustls on `aws-lc-rs`, the same crypto as `identity`) |
 //!
 //! Backends (Kafka, etcd, Consul, PostgreSQL, Redis) are features of the crates that use
 //! them.
@@ -119,4 +121,6 @@ mod serve;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod trace;

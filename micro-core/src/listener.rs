@@ -27,6 +27,15 @@
 //! | `http2.max_pending_accept_reset_streams` | 20 | the rapid-reset guard (CVE-2023-44487): a client that resets streams faster than they are served gets `GOAWAY` |
 //! | `http2.max_local_error_reset_streams` | 1024 | a client that keeps making the server reset streams gets `GOAWAY` |
 //!
+//! With the `tls` feature (on by default), a `tls` table turns on TLS termination, with
+//! optional client certificates (mTLS); see [`tls`](crate::tls) for its settings:
+//!
+//! ```toml
+//! [host.listeners.gateway.tls]
+//! cert = "/etc/micro/tls/gateway.pem"
+//! key = "/etc/micro/tls/gateway.key"
+//! ```
+//!
 //! A zero duration or count is refused by [`ListenerConfig::validate`] (which
 //! [`ServiceHost::start`](crate::host::ServiceHost::start) calls): a limit can be raised but
 //! never switched off by accident.
@@ -57,6 +66,9 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     /// HTTP/2 limits.
     pub http2: Http2Limits,
+    /// TLS termination; `None` (the default) serves plain TCP.
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ListenerConfig {
@@ -69,6 +81,8 @@ impl Default for ListenerConfig {
             max_headers: 100,
             max_connections: 10_000,
             http2: Http2Limits::default(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -159,6 +173,13 @@ impl ListenerConfig {
         self
     }
 
+    /// Terminates TLS on this listener with `tls`; see [`tls`](crate::tls).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Checks that every limit is usable.
     ///
     /// # Errors
@@ -178,6 +199,13 @@ impl ListenerConfig {
             (
                 "http2.max_header_list_size",
                 self.http2.max_header_list_size == 0,
+            ),
+            #[cfg(feature = "tls")]
+            (
+                "tls.reload_interval",
+                self.tls
+                    .as_ref()
+                    .is_some_and(|tls| tls.reload_interval.is_zero()),
             ),
         ];
         if let Some((key, _)) = positive.into_iter().find(|(_, zero)| *zero) {
@@ -248,6 +276,14 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(error.key(), "max_header_bytes");
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_zero_tls_reload_interval_is_refused_with_its_key() {
+        let tls = crate::tls::TlsConfig::new("cert.pem", "key.pem").reload_interval(Duration::ZERO);
+        let error = ListenerConfig::default().tls(tls).validate().unwrap_err();
+        assert_eq!(error.key(), "tls.reload_interval");
     }
 
     #[test]

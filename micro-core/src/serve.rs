@@ -1,5 +1,5 @@
-//! The accept loop of one listener: the [`ListenerConfig`] limits, and a graceful drain
-//! bounded by a deadline.
+//! The accept loop of one listener: the [`ListenerConfig`] limits, TLS termination, and a
+//! graceful drain bounded by a deadline.
 
 use std::future::Future;
 use std::io;
@@ -28,6 +28,28 @@ use tower::ServiceExt;
 
 use crate::listener::ListenerConfig;
 use crate::shutdown::Shutdown;
+#[cfg(feature = "tls")]
+use crate::tls::{PeerCertificate, ServerTls};
+
+/// What a listener does with the bytes of a new connection before HTTP.
+#[derive(Clone, Default)]
+pub(crate) enum Security {
+    /// HTTP straight over TCP.
+    #[default]
+    Plain,
+    /// TLS first, with the certificate current when the connection was accepted.
+    #[cfg(feature = "tls")]
+    Tls(ServerTls),
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,9 +65,15 @@ pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ListenerConfig,
+    security: Security,
     stop: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) -> Drained {
+    let _reloading: Option<AbortOnDrop> = match &security {
+        Security::Plain => None,
+        #[cfg(feature = "tls")]
+        Security::Tls(tls) => Some(AbortOnDrop(tokio::spawn(tls.clone().watch()))),
+    };
     let builder = Arc::new(builder(&limits));
     let limits = Arc::new(limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -68,6 +96,7 @@ pub(crate) async fn serve(
                     let connection = Connection {
                         stream,
                         peer,
+                        handshake: Handshake::of(&security),
                         app: app.clone(),
                         builder: builder.clone(),
                         limits: limits.clone(),
@@ -124,9 +153,27 @@ fn builder(limits: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// The TLS handshake a connection starts with, if any.
+enum Handshake {
+    None,
+    #[cfg(feature = "tls")]
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+impl Handshake {
+    fn of(security: &Security) -> Self {
+        match security {
+            Security::Plain => Self::None,
+            #[cfg(feature = "tls")]
+            Security::Tls(tls) => Self::Tls(tls.acceptor()),
+        }
+    }
+}
+
 struct Connection {
     stream: TcpStream,
     peer: SocketAddr,
+    handshake: Handshake,
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: Arc<ListenerConfig>,
@@ -139,11 +186,90 @@ impl Connection {
         let Self {
             stream,
             peer,
+            handshake,
             app,
             builder,
             limits,
         } = self;
         let activity = Arc::new(Activity::new());
+        let io = Watched {
+            inner: stream,
+            activity: activity.clone(),
+        };
+        tokio::pin!(drain);
+        let serving = Serving {
+            peer,
+            app,
+            builder,
+            limits,
+            activity,
+        };
+        match handshake {
+            Handshake::None => serving.serve(io, Extras::default(), drain).await,
+            #[cfg(feature = "tls")]
+            Handshake::Tls(acceptor) => {
+                // The handshake counts against the header-read timeout, so a client that
+                // never sends its ClientHello is closed like one that never sends a head.
+                let deadline = serving.activity.born + serving.limits.header_read_timeout;
+                let handshake = tokio::time::timeout_at(deadline, acceptor.accept(io));
+                let stream = tokio::select! {
+                    done = handshake => match done {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "no tls handshake within the header-read timeout: closing");
+                            return;
+                        }
+                    },
+                    () = &mut drain => return,
+                };
+                let extras = Extras {
+                    peer_certificate: stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(PeerCertificate::from_chain),
+                };
+                serving.serve(stream, extras, drain).await;
+            }
+        }
+    }
+}
+
+/// What every request of a connection carries besides its peer address.
+#[derive(Clone, Default)]
+struct Extras {
+    #[cfg(feature = "tls")]
+    peer_certificate: Option<PeerCertificate>,
+}
+
+/// A connection past its handshake, being served HTTP.
+struct Serving {
+    peer: SocketAddr,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Arc<ListenerConfig>,
+    activity: Arc<Activity>,
+}
+
+impl Serving {
+    async fn serve<I, D>(self, io: I, extras: Extras, mut drain: Pin<&mut D>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        D: Future<Output = ()>,
+    {
+        let Self {
+            peer,
+            app,
+            builder,
+            limits,
+            activity,
+        } = self;
+        #[cfg(not(feature = "tls"))]
+        let Extras {} = extras;
         let body_timeout = limits.body_read_timeout;
         let service = {
             let activity = activity.clone();
@@ -157,6 +283,10 @@ impl Connection {
                     }
                 });
                 request.extensions_mut().insert(ConnectInfo(peer));
+                #[cfg(feature = "tls")]
+                if let Some(certificate) = &extras.peer_certificate {
+                    request.extensions_mut().insert(certificate.clone());
+                }
                 let response = app.clone().oneshot(request);
                 async move {
                     let response = response.await;
@@ -165,12 +295,8 @@ impl Connection {
                 }
             })
         };
-        let io = TokioIo::new(Watched {
-            inner: stream,
-            activity: activity.clone(),
-        });
-        let connection = builder.serve_connection_with_upgrades(io, service);
-        tokio::pin!(connection, drain);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
         let watchdog = tokio::time::sleep(limits.header_read_timeout.min(limits.idle_timeout));
         tokio::pin!(watchdog);
         let mut closing = false;
@@ -182,7 +308,7 @@ impl Connection {
                     }
                     return;
                 }
-                () = &mut drain, if !closing => {
+                () = drain.as_mut(), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }

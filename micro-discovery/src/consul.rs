@@ -69,6 +69,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use micro_core::service::BoxFuture;
+use micro_core::tls::{ClientTlsConfig, HttpsConnector};
 use serde::{Deserialize, Serialize};
 
 use crate::discover::{Discover, Watch};
@@ -99,8 +100,13 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct ConsulConfig {
-    /// The agent's HTTP address. Default `http://127.0.0.1:8500`.
+    /// The agent's HTTP address: `http://host:port`, or `https://host:port` for Consul's
+    /// HTTPS API (verified as [`tls`](Self::tls) says). Default `http://127.0.0.1:8500`.
     pub address: String,
+    /// How an `https` [`address`](Self::address) is verified: a CA bundle in place of the
+    /// system trust store, a client certificate when the agent has `verify_incoming`
+    /// (`ca`, `cert`, `key`; see [`ClientTlsConfig`]). Refused with an `http` address.
+    pub tls: Option<ClientTlsConfig>,
     /// The ACL token sent in `X-Consul-Token`.
     pub token: Option<String>,
     /// The datacenter health queries ask (`dc`); the agent's own when unset.
@@ -130,6 +136,7 @@ impl Default for ConsulConfig {
     fn default() -> Self {
         Self {
             address: "http://127.0.0.1:8500".to_owned(),
+            tls: None,
             token: None,
             datacenter: None,
             wait: Duration::from_secs(30),
@@ -145,6 +152,7 @@ impl fmt::Debug for ConsulConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConsulConfig")
             .field("address", &self.address)
+            .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("datacenter", &self.datacenter)
             .field("wait", &self.wait)
@@ -163,6 +171,12 @@ impl ConsulConfig {
             address: address.into(),
             ..Self::default()
         }
+    }
+
+    /// Sets [`tls`](Self::tls), for an `https` address.
+    pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Sets [`token`](Self::token).
@@ -217,8 +231,8 @@ pub struct ConsulRegistry {
 }
 
 struct Inner {
-    client: Client<HttpConnector, Full<Bytes>>,
-    /// `http://host:port`, without a trailing `/`.
+    client: Client<HttpsConnector, Full<Bytes>>,
+    /// `http(s)://host:port`, without a trailing `/`.
     address: String,
     token: Option<HeaderValue>,
     datacenter: Option<String>,
@@ -242,7 +256,8 @@ impl ConsulRegistry {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidRegistration`] for an address that is not `http://host[:port]`, a
+    /// [`Error::InvalidRegistration`] for an address that is not `http://host[:port]` or
+    /// `https://host[:port]`, TLS settings that can't be used (or with an `http` address), a
     /// token that cannot be a header value, a datacenter name with characters other than
     /// letters, digits, `-`, `_` and `.`, or a wait over 10 minutes.
     pub fn new(config: ConsulConfig) -> Result<Self> {
@@ -250,14 +265,29 @@ impl ConsulRegistry {
         let uri: http::Uri = address
             .parse()
             .map_err(|_| Error::invalid(format!("the consul address `{address}` is not a url")))?;
-        if uri.scheme() != Some(&http::uri::Scheme::HTTP)
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        if (uri.scheme() != Some(&http::uri::Scheme::HTTP) && !https)
             || uri.authority().is_none()
             || uri.path().len() > 1
         {
             return Err(Error::invalid(format!(
-                "the consul address `{address}` must be http://host[:port]"
+                "the consul address `{address}` must be http://host[:port] or https://host[:port]"
             )));
         }
+        let http = HttpConnector::new();
+        let connector = match (&config.tls, https) {
+            (Some(_), false) => {
+                return Err(Error::invalid(format!(
+                    "the consul `tls` settings need an https address, not `{address}`"
+                )))
+            }
+            (tls, true) => tls
+                .clone()
+                .unwrap_or_default()
+                .https_connector(http)
+                .map_err(|e| Error::invalid(format!("the consul {e}")))?,
+            (None, false) => micro_core::tls::http_only_connector(http),
+        };
         let token = config
             .token
             .as_deref()
@@ -286,7 +316,7 @@ impl ConsulRegistry {
         }
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build_http();
+            .build(connector);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
@@ -881,7 +911,11 @@ mod tests {
 
     #[test]
     fn bad_configuration_is_refused() {
-        assert!(ConsulRegistry::new(ConsulConfig::new("https://consul:8501")).is_err());
+        assert!(ConsulRegistry::new(ConsulConfig::new("ftp://consul:8501")).is_err());
+        assert!(ConsulRegistry::new(
+            ConsulConfig::new("http://consul:8500").tls(ClientTlsConfig::new().ca("ca.pem"))
+        )
+        .is_err());
         assert!(ConsulRegistry::new(ConsulConfig::new("consul:8500")).is_err());
         assert!(ConsulRegistry::new(ConsulConfig::default().datacenter("dc 1")).is_err());
         assert!(ConsulRegistry::new(ConsulConfig::default().token("bad\ntoken")).is_err());

@@ -50,6 +50,7 @@ use etcd_client::{
 };
 use futures_util::StreamExt;
 use micro_core::service::BoxFuture;
+use micro_core::tls::ClientTlsConfig;
 use serde::{Deserialize, Serialize};
 
 /// The etcd client crate this backend uses, for [`EtcdRegistry::with_client`].
@@ -96,6 +97,11 @@ pub struct EtcdConfig {
     pub user: Option<String>,
     /// The user's password.
     pub password: Option<String>,
+    /// TLS for `https://` endpoints: `ca`, the PEM bundle the servers' certificates are
+    /// verified against (required: etcd clusters run on a CA of their own), and `cert` and
+    /// `key` for a cluster started with `--client-cert-auth`. `danger_accept_invalid_certs`
+    /// is not supported here and is refused.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl Default for EtcdConfig {
@@ -108,6 +114,7 @@ impl Default for EtcdConfig {
             max_retry_backoff: Duration::from_secs(5),
             user: None,
             password: None,
+            tls: None,
         }
     }
 }
@@ -122,6 +129,7 @@ impl fmt::Debug for EtcdConfig {
             .field("max_retry_backoff", &self.max_retry_backoff)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -160,6 +168,12 @@ impl EtcdConfig {
     /// Sets [`max_retry_backoff`](Self::max_retry_backoff).
     pub fn max_retry_backoff(mut self, backoff: Duration) -> Self {
         self.max_retry_backoff = backoff;
+        self
+    }
+
+    /// Sets [`tls`](Self::tls), for `https` endpoints.
+    pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -219,8 +233,9 @@ impl EtcdRegistry {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidRegistration`] for an empty endpoint list or prefix, and
-    /// [`Error::Unavailable`] when the client cannot be set up.
+    /// [`Error::InvalidRegistration`] for an empty endpoint list or prefix, `https`
+    /// endpoints without [`tls`](EtcdConfig::tls) (or `tls` with `http` ones), TLS files
+    /// that can't be used, and [`Error::Unavailable`] when the client cannot be set up.
     pub async fn connect(config: &EtcdConfig) -> Result<Self> {
         if config.endpoints.is_empty() {
             return Err(Error::invalid("no etcd endpoint configured"));
@@ -230,6 +245,24 @@ impl EtcdRegistry {
             .with_keep_alive(Duration::from_secs(10), config.request_timeout);
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
             options = options.with_user(user.clone(), password.clone());
+        }
+        let https = config
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.starts_with("https://"));
+        match (&config.tls, https) {
+            (Some(tls), true) => options = options.with_tls(tls_options(tls)?),
+            (None, true) => {
+                return Err(Error::invalid(
+                    "https etcd endpoints need `tls` with the cluster's `ca`",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(Error::invalid(
+                    "the etcd `tls` settings need https endpoints",
+                ))
+            }
+            (None, false) => {}
         }
         let client = tokio::time::timeout(
             config.connect_timeout,
@@ -415,6 +448,33 @@ fn encode(record: &Record) -> Result<Vec<u8>> {
         backend: BACKEND,
         source: error.into(),
     })
+}
+
+/// tonic's TLS options from ours, reading the files here so that a bad one is reported
+/// with its setting.
+fn tls_options(tls: &ClientTlsConfig) -> Result<etcd_client::TlsOptions> {
+    use etcd_client::{Certificate, Identity, TlsOptions};
+    if tls.danger_accept_invalid_certs {
+        return Err(Error::invalid(
+            "the etcd `tls.danger_accept_invalid_certs` is not supported",
+        ));
+    }
+    // Checks every file as the other clients do (readable, PEM, the key matches).
+    tls.rustls_config()
+        .map_err(|e| Error::invalid(format!("the etcd {e}")))?;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::invalid(format!("the etcd tls file {}: {e}", path.display())))
+    };
+    let ca = tls
+        .ca
+        .as_deref()
+        .ok_or_else(|| Error::invalid("the etcd `tls` settings need `ca`"))?;
+    let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        options = options.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(options)
 }
 
 fn unavailable(reason: &'static str) -> Error {

@@ -265,9 +265,10 @@ impl fmt::Debug for Resources {
 pub struct ServiceSpec {
     /// The service's name.
     pub name: String,
-    /// `http://host:port/path`; or give `host` (with `port`, `protocol`, `path`).
+    /// `http://host:port/path` or `https://host:port/path`; or give `host` (with `port`,
+    /// `protocol`, `path`).
     pub url: Option<String>,
-    /// The upstream's protocol; only `http`.
+    /// The upstream's protocol: `http` or `https`.
     pub protocol: Option<String>,
     /// The upstream's host.
     pub host: Option<String>,
@@ -299,6 +300,11 @@ pub struct ServiceSpec {
     pub balance: Option<BalanceConfig>,
     /// A circuit breaker for this service (our addition): `503` at once while it is open.
     pub circuit_breaker: Option<micro_core::resilience::CircuitBreakerConfig>,
+    /// How an `https` upstream is verified (our addition): `ca`, a PEM bundle in place
+    /// of the system trust store, and `cert` and `key` for mTLS; see
+    /// [`ClientTlsConfig`](micro_core::tls::ClientTlsConfig). Refused for `http` and
+    /// `discovery` services.
+    pub tls: Option<micro_core::tls::ClientTlsConfig>,
     /// The service's routes.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
@@ -854,7 +860,15 @@ fn proxy(service: &ServiceSpec, resources: &Resources) -> Result<Proxy, String> 
         if service.balance.is_some() {
             return Err("`balance` needs `discovery`".to_owned());
         }
-        let proxy = Proxy::new(upstream(service)?, config);
+        let upstream = upstream(service)?;
+        let proxy = match &service.tls {
+            Some(_) if !upstream.to_string().starts_with("https://") => {
+                return Err("`tls` needs an `https` url".to_owned())
+            }
+            Some(tls) => Proxy::try_new(upstream, config.tls(tls.clone()))
+                .map_err(|e| format!("`tls.{}`: {e}", e.key()))?,
+            None => Proxy::try_new(upstream, config).map_err(|e| e.to_string())?,
+        };
         return Ok(match &resources.identity {
             Some((keys, gateway)) => {
                 proxy.sign_as(keys.clone(), gateway.clone(), service.name.as_str())
@@ -864,6 +878,9 @@ fn proxy(service: &ServiceSpec, resources: &Resources) -> Result<Proxy, String> 
     };
     if service.url.is_some() || service.host.is_some() {
         return Err("give either `discovery` or `url`/`host`, not both".to_owned());
+    }
+    if service.tls.is_some() {
+        return Err("`tls` applies to an `https` url, not to `discovery`".to_owned());
     }
     let discover = resources.discover.clone().ok_or_else(|| {
         format!(

@@ -23,6 +23,7 @@ use micro_core::identity::{Caller, KeyRing, IDENTITY_HEADER};
 use micro_core::middleware::RequestId;
 use micro_core::resilience::{CircuitBreaker, CircuitOpen};
 use micro_core::service::BoxFuture;
+use micro_core::tls::{ClientTlsConfig, HttpsConnector, TlsError};
 use micro_core::trace::TraceContext;
 use micro_discovery::balance::{Attempts, BalanceConfig, Balancer};
 use micro_discovery::Discover;
@@ -60,6 +61,10 @@ pub struct ProxyConfig {
     /// A circuit breaker for the upstream: while it is open, requests are answered `503`
     /// at once instead of waiting on an upstream that keeps failing. Off when absent.
     pub circuit_breaker: Option<micro_core::resilience::CircuitBreakerConfig>,
+    /// How an `https` upstream is verified (a CA bundle, a client certificate for mTLS;
+    /// see [`ClientTlsConfig`]); the system trust store when unset. For URL upstreams
+    /// ([`Proxy::new`]); discovered instances are called over `http`.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 impl Default for ProxyConfig {
@@ -72,6 +77,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             retries: 0,
             circuit_breaker: None,
+            tls: None,
         }
     }
 }
@@ -112,6 +118,12 @@ impl ProxyConfig {
         self
     }
 
+    /// Sets [`tls`](Self::tls), for an `https` upstream.
+    pub fn tls(mut self, tls: ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Puts a circuit breaker in front of the upstream.
     pub fn circuit_breaker(mut self, config: micro_core::resilience::CircuitBreakerConfig) -> Self {
         self.circuit_breaker = Some(config);
@@ -136,11 +148,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Parses `http://host:port` or `http://host:port/prefix`.
+    /// Parses `http://host:port` or `http://host:port/prefix`, or the same with
+    /// `https://` (verified as [`ProxyConfig::tls`] says).
     ///
     /// # Errors
     ///
-    /// When the URL does not parse, is not `http`, or has a query.
+    /// When the URL does not parse, is neither `http` nor `https`, or has a query.
     pub fn parse(url: &str) -> Result<Self, InvalidUpstream> {
         let invalid = |reason| InvalidUpstream {
             url: url.to_owned(),
@@ -148,8 +161,8 @@ impl Upstream {
         };
         let uri: Uri = url.parse().map_err(|_| invalid("not a url"))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| invalid("no scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(invalid("only http upstreams are supported"));
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(invalid("only http and https upstreams are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| invalid("no host"))?;
         if uri.query().is_some() {
@@ -278,15 +291,32 @@ impl UpstreamDurations {
 
 impl Proxy {
     /// A proxy to `upstream`, with its own connection pool.
+    ///
+    /// An `https` upstream whose [TLS settings](ProxyConfig::tls) can't be used (a CA
+    /// file that can't be read) is answered `502` and the reason logged; use
+    /// [`try_new`](Self::try_new) to be told at once.
     pub fn new(upstream: Upstream, config: ProxyConfig) -> Self {
         let name = upstream.to_string();
-        let sender = Sender::new(&config);
+        let sender = Sender::new(&config, upstream.scheme == Scheme::HTTPS);
         Self::assemble(
             BoxCloneSyncService::new(sender),
             Target::Fixed(Arc::new(upstream)),
             &name,
             config,
         )
+    }
+
+    /// Like [`new`](Self::new), but fails when the upstream is `https` and its [TLS
+    /// settings](ProxyConfig::tls) can't be used.
+    ///
+    /// # Errors
+    ///
+    /// The [`TlsError`] naming the setting (`ca`, `cert`, `key`) and the file.
+    pub fn try_new(upstream: Upstream, config: ProxyConfig) -> Result<Self, TlsError> {
+        if upstream.scheme == Scheme::HTTPS {
+            config.tls.clone().unwrap_or_default().rustls_config()?;
+        }
+        Ok(Self::new(upstream, config))
     }
 
     /// A proxy to the instances of `service` that `discover` finds, balanced by
@@ -300,7 +330,7 @@ impl Proxy {
         config: ProxyConfig,
     ) -> Self {
         let balancer = Balancer::new(discover, service, balance);
-        let balanced = balancer.layer().layer(Sender::new(&config));
+        let balanced = balancer.layer().layer(Sender::new(&config, false));
         let target = Target::Discovered {
             service: service.into(),
             prefix: prefix.trim_end_matches('/').into(),
@@ -627,15 +657,24 @@ fn join_path(prefix: &str, path_and_query: Option<&PathAndQuery>, whole: bool) -
 /// Sends one request on the pooled connections, bounded by the response timeout.
 #[derive(Clone)]
 struct Sender {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpsConnector, Body>,
     timeout: Option<Duration>,
 }
 
 impl Sender {
-    fn new(config: &ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
+    fn new(config: &ProxyConfig, https: bool) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let tls = config.tls.clone().unwrap_or_default();
+        let connector = match https.then(|| tls.https_connector(http.clone())) {
+            Some(Ok(connector)) => connector,
+            Some(Err(error)) => {
+                tracing::error!(%error, "the upstream's tls settings can't be used: its requests fail");
+                micro_core::tls::http_only_connector(http)
+            }
+            None => micro_core::tls::http_only_connector(http),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -848,7 +887,13 @@ mod tests {
             upstream.join(Some(&path)).to_string(),
             "http://orders:8003/api/orders/7?expand=items"
         );
-        assert!(Upstream::parse("https://secure").is_err());
+        assert!(Upstream::parse("ftp://files").is_err());
+        assert_eq!(
+            Upstream::parse("https://secure:8443/api")
+                .unwrap()
+                .to_string(),
+            "https://secure:8443/api"
+        );
         assert!(Upstream::parse("orders:8003").is_err());
         assert!(Upstream::parse("http://orders/?q=1").is_err());
     }

@@ -35,6 +35,15 @@ pub enum ErrorKind {
     Decode,
     /// A circuit breaker layer refused the request without sending it.
     CircuitOpen,
+    /// TLS failed: the client's settings can't be used (a CA bundle or client
+    /// certificate that can't be read, from
+    /// [`ClientBuilder::build`](super::ClientBuilder::build), with the
+    /// [`TlsError`](crate::tls::TlsError) as the source), or the handshake failed (the
+    /// server's certificate did not verify, or the server refused ours, with rustls's
+    /// error in the source chain). Never retryable: trying again meets the same
+    /// certificates.
+    #[cfg(feature = "tls")]
+    Tls,
     /// Another layer added with [`ClientBuilder::layer`](super::ClientBuilder::layer)
     /// failed the request; its error is the [`source`](std::error::Error::source).
     Rejected,
@@ -175,6 +184,11 @@ impl Error {
             .with_source(source)
     }
 
+    #[cfg(feature = "tls")]
+    pub(super) fn tls(source: crate::tls::TlsError) -> Self {
+        Self::new(ErrorKind::Tls).with_source(source)
+    }
+
     pub(super) fn invalid_request(source: impl Into<BoxError>) -> Self {
         Self::new(ErrorKind::InvalidRequest).with_source(source)
     }
@@ -187,6 +201,10 @@ impl Error {
 
     pub(super) fn hyper(source: hyper_util::client::legacy::Error) -> Self {
         let kind = if source.is_connect() {
+            #[cfg(feature = "tls")]
+            if is_tls_failure(&source) {
+                return Self::new(ErrorKind::Tls).with_source(source);
+            }
             ErrorKind::Connect
         } else {
             ErrorKind::Transport
@@ -270,6 +288,8 @@ impl fmt::Display for Error {
             ErrorKind::Decode => write!(f, "failed to decode {detail}")?,
             ErrorKind::CircuitOpen => f.write_str("circuit breaker is open")?,
             ErrorKind::Rejected => f.write_str("request rejected by a client layer")?,
+            #[cfg(feature = "tls")]
+            ErrorKind::Tls => f.write_str("tls failed")?,
         }
         if let Some(request) = &self.inner.request {
             write!(f, " ({} {})", request.method, request.uri)?;
@@ -309,6 +329,28 @@ impl std::error::Error for Error {
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
+}
+
+/// Whether rustls failed the handshake somewhere in `error`'s chain (hyper-rustls hands it
+/// over inside an `io::Error`, whose `source` skips the error it wraps).
+#[cfg(feature = "tls")]
+fn is_tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// A reason without an underlying error, used as a `source`.

@@ -1,6 +1,9 @@
 //! An HTTP client for calling another service by its base URL.
 //!
-//! [`HttpClient`] speaks JSON over HTTP/1.1 with pooled keep-alive connections. Every
+//! [`HttpClient`] speaks JSON over HTTP/1.1 with pooled keep-alive connections, and over
+//! HTTPS (with the `tls` feature, on by default) with HTTP/2 when the server offers it by
+//! ALPN. An `https` base URL verifies the server against the system's trust store;
+//! [`ClientBuilder::tls`] names a CA bundle or a client certificate (mTLS) instead. Every
 //! request carries a `traceparent` header continuing the
 //! [current trace](crate::trace::TraceContext::current), a `user-agent` of
 //! `micro/<version>` and `accept: application/json`. A non-`2xx` answer is an
@@ -69,6 +72,11 @@ use crate::trace::{PropagateTrace, TraceContext};
 
 pub use crate::error::BoxError;
 
+#[cfg(feature = "tls")]
+type Connector = crate::tls::HttpsConnector;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
 /// The request type of the client stack: a fully buffered body.
 pub type ClientRequest = Request<Full<Bytes>>;
 
@@ -99,6 +107,8 @@ pub struct HttpClient {
 
 struct Shared {
     base: BaseUrl,
+    /// Whether `https` URLs can be called: the base URL is one, or TLS was configured.
+    https: bool,
     default_headers: HeaderMap,
     service: ClientService,
 }
@@ -171,16 +181,27 @@ impl HttpClient {
     /// Sends a request built by hand.
     ///
     /// A URI with only a path and query is appended to the base URL; an absolute
-    /// `http` URI is used as is. Default headers the request lacks are added.
+    /// `http` URI is used as is, and so is an `https` one when the client can call them
+    /// (its base URL is `https`, or it was given [`ClientBuilder::tls`]). Default headers
+    /// the request lacks are added.
     pub async fn send<B: Into<Bytes>>(&self, req: Request<B>) -> Result<Response<Bytes>, Error> {
         let (mut parts, body) = req.into_parts();
         if parts.uri.scheme().is_none() {
             let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
             parts.uri = self.shared.base.join(path)?;
-        } else if parts.uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+        } else if parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS) && !self.shared.https {
             return Err(Error::invalid_url(
                 &parts.uri.to_string(),
-                Reason("only http urls are supported"),
+                Reason(
+                    "an https url needs a client with an https base url or `ClientBuilder::tls`",
+                ),
+            ));
+        } else if parts.uri.scheme() != Some(&http::uri::Scheme::HTTP)
+            && parts.uri.scheme() != Some(&http::uri::Scheme::HTTPS)
+        {
+            return Err(Error::invalid_url(
+                &parts.uri.to_string(),
+                Reason("only http and https urls are supported"),
             ));
         }
         self.execute(Request::from_parts(parts, Full::new(body.into())))
@@ -247,6 +268,8 @@ pub struct ClientBuilder {
     max_response_body: usize,
     default_headers: Result<HeaderMap, Error>,
     layers: Vec<LayerFn>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::ClientTlsConfig>,
 }
 
 impl ClientBuilder {
@@ -263,6 +286,8 @@ impl ClientBuilder {
             max_response_body: 16 * 1024 * 1024,
             default_headers: Ok(default_headers),
             layers: Vec::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -322,6 +347,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Verifies servers and shows a client certificate as `tls` says, for an `https`
+    /// base URL or absolute `https` URLs given to [`HttpClient::send`]. Without it, an
+    /// `https` base URL trusts the system's store and shows no client certificate.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Wraps the client stack in `layer`, such as a resilience policy.
     ///
     /// The first layer added is the outermost, as with
@@ -357,7 +391,8 @@ impl ClientBuilder {
         self.layer(policy.layer(name))
     }
 
-    /// Builds the client. Fails when the base URL or a default header is invalid.
+    /// Builds the client. Fails when the base URL or a default header is invalid, or
+    /// the [TLS settings](Self::tls) can't be used (their files are read here).
     ///
     /// Needs no runtime; the first request must be made inside a Tokio runtime.
     pub fn build(self) -> Result<HttpClient, Error> {
@@ -367,6 +402,15 @@ impl ClientBuilder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(self.connect_timeout);
+        #[cfg(feature = "tls")]
+        let (connector, https) = if self.tls.is_some() || base.https {
+            let tls = self.tls.unwrap_or_default();
+            (tls.https_connector(connector).map_err(Error::tls)?, true)
+        } else {
+            (crate::tls::http_only_connector(connector), false)
+        };
+        #[cfg(not(feature = "tls"))]
+        let https = false;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.pool_idle_timeout)
             .pool_max_idle_per_host(self.pool_max_idle_per_host)
@@ -386,6 +430,7 @@ impl ClientBuilder {
         Ok(HttpClient {
             shared: Arc::new(Shared {
                 base,
+                https,
                 default_headers,
                 service,
             }),
@@ -531,17 +576,22 @@ fn header_names(headers: &HeaderMap) -> Vec<&HeaderName> {
     headers.keys().collect()
 }
 
-/// A validated `http` base URL, without a trailing slash.
+/// A validated `http` (or `https`) base URL, without a trailing slash.
 #[derive(Debug, Clone)]
 struct BaseUrl {
     prefix: String,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    https: bool,
 }
 
 impl BaseUrl {
     fn parse(url: &str) -> Result<Self, Error> {
         let uri: Uri = url.parse().map_err(|err| Error::invalid_url(url, err))?;
-        let reason = if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
-            Some("only http urls are supported")
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let reason = if https && cfg!(not(feature = "tls")) {
+            Some("https urls need micro-core's `tls` feature")
+        } else if uri.scheme() != Some(&http::uri::Scheme::HTTP) && !https {
+            Some("only http and https urls are supported")
         } else if uri.authority().is_none() {
             Some("the url has no host")
         } else if uri.query().is_some() {
@@ -554,6 +604,7 @@ impl BaseUrl {
         }
         Ok(Self {
             prefix: url.trim_end_matches('/').to_owned(),
+            https,
         })
     }
 

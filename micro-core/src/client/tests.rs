@@ -449,7 +449,7 @@ async fn layer_errors_pass_through_as_rejected() {
 fn invalid_urls_are_typed_errors() {
     for url in [
         "not a url",
-        "https://orders:8443",
+        "ftp://orders:21",
         "orders:8080",
         "/orders",
         "http://orders/api?x=1",

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use tower_service::Service;
 
 use super::error::{Error, RequestInfo};
-use super::{BoxError, ClientRequest};
+use super::{BoxError, ClientRequest, Connector};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -19,7 +19,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// layers added by the user, so that a retry layer sees the classified [`Error`].
 #[derive(Debug, Clone)]
 pub(super) struct Transport {
-    pub(super) client: Client<HttpConnector, Full<Bytes>>,
+    pub(super) client: Client<Connector, Full<Bytes>>,
     pub(super) timeout: Option<Duration>,
     pub(super) max_body: usize,
 }
@@ -50,7 +50,7 @@ impl Service<ClientRequest> for Transport {
 }
 
 async fn exchange(
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     req: ClientRequest,
     max_body: usize,
 ) -> Result<http::Response<Bytes>, Error> {

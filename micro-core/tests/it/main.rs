@@ -5,3 +5,5 @@ mod host;
 mod identity;
 mod limits;
 mod support;
+#[cfg(feature = "tls")]
+mod tls;

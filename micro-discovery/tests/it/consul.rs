@@ -446,3 +446,54 @@ async fn an_agent_outage_keeps_the_last_known_instances_serving() {
     caller.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no call failed");
 }
+
+/// A CA and a certificate it issued for 127.0.0.1, as PEM files in `dir`.
+fn loopback_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_reached_over_https_verified_against_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    loopback_pki(dir.path());
+    let double = ConsulDouble::start_tls(micro_core::tls::TlsConfig::new(
+        dir.path().join("server.pem"),
+        dir.path().join("server.key"),
+    ))
+    .await;
+    assert!(double.address().starts_with("https://"));
+    let tls = micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("ca.pem"));
+    let consul = ConsulRegistry::new(config(&double).tls(tls)).unwrap();
+    let instance = Instance::new("orders", "orders-1", "10.0.0.7", 8003);
+    consul
+        .register(&Registration::new(instance.clone()))
+        .await
+        .unwrap();
+    let found = consul.instances("orders").await.unwrap();
+    assert_eq!(ids(&found), ["orders-1"]);
+
+    // The system store does not know the test CA: nothing is sent.
+    let untrusting = ConsulRegistry::new(config(&double)).unwrap();
+    assert!(untrusting.instances("orders").await.is_err());
+    assert_eq!(double.registrations().len(), 1);
+
+    // A CA file that can't be read is refused when the registry is made.
+    let error = ConsulRegistry::new(
+        config(&double)
+            .tls(micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("nope.pem"))),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("`ca`"), "{error}");
+}

@@ -50,6 +50,21 @@ pub(crate) struct ConsulDouble {
     shared: Arc<Shared>,
     addr: SocketAddr,
     server: Option<Server>,
+    /// The micro-core host serving the double over TLS, for Consul's HTTPS API.
+    tls_host: Option<micro_core::host::RunningHost>,
+}
+
+/// The double as a micro-core service, to serve it on a TLS listener.
+struct Agent(Router);
+
+impl micro_core::service::Service for Agent {
+    fn name(&self) -> &str {
+        "consul"
+    }
+
+    fn router(&self) -> Router {
+        self.0.clone()
+    }
 }
 
 struct Shared {
@@ -101,12 +116,46 @@ impl ConsulDouble {
             shared,
             addr: server.addr,
             server: Some(server),
+            tls_host: None,
         }
     }
 
-    /// `http://127.0.0.1:port`.
+    /// A double on 127.0.0.1:0 that speaks only HTTPS, with `tls`, served by a real
+    /// micro-core TLS listener. It can't be killed and restarted.
+    pub(crate) async fn start_tls(tls: micro_core::tls::TlsConfig) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            index: watch::channel(1).0,
+            token: None,
+        });
+        let host = micro_core::host::ServiceHost::builder()
+            .service_with(
+                Agent(router(shared.clone())),
+                "127.0.0.1:0".parse().unwrap(),
+                micro_core::listener::ListenerConfig::default().tls(tls),
+            )
+            .build()
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        Self {
+            shared,
+            addr: host.local_addr("consul").unwrap(),
+            server: None,
+            tls_host: Some(host),
+        }
+    }
+
+    /// `http://127.0.0.1:port`, or `https://` for a double started with
+    /// [`start_tls`](Self::start_tls).
     pub(crate) fn address(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_host.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops answering: the listener and every connection close.

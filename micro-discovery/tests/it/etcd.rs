@@ -299,3 +299,134 @@ async fn killing_one_of_three_instances_loses_no_request() {
     )
     .await;
 }
+
+/// A CA and certificates it issued, for 127.0.0.1 (`server`) and for a client
+/// (`client`), as PEM files in `dir`.
+fn loopback_pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    for (name, san, usage) in [
+        (
+            "server",
+            "127.0.0.1",
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ),
+        (
+            "client",
+            "registry.internal",
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// A free loopback port (bound and released; etcd binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A second etcd (Debian's `etcd` binary, as `scripts/etcd.sh` installs it) that serves
+/// clients only over TLS and asks them for a certificate; killed when dropped.
+struct TlsEtcd {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl TlsEtcd {
+    fn start(dir: &std::path::Path) -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .arg("--name=micro-tls")
+            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=micro-tls={peer_url}"))
+            .arg(format!("--cert-file={}", dir.join("server.pem").display()))
+            .arg(format!("--key-file={}", dir.join("server.key").display()))
+            .arg(format!(
+                "--trusted-ca-file={}",
+                dir.join("ca.pem").display()
+            ))
+            .arg("--client-cert-auth")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("Debian's etcd runs (scripts/etcd.sh installs it)");
+        Self { child, endpoint }
+    }
+}
+
+impl Drop for TlsEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_is_reached_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    loopback_pki(dir.path());
+    let etcd = TlsEtcd::start(dir.path());
+    let tls = micro_core::tls::ClientTlsConfig::new()
+        .ca(dir.path().join("ca.pem"))
+        .client_cert(dir.path().join("client.pem"), dir.path().join("client.key"));
+    let config = EtcdConfig::new([etcd.endpoint.as_str()])
+        .prefix(fresh_prefix())
+        .request_timeout(Duration::from_secs(2))
+        .tls(tls);
+    let registry = EtcdRegistry::connect(&config).await.unwrap();
+    // etcd takes a moment to start: poll until it answers.
+    eventually(
+        Duration::from_secs(20),
+        "the tls etcd to answer",
+        || async { registry.instances("probe").await.is_ok() },
+    )
+    .await;
+    let instance = Instance::new("orders", "orders-1", "10.0.0.7", 8003);
+    registry
+        .register(&Registration::new(instance))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&registry.instances("orders").await.unwrap()),
+        ["orders-1"]
+    );
+
+    // Without the client certificate the cluster turns the client away.
+    let anonymous = EtcdConfig::new([etcd.endpoint.as_str()])
+        .prefix(fresh_prefix())
+        .request_timeout(Duration::from_secs(2))
+        .tls(micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("ca.pem")));
+    let anonymous = EtcdRegistry::connect(&anonymous).await.unwrap();
+    assert!(anonymous.instances("orders").await.is_err());
+
+    // https without tls, tls without https, and unreadable files are refused up front.
+    let bare = EtcdConfig::new([etcd.endpoint.as_str()]);
+    assert!(EtcdRegistry::connect(&bare).await.is_err());
+    let plain = EtcdConfig::new([endpoint()])
+        .tls(micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("ca.pem")));
+    assert!(EtcdRegistry::connect(&plain).await.is_err());
+    let missing = EtcdConfig::new([etcd.endpoint.as_str()])
+        .tls(micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("nope.pem")));
+    let error = EtcdRegistry::connect(&missing).await.unwrap_err();
+    assert!(error.to_string().contains("`ca`"), "{error}");
+}

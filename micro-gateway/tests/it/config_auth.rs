@@ -125,9 +125,9 @@ fn jwt_and_rate_limiting_errors_name_the_place_in_the_file() {
             "RS256 needs an `rsa_public_key`",
         ),
         (
-            format!("{route}          - name: jwt\n            config:\n              jwks_url: https://idp.test/keys\n"),
+            format!("{route}          - name: jwt\n            config:\n              jwks_url: ftp://idp.test/keys\n"),
             "services[0].routes[0].plugins[0].config.jwks_url",
-            "only `http://",
+            "only `https://",
         ),
         (
             format!("{route}          - name: jwt\n            config:\n              leeway: soon\n              keys: []\n"),

@@ -683,3 +683,90 @@ async fn a_stale_jwks_is_refetched_and_kept_when_the_endpoint_fails() {
     );
     assert_eq!(upstream.hits.load(Ordering::SeqCst), 3);
 }
+
+/// A JWKS endpoint served over TLS by a real micro-core listener, with a certificate for
+/// `127.0.0.1` issued by a CA made here. Returns the host, the URL and the CA's PEM file.
+async fn jwks_over_https(keys: Vec<Jwk>, dir: &std::path::Path) -> (RunningHost, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "jwks test ca");
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+
+    let app = Router::new().route(
+        "/.well-known/jwks.json",
+        get(move || {
+            let keys = keys.clone();
+            async move { Json(JwkSet { keys }) }
+        }),
+    );
+    let tls = micro_core::tls::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"));
+    let host = micro_core::host::ServiceHost::builder()
+        .service_with(
+            crate::support::Gateway(app),
+            "127.0.0.1:0".parse().unwrap(),
+            micro_core::listener::ListenerConfig::default().tls(tls),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = host.local_addr("gateway").unwrap();
+    (host, format!("https://{addr}/.well-known/jwks.json"))
+}
+
+#[tokio::test]
+async fn jwks_is_fetched_over_https_and_the_server_is_verified() {
+    let upstream = counted_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = vec![jwk(Algorithm::ES256, "k1", &fixture("ec256_public.pem"))];
+    let (_jwks, url) = jwks_over_https(keys, dir.path()).await;
+    let token = format!(
+        "Bearer {}",
+        sign(
+            Algorithm::ES256,
+            Some("k1"),
+            &good_claims(),
+            &signing_key(Algorithm::ES256)
+        )
+    );
+
+    let mut config = JwtConfig::default();
+    config.audience = vec!["shop".to_owned()];
+    config.jwks_url = Some(url.clone());
+    config.jwks_tls = micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("ca.pem"));
+    let (_host, addr) = guarded(&config, upstream.addr).await;
+    let (status, _, body) = call(addr, "/api/x", &[("authorization", &token)]).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Trusting only the system store, the test CA is unknown: no keys, no entry.
+    config.jwks_tls = micro_core::tls::ClientTlsConfig::default();
+    let (_host, addr) = guarded(&config, upstream.addr).await;
+    let (status, _, body) = call(addr, "/api/x", &[("authorization", &token)]).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body["error"]["message"],
+        "the signing keys cannot be fetched"
+    );
+    assert_eq!(upstream.hits.load(Ordering::SeqCst), 1);
+
+    // TLS settings that can't be used, or that an `http` URL would ignore, are refused.
+    config.jwks_tls = micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("nope.pem"));
+    let error = config.layer().unwrap_err();
+    assert!(error.to_string().contains("jwks_tls.ca"), "{error}");
+    config.jwks_url = Some(url.replace("https://", "http://"));
+    config.jwks_tls = micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("ca.pem"));
+    let error = config.layer().unwrap_err();
+    assert!(error.to_string().contains("jwks_tls"), "{error}");
+}

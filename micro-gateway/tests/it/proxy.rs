@@ -192,3 +192,101 @@ async fn a_slow_upstream_is_a_504() {
     assert_eq!(status, 504);
     assert_eq!(body["error"]["code"], "upstream_timeout");
 }
+
+/// An upstream answering `GET /hello` over TLS only, on a real micro-core listener, with
+/// a certificate for 127.0.0.1 issued by a CA made here (`ca.pem` in `dir`).
+async fn tls_upstream(
+    dir: &std::path::Path,
+) -> (micro_core::host::RunningHost, std::net::SocketAddr) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let app = Router::new().route("/hello", get(|| async { "hello over tls" }));
+    let tls = micro_core::tls::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"));
+    let host = micro_core::host::ServiceHost::builder()
+        .service_with(
+            crate::support::Gateway(app),
+            "127.0.0.1:0".parse().unwrap(),
+            micro_core::listener::ListenerConfig::default().tls(tls),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = host.local_addr("gateway").unwrap();
+    (host, addr)
+}
+
+async fn body_of(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let request = http::Request::get(path)
+        .header("host", "gateway.test")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(addr, request).await;
+    (status.as_u16(), String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_upstream, upstream) = tls_upstream(dir.path()).await;
+    let url = format!("https://{upstream}");
+    let ca = micro_core::tls::ClientTlsConfig::new().ca(dir.path().join("ca.pem"));
+
+    let trusted = Proxy::try_new(
+        Upstream::parse(&url).unwrap(),
+        ProxyConfig::new().tls(ca.clone()),
+    )
+    .unwrap();
+    let untrusted = Proxy::new(Upstream::parse(&url).unwrap(), ProxyConfig::new());
+    let router = Router::new()
+        .nest_service("/trusted", trusted)
+        .nest_service("/untrusted", untrusted);
+    let (_host, addr) = gateway(router).await;
+    assert_eq!(
+        body_of(addr, "/trusted/hello").await,
+        (200, "hello over tls".to_owned())
+    );
+    // The system store does not know the test CA: nothing reaches the upstream.
+    let (status, body) = body_of(addr, "/untrusted/hello").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(!body.contains("hello over tls"));
+
+    // From the declarative file, with the CA of our `tls` addition.
+    let yaml = format!(
+        "services:\n  - name: secure\n    url: {url}\n    tls:\n      ca: {ca}\n    routes:\n      - paths: [/secure]\n",
+        ca = dir.path().join("ca.pem").display()
+    );
+    let config = micro_gateway::config::DeclarativeConfig::from_yaml(&yaml).unwrap();
+    let (_host, addr) = gateway(config.build().unwrap().into_router()).await;
+    assert_eq!(
+        body_of(addr, "/secure/hello").await,
+        (200, "hello over tls".to_owned())
+    );
+
+    // A CA file that can't be read, or `tls` on an http upstream, is refused at load.
+    let missing = yaml.replace("ca.pem", "nope.pem");
+    let error = micro_gateway::config::DeclarativeConfig::from_yaml(&missing)
+        .and_then(|c| c.build().map(|_| ()))
+        .unwrap_err();
+    assert!(error.to_string().contains("tls.ca"), "{error}");
+    let plain = yaml.replace("https://", "http://");
+    let error = micro_gateway::config::DeclarativeConfig::from_yaml(&plain)
+        .and_then(|c| c.build().map(|_| ()))
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("`tls` needs an `https` url"),
+        "{error}"
+    );
+}

@@ -28,7 +28,8 @@ use super::{JwtAuthLayer, JwtVerifier, VerifierInner};
 ///       rsa_public_key: |
 ///         -----BEGIN PUBLIC KEY-----
 ///         ...
-///   jwks_url: http://auth.internal/.well-known/jwks.json
+///   jwks_url: https://auth.internal/.well-known/jwks.json
+///   jwks_tls: { ca: /etc/micro/tls/internal-ca.pem }   # optional: the system store otherwise
 ///   issuer: https://auth.shop.example
 ///   audience: shop
 ///   leeway: 30
@@ -60,8 +61,14 @@ pub struct JwtConfig {
     pub realm: String,
     /// Keys given in the file; each is pinned to one algorithm.
     pub keys: Vec<KeyConfig>,
-    /// A JSON Web Key Set to fetch keys from by `kid` (plain `http://` only).
+    /// A JSON Web Key Set to fetch keys from by `kid`: an `https://` URL (verified against
+    /// the system trust store, or as [`jwks_tls`](Self::jwks_tls) says), or `http://` on
+    /// a trusted network only, as whoever can change the answer can mint tokens.
     pub jwks_url: Option<String>,
+    /// How an `https` [`jwks_url`](Self::jwks_url) is verified: a CA bundle in place of
+    /// the system store, a client certificate (`ca`, `cert`, `key`; see
+    /// [`ClientTlsConfig`](micro_core::tls::ClientTlsConfig)).
+    pub jwks_tls: micro_core::tls::ClientTlsConfig,
     /// Seconds before a fetched JWKS is fetched again (600).
     pub jwks_cache_ttl: u64,
     /// The fewest seconds between two fetches, however many unknown `kid`s arrive (10).
@@ -127,6 +134,7 @@ impl Default for JwtConfig {
             realm: "micro-gateway".to_owned(),
             keys: Vec::new(),
             jwks_url: None,
+            jwks_tls: micro_core::tls::ClientTlsConfig::default(),
             jwks_cache_ttl: 600,
             jwks_min_refresh_interval: 10,
             issuer: Vec::new(),
@@ -322,23 +330,37 @@ impl JwtConfig {
                 })?);
             }
         }
+        let tls_set = self.jwks_tls != micro_core::tls::ClientTlsConfig::default();
+        let https = self
+            .jwks_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("https://"));
+        if tls_set && !https {
+            return Err(JwtConfigError::new(
+                "jwks_tls",
+                "applies to an `https://` jwks_url only",
+            ));
+        }
         let jwks = match &self.jwks_url {
             None => None,
             Some(url) => {
                 let uri: http::Uri = url
                     .parse()
                     .map_err(|e| JwtConfigError::new("jwks_url", e))?;
-                if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
                     return Err(JwtConfigError::new(
                         "jwks_url",
-                        "only `http://host/...` urls are supported",
+                        "only `https://host/...` and `http://host/...` urls are supported",
                     ));
                 }
-                Some(JwksCache::new(
+                let cache = JwksCache::new(
                     uri,
                     Duration::from_secs(self.jwks_cache_ttl),
                     Duration::from_secs(self.jwks_min_refresh_interval),
-                ))
+                    &self.jwks_tls,
+                )
+                .map_err(|e| JwtConfigError::new(format!("jwks_tls.{}", e.key()), e))?;
+                Some(cache)
             }
         };
         Ok(JwtVerifier::new(VerifierInner {

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use micro_core::tls::{ClientTlsConfig, HttpsConnector, TlsError};
 use tokio::time::Instant;
 
 use super::error::{JwksError, JwtError};
@@ -48,26 +49,39 @@ pub(crate) struct JwksCache {
     url: Uri,
     ttl: Duration,
     min_refresh: Duration,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpsConnector, Empty<Bytes>>,
     state: RwLock<State>,
     // One fetch at a time; the others wait for it and reuse its answer.
     fetching: tokio::sync::Mutex<()>,
 }
 
 impl JwksCache {
-    pub(crate) fn new(url: Uri, ttl: Duration, min_refresh: Duration) -> Self {
-        Self {
+    /// A cache of the set at `url`; an `https` one is verified as `tls` says.
+    pub(crate) fn new(
+        url: Uri,
+        ttl: Duration,
+        min_refresh: Duration,
+        tls: &ClientTlsConfig,
+    ) -> Result<Self, TlsError> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        let connector = if url.scheme() == Some(&http::uri::Scheme::HTTPS) {
+            tls.https_connector(http)?
+        } else {
+            micro_core::tls::http_only_connector(http)
+        };
+        Ok(Self {
             url,
             ttl,
             min_refresh,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
             state: RwLock::new(State {
                 keys: HashMap::new(),
                 fetched_at: None,
                 generation: 0,
             }),
             fetching: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     fn lookup(&self, kid: &str) -> (Option<Arc<ResolvedKey>>, bool, u64) {
