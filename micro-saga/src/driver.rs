@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::definition::{BoxFuture, SagaContext, SagaDefinition};
 use crate::error::{Error, Result};
-use crate::log::{Append, SagaLog, SagaRecord};
+use crate::log::{Append, Lease, SagaLog, SagaRecord};
 use crate::metrics;
 use crate::state::{NextAction, Resolution, SagaInstance};
 use crate::step::{idempotency_key, Phase, StepContext, StepError, StepOutput};
@@ -74,6 +74,8 @@ pub(crate) struct Driver<C> {
     version: u64,
     trace: TraceContext,
     backoff: Option<Duration>,
+    /// The lease this driver holds the saga under; every write carries it.
+    lease: Option<Lease>,
 }
 
 fn now() -> OffsetDateTime {
@@ -81,13 +83,15 @@ fn now() -> OffsetDateTime {
 }
 
 impl<C: SagaContext> Driver<C> {
-    /// Records a new saga in the log and returns its driver.
+    /// Records a new saga in the log, leased to `lease`'s owner for its ttl
+    /// when given, and returns its driver.
     pub(crate) async fn create(
         def: SagaDefinition<C>,
         log: Arc<dyn SagaLog>,
         saga_id: String,
         context: C,
         trace: TraceContext,
+        lease: Option<(&str, Duration)>,
     ) -> Result<Self> {
         let saga = SagaInstance::start(saga_id, def.name(), def.step_names(), now())?;
         let context_json = serde_json::to_value(&context).map_err(Error::Context)?;
@@ -96,7 +100,13 @@ impl<C: SagaContext> Driver<C> {
             context_json.clone(),
             Some(trace.to_traceparent()),
         )?;
-        log.create(&new).await?;
+        let lease = match lease {
+            Some((owner, ttl)) => Some(log.create_leased(&new, owner, ttl).await?),
+            None => {
+                log.create(&new).await?;
+                None
+            }
+        };
         metrics::started(def.name());
         Ok(Driver {
             saga_id: saga.id().into(),
@@ -109,14 +119,16 @@ impl<C: SagaContext> Driver<C> {
             version: 1,
             trace,
             backoff: None,
+            lease,
         })
     }
 
-    /// A driver for a saga loaded from the log.
+    /// A driver for a saga loaded from the log, held under `lease` if given.
     pub(crate) fn resume(
         def: SagaDefinition<C>,
         log: Arc<dyn SagaLog>,
         record: SagaRecord,
+        lease: Option<Lease>,
     ) -> Result<Self> {
         let saga = record.instance()?;
         let mismatch = |reason: String| Error::DefinitionMismatch {
@@ -151,6 +163,7 @@ impl<C: SagaContext> Driver<C> {
             context_json: record.context,
             trace,
             backoff: None,
+            lease,
         })
     }
 
@@ -165,6 +178,10 @@ impl<C: SagaContext> Driver<C> {
 
     pub(crate) fn definition(&self) -> &Arc<str> {
         &self.definition
+    }
+
+    pub(crate) fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
     }
 
     #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
@@ -446,13 +463,16 @@ impl<C: SagaContext> Driver<C> {
             Some(context) => serde_json::to_value(context).map_err(Error::Context)?,
             None => self.context_json.clone(),
         };
-        let append = Append::new(
+        let mut append = Append::new(
             &*self.saga_id,
             self.version,
             transitions,
             next.status(),
             context_json,
         );
+        if let Some(lease) = &self.lease {
+            append = append.fenced(lease.clone());
+        }
         self.version = self.append(&append, &next).await?;
         if next.is_finished() && !self.saga.is_finished() {
             metrics::finished(&self.definition, next.status());

@@ -6,6 +6,8 @@ mod continuous;
 mod crash;
 #[cfg(any(feature = "postgres", feature = "embedded"))]
 mod durable;
+#[cfg(feature = "postgres")]
+mod lease;
 mod orchestrator;
 mod properties;
 mod reply;
