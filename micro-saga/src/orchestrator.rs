@@ -27,8 +27,9 @@ use crate::state::{SagaInstance, SagaStatus};
 /// resume with [`OrchestratorBuilder::definition`]. Call
 /// [`recover`](Self::recover) when the process starts, to resume the sagas a
 /// crash left unfinished: a step whose outcome was never recorded runs again
-/// with the same idempotency key, and a saga that was compensating carries
-/// on compensating.
+/// with the same idempotency key (within its recorded deadline, when the
+/// step has a timeout: see [`StepPolicy`](crate::StepPolicy)), and a saga
+/// that was compensating carries on compensating.
 ///
 /// Cheap to clone; clones share the log and the definitions. Sagas keep
 /// running when their [`SagaHandle`] is dropped. When the runtime stops, a

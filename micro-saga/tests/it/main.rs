@@ -13,3 +13,4 @@ mod properties;
 mod reply;
 mod support;
 mod testkit;
+mod timers;
