@@ -463,19 +463,76 @@ fn per_key(bus: &MemoryBus, topic: &str) -> BTreeMap<String, Vec<u32>> {
 /// published in commit order, and none is passed over.
 #[tokio::test]
 async fn a_key_s_events_are_published_in_commit_order_while_a_writer_holds_it_open() {
+    let bus = MemoryBus::with_partitions(2);
+    hold_a_key_open(bus.clone(), "orders").await;
+    let published = per_key(&bus, "orders");
+    assert_eq!(published["k"], [0, 2, 1], "k in commit order");
+    assert_eq!(published["j"], [100, 101]);
+}
+
+/// The same on the real broker: what a fresh consumer group reads from
+/// Kafka (tansu) is each key's events in commit order.
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_key_s_events_arrive_in_commit_order() {
+    use micro_events::kafka::KafkaBus;
+
+    let bus = KafkaBus::new(crate::kafka::config()).unwrap();
+    let topic = crate::support::unique("outbox");
+    bus.create_topic(&topic, 2, 1).await.unwrap();
+    bus.create_topic(&format!("{topic}.dlq"), 2, 1)
+        .await
+        .unwrap();
+    hold_a_key_open(bus.clone(), &topic).await;
+
+    let received: Log<(String, u32)> = Log::new();
+    let log = received.clone();
+    let sub = bus
+        .subscribe_with(
+            &topic,
+            "checker",
+            fast(),
+            move |e: Received<(String, u32)>| {
+                let log = log.clone();
+                async move {
+                    log.push(e.data().clone());
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "five events from Kafka", || {
+        (received.len() >= 5).then_some(())
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    let mut per_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (key, n) in received.snapshot() {
+        per_key.entry(key).or_default().push(n);
+    }
+    assert_eq!(per_key["k"], [0, 2, 1], "k in commit order");
+    assert_eq!(per_key["j"], [100, 101]);
+}
+
+/// Writes, in this order: `k`:0 (first transaction, held open), `j`:100
+/// (committed, published alone), `j`:101 and `k`:1 (second transaction,
+/// which must wait for the first), `k`:2 (first), then commits the first and
+/// the second; relays to `publisher` on `topic` along the way, and checks
+/// that nothing is published while `k` is held and nothing is left unsent.
+async fn hold_a_key_open<P: Publisher>(publisher: P, topic: &str) {
     let client = connect().await;
     let s = schema(&client).await;
     let outbox = PgOutbox::new(&format!("{s}.outbox")).unwrap();
     outbox.create_table(&client).await.unwrap();
-    let bus = MemoryBus::with_partitions(2);
-    let mut relay = outbox.relay(connect().await, bus.clone());
+    let mut relay = outbox.relay(connect().await, publisher);
 
     // First: writes k and stays open.
     let mut first = connect().await;
     let first_pid = backend_pid(&first).await;
     let first_tx = first.transaction().await.unwrap();
     outbox
-        .write(&first_tx, "orders", "k", &numbered("k", 0))
+        .write(&first_tx, topic, "k", &numbered("k", 0))
         .await
         .unwrap();
 
@@ -483,24 +540,24 @@ async fn a_key_s_events_are_published_in_commit_order_while_a_writer_holds_it_op
     let mut other = connect().await;
     let tx = other.transaction().await.unwrap();
     outbox
-        .write(&tx, "orders", "j", &numbered("j", 100))
+        .write(&tx, topic, "j", &numbered("j", 100))
         .await
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(relay_all(&mut relay).await, 1, "j's event, alone");
 
     // Second: writes k (after an unrelated key) and must wait for first.
-    let second = connect().await;
+    let mut second = connect().await;
     let second_pid = backend_pid(&second).await;
-    let (outbox2, mut second) = (outbox.clone(), second);
+    let (outbox2, topic2) = (outbox.clone(), topic.to_owned());
     let second_done = tokio::spawn(async move {
         let tx = second.transaction().await.unwrap();
         outbox2
-            .write(&tx, "orders", "j", &numbered("j", 101))
+            .write(&tx, &topic2, "j", &numbered("j", 101))
             .await
             .unwrap();
         outbox2
-            .write(&tx, "orders", "k", &numbered("k", 1))
+            .write(&tx, &topic2, "k", &numbered("k", 1))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -521,7 +578,7 @@ async fn a_key_s_events_are_published_in_commit_order_while_a_writer_holds_it_op
 
     // First writes k once more, then commits; second then goes on.
     outbox
-        .write(&first_tx, "orders", "k", &numbered("k", 2))
+        .write(&first_tx, topic, "k", &numbered("k", 2))
         .await
         .unwrap();
     first_tx.commit().await.unwrap();
@@ -531,9 +588,6 @@ async fn a_key_s_events_are_published_in_commit_order_while_a_writer_holds_it_op
 
     assert_eq!(relay_all(&mut relay).await, 4);
     assert_eq!(outbox.unsent(&client).await.unwrap(), 0, "nothing skipped");
-    let published = per_key(&bus, "orders");
-    assert_eq!(published["k"], [0, 2, 1], "k in commit order");
-    assert_eq!(published["j"], [100, 101]);
 }
 
 /// Many writers on a few keys, each holding its transaction open for a
