@@ -533,12 +533,21 @@ from_redb!(
 
 impl LogError {
     /// Whether the same operation may succeed if tried again: for a lost
-    /// database connection, yes; for a conflict or a missing saga, no (reload
-    /// the saga first).
+    /// database connection, yes (also when the server said so as it closed
+    /// it: SQLSTATE class `08`, `57P01` to `57P03`), and for a serialization
+    /// failure or a deadlock (`40001`, `40P01`); for a conflict, a fence or a
+    /// missing saga, no (reload the saga first).
     pub fn is_retryable(&self) -> bool {
         match self {
             #[cfg(feature = "postgres")]
-            LogError::Postgres(err) => err.is_closed() || err.code().is_none(),
+            LogError::Postgres(err) => {
+                err.is_closed()
+                    || err.code().is_none_or(|code| {
+                        let code = code.code();
+                        code.starts_with("08")
+                            || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+                    })
+            }
             LogError::Unavailable(_) => true,
             _ => false,
         }

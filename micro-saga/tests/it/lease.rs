@@ -553,3 +553,76 @@ async fn install_adds_leases_to_an_older_log() {
     assert_eq!(old.load("old-1").await.unwrap().unwrap().version(), 1);
     db.drop_schema().await;
 }
+
+/// An orchestrator that is alive but has lost the log (its connection is
+/// terminated by the server) cannot renew: its tasks stop driving their
+/// sagas, dropping the step attempts in flight, before the leases lapse in
+/// the log; the other orchestrator then takes the sagas over. The two never
+/// call a participant with one key at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_from_the_log_stops_before_another_takes_over() {
+    let db = TestSchema::new().await;
+    let participant = Arc::new(Participant::default());
+    participant.hang("A", "b");
+    let a_client = connect().await;
+    let a_pid: i32 = a_client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let a_log = PostgresSagaLog::with_schema(a_client, &db.schema).unwrap();
+    a_log.install().await.unwrap();
+    let a = orchestrator(Arc::new(a_log), "A", &participant);
+    let mut a_handles = Vec::new();
+    for i in 0..10 {
+        a_handles.push(
+            a.start(&saga("A", &participant), format!("a-{i}"), i)
+                .await
+                .unwrap(),
+        );
+    }
+    crate::support::eventually(SETTLE, || {
+        participant
+            .calls()
+            .iter()
+            .filter(|(key, owner)| key.ends_with(":b:action") && *owner == "A")
+            .count()
+            == 10
+    })
+    .await;
+    let b = orchestrator(log(&db).await, "B", &participant);
+    let _sweep_b = b.keep_recovering(Duration::from_millis(20), Duration::ZERO);
+
+    db.client
+        .execute("SELECT pg_terminate_backend($1)", &[&a_pid])
+        .await
+        .unwrap();
+    for handle in a_handles {
+        let err = tokio::time::timeout(SETTLE, handle.finished())
+            .await
+            .expect("A never stopped")
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Log(LogError::LeaseLapsed { .. })),
+            "{err:?}"
+        );
+    }
+    assert_eq!(a.in_flight(), 0);
+    completed(&*log(&db).await, 10).await;
+    let calls = participant.calls();
+    for i in 0..10 {
+        let key = format!("a-{i}:b:action");
+        let by: Vec<&str> = calls
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(by, ["A", "B"], "{key}");
+    }
+    assert!(
+        participant.overlaps().is_empty(),
+        "{:?}",
+        participant.overlaps()
+    );
+    db.drop_schema().await;
+}
