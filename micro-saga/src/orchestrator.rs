@@ -491,6 +491,7 @@ impl fmt::Debug for Orchestrator {
         names.sort();
         f.debug_struct("Orchestrator")
             .field("definitions", &names)
+            .field("lease", &self.inner.lease)
             .field("in_flight", &self.in_flight())
             .finish()
     }
