@@ -207,6 +207,43 @@ impl InboxStore for PgInboxStore {
 /// [`write`](Self::write) inserts an event in the caller's transaction; a
 /// [`PgRelay`] publishes committed rows in id order and marks them sent.
 ///
+/// # Order per key is commit order
+///
+/// Row ids come from a sequence, and a sequence hands out numbers when rows
+/// are inserted, not when their transactions commit: a transaction could take
+/// id 7, stay open, and commit after another one that took id 8 for the same
+/// key. A relay round in between would then publish 8 before 7 ever became
+/// visible, and the key's events would reach consumers in neither id order nor
+/// commit order. So a write of a keyed record first takes a transaction-scoped
+/// advisory lock on (table, topic, key) (`pg_advisory_xact_lock`, released by
+/// the commit or rollback), and only then draws its id. A second transaction
+/// writing the same key waits at its `write` until the first one ends, so a
+/// key's ids are drawn in the order their transactions commit, and a row
+/// becomes visible only after every lower-id row of its key has committed (or
+/// rolled back). The relay publishes in id order, which for one key is
+/// therefore commit order, and never passes over a row that commits later.
+///
+/// What this costs and asks of the caller:
+/// - Transactions writing events for the *same* key serialise from their
+///   first write of that key to their end (writes for other keys do not wait,
+///   up to a rare 32-bit hash collision, which only makes two keys wait for
+///   each other). State changes on one aggregate usually serialise on its row
+///   lock anyway; write the events after the state change, near the end of
+///   the transaction, to keep the wait short.
+/// - A transaction that writes several keys takes their locks in the order
+///   it writes them; two transactions writing the same two keys in opposite
+///   orders can deadlock, and PostgreSQL then aborts one of them (SQLSTATE
+///   `40P01`, safe to retry). Write keys in a consistent order (sorted) when
+///   one transaction writes several.
+/// - Records without a key take no lock and have no order promise, as on
+///   Kafka.
+/// - The locks live in PostgreSQL's two-key advisory lock space: the first key
+///   is derived from the table name, the second from the topic and key. An
+///   application that uses two-key advisory locks of its own shares that space.
+/// - The table's schema is unchanged: tables created by earlier versions work
+///   as they are. During a rolling upgrade, writers of an earlier version take
+///   no lock, so the promise holds once every writer runs this version.
+///
 /// ```no_run
 /// # async fn place(client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
 /// use micro_events::{postgres::PgOutbox, Event};
@@ -281,7 +318,9 @@ impl PgOutbox {
         self.write_record(tx, topic, record).await
     }
 
-    /// Writes a raw record for `topic` in `tx`; returns the row id.
+    /// Writes a raw record for `topic` in `tx`; returns the row id. A keyed
+    /// record first waits for any other open transaction that wrote the same
+    /// topic and key (see [order per key](Self#order-per-key-is-commit-order)).
     ///
     /// # Errors
     ///
@@ -292,6 +331,11 @@ impl PgOutbox {
         topic: &str,
         record: Record,
     ) -> Result<i64> {
+        if let Some(key) = record.key.as_deref() {
+            let (space, lock) = self.order_lock(topic, key);
+            tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&space, &lock])
+                .await?;
+        }
         let (names, values): (Vec<String>, Vec<Vec<u8>>) = record.headers.into_iter().unzip();
         let row = tx
             .query_one(
@@ -304,6 +348,16 @@ impl PgOutbox {
             )
             .await?;
         Ok(row.get(0))
+    }
+
+    /// The advisory lock that orders the writers of `key` on `topic`: a
+    /// 32-bit FNV-1a hash of the table name, and one of the topic and key.
+    /// Computed here rather than by a PostgreSQL hash function so that it is
+    /// fixed by this crate and the same for every writer of every version.
+    fn order_lock(&self, topic: &str, key: &[u8]) -> (i32, i32) {
+        let space = fnv1a32(&[b"micro-events outbox ", self.table.qualified.as_bytes()]);
+        let lock = fnv1a32(&[topic.as_bytes(), &[0], key]);
+        (space, lock)
     }
 
     /// How many rows wait to be published.
@@ -366,7 +420,10 @@ impl PgOutbox {
 ///
 /// Order per key: a round skips any row with an older unsent row of the same
 /// topic and key that it did not claim itself (another relay holds it), so a
-/// key's rows are published in id order even with several relays.
+/// key's rows are published in id order even with several relays. Id order
+/// is a key's commit order, and a row never becomes visible after a
+/// higher-id row of its key was published, because writers of one key
+/// serialise (see [`PgOutbox`'s order per key](PgOutbox#order-per-key-is-commit-order)).
 #[derive(Debug)]
 pub struct PgRelay<P> {
     client: Client,
@@ -483,9 +540,37 @@ impl<P: Publisher> PgRelay<P> {
     }
 }
 
+/// The 32-bit FNV-1a hash of the concatenated `parts`, as a signed integer
+/// (PostgreSQL's `int4`).
+fn fnv1a32(parts: &[&[u8]]) -> i32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in parts.iter().flat_map(|p| p.iter()) {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_order_lock_is_fixed_per_table_topic_and_key() {
+        // The published FNV-1a test vectors: the lock must never change
+        // between versions, or writers of two versions would not wait for
+        // each other.
+        assert_eq!(fnv1a32(&[b""]) as u32, 0x811c_9dc5);
+        assert_eq!(fnv1a32(&[b"a"]) as u32, 0xe40c_292c);
+        assert_eq!(fnv1a32(&[b"fo", b"obar"]) as u32, 0xbf9c_f968);
+        let outbox = PgOutbox::new("orders.outbox").unwrap();
+        let other = PgOutbox::new("billing.outbox").unwrap();
+        let lock = outbox.order_lock("orders", b"o-1");
+        assert_eq!(lock, outbox.order_lock("orders", b"o-1"));
+        assert_ne!(lock.1, outbox.order_lock("orders", b"o-2").1);
+        assert_ne!(lock.1, outbox.order_lock("orders-x", b"o-1").1);
+        assert_ne!(lock.0, other.order_lock("orders", b"o-1").0);
+    }
 
     #[test]
     fn table_names_are_checked() {

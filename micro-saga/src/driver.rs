@@ -12,9 +12,9 @@ use tracing::Instrument;
 
 use crate::definition::{BoxFuture, SagaContext, SagaDefinition};
 use crate::error::{Error, Result};
-use crate::log::{Append, SagaLog, SagaRecord};
+use crate::log::{Append, Lease, SagaLog, SagaRecord};
 use crate::metrics;
-use crate::state::{NextAction, Resolution, SagaInstance};
+use crate::state::{NextAction, Resolution, SagaInstance, StepStatus};
 use crate::step::{idempotency_key, Phase, StepContext, StepError, StepOutput};
 use crate::transition::Transition;
 
@@ -63,6 +63,16 @@ pub enum MoveOutcome {
     },
 }
 
+/// What is left of an attempt in flight that a resumed saga carries on.
+#[derive(Debug, Clone, Copy)]
+enum Left {
+    /// This long, until the attempt's recorded deadline.
+    For(Duration),
+    /// Nothing: the deadline passed, so the attempt timed out; the step's
+    /// timeout is given.
+    Expired(Duration),
+}
+
 pub(crate) struct Driver<C> {
     def: SagaDefinition<C>,
     log: Arc<dyn SagaLog>,
@@ -74,6 +84,11 @@ pub(crate) struct Driver<C> {
     version: u64,
     trace: TraceContext,
     backoff: Option<Duration>,
+    /// The lease this driver holds the saga under; every write carries it.
+    lease: Option<Lease>,
+    /// Whether the saga was loaded from the log and has not moved since: its
+    /// current attempt, if one is in flight, was started by an earlier driver.
+    resumed: bool,
 }
 
 fn now() -> OffsetDateTime {
@@ -81,13 +96,15 @@ fn now() -> OffsetDateTime {
 }
 
 impl<C: SagaContext> Driver<C> {
-    /// Records a new saga in the log and returns its driver.
+    /// Records a new saga in the log, leased to `lease`'s owner for its ttl
+    /// when given, and returns its driver.
     pub(crate) async fn create(
         def: SagaDefinition<C>,
         log: Arc<dyn SagaLog>,
         saga_id: String,
         context: C,
         trace: TraceContext,
+        lease: Option<(&str, Duration)>,
     ) -> Result<Self> {
         let saga = SagaInstance::start(saga_id, def.name(), def.step_names(), now())?;
         let context_json = serde_json::to_value(&context).map_err(Error::Context)?;
@@ -96,7 +113,13 @@ impl<C: SagaContext> Driver<C> {
             context_json.clone(),
             Some(trace.to_traceparent()),
         )?;
-        log.create(&new).await?;
+        let lease = match lease {
+            Some((owner, ttl)) => Some(log.create_leased(&new, owner, ttl).await?),
+            None => {
+                log.create(&new).await?;
+                None
+            }
+        };
         metrics::started(def.name());
         Ok(Driver {
             saga_id: saga.id().into(),
@@ -109,14 +132,17 @@ impl<C: SagaContext> Driver<C> {
             version: 1,
             trace,
             backoff: None,
+            lease,
+            resumed: false,
         })
     }
 
-    /// A driver for a saga loaded from the log.
+    /// A driver for a saga loaded from the log, held under `lease` if given.
     pub(crate) fn resume(
         def: SagaDefinition<C>,
         log: Arc<dyn SagaLog>,
         record: SagaRecord,
+        lease: Option<Lease>,
     ) -> Result<Self> {
         let saga = record.instance()?;
         let mismatch = |reason: String| Error::DefinitionMismatch {
@@ -151,6 +177,8 @@ impl<C: SagaContext> Driver<C> {
             context_json: record.context,
             trace,
             backoff: None,
+            lease,
+            resumed: true,
         })
     }
 
@@ -167,6 +195,10 @@ impl<C: SagaContext> Driver<C> {
         &self.definition
     }
 
+    pub(crate) fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
     #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub(crate) fn context(&self) -> &C {
         &self.context
@@ -180,39 +212,59 @@ impl<C: SagaContext> Driver<C> {
 
     /// Makes one move, or returns `None` when the saga has finished.
     pub(crate) async fn advance(&mut self) -> Result<Option<Move>> {
-        match self.saga.next_action() {
-            NextAction::Finished(_) => Ok(None),
-            NextAction::RunStep(index) => self.run_step(index).await.map(Some),
-            NextAction::CompensateStep(index) => self.compensate_step(index).await.map(Some),
-        }
+        let moved = match self.saga.next_action() {
+            NextAction::Finished(_) => return Ok(None),
+            NextAction::RunStep(index) => self.run_step(index).await,
+            NextAction::CompensateStep(index) => self.compensate_step(index).await,
+        };
+        self.resumed = false;
+        moved.map(Some)
     }
 
     async fn run_step(&mut self, index: usize) -> Result<Move> {
         if let Some(delay) = self.backoff.take() {
             tokio::time::sleep(delay).await;
         }
-        self.record(
-            vec![Transition::StepStarted {
-                step: index,
-                at: now(),
-            }],
-            None,
-        )
-        .await?;
         let step = self.def.steps()[index].clone();
+        let carried_on = self.attempt_in_flight(index, Phase::Action, step.policy.timeout);
+        if carried_on.is_none() {
+            self.record(
+                vec![Transition::StepStarted {
+                    step: index,
+                    at: now(),
+                }],
+                None,
+            )
+            .await?;
+        }
         let attempt = self.saga.steps()[index].attempts();
         let cx = self.step_context(index, Phase::Action, attempt, None);
         let trace = cx.trace;
-        let result = self
-            .call(
-                index,
-                Phase::Action,
-                attempt,
-                step.policy.timeout,
-                trace,
-                (step.action)(cx),
-            )
-            .await;
+        let result = match carried_on {
+            Some(Left::Expired(limit)) => Err(StepError::timed_out(limit)),
+            Some(Left::For(left)) => {
+                self.call(
+                    index,
+                    Phase::Action,
+                    attempt,
+                    Some(left),
+                    trace,
+                    (step.action)(cx),
+                )
+                .await
+            }
+            None => {
+                self.call(
+                    index,
+                    Phase::Action,
+                    attempt,
+                    step.policy.timeout,
+                    trace,
+                    (step.action)(cx),
+                )
+                .await
+            }
+        };
         let outcome = match result {
             Ok(StepOutput { output, context }) => {
                 let succeeded = Transition::StepSucceeded {
@@ -288,28 +340,40 @@ impl<C: SagaContext> Driver<C> {
         if let Some(delay) = self.backoff.take() {
             tokio::time::sleep(delay).await;
         }
-        self.record(
-            vec![Transition::CompensationStarted {
-                step: index,
-                at: now(),
-            }],
-            None,
-        )
-        .await?;
+        let carried_on = self.attempt_in_flight(index, Phase::Compensation, step.policy.timeout);
+        if carried_on.is_none() {
+            self.record(
+                vec![Transition::CompensationStarted {
+                    step: index,
+                    at: now(),
+                }],
+                None,
+            )
+            .await?;
+        }
         let attempt = self.saga.steps()[index].compensation_attempts();
         let output = self.saga.steps()[index].output().cloned();
         let cx = self.step_context(index, Phase::Compensation, attempt, output);
         let trace = cx.trace;
-        let result = self
-            .call(
-                index,
-                Phase::Compensation,
-                attempt,
-                step.policy.timeout,
-                trace,
-                Box::pin(async move { compensation(cx).await.map(|()| StepOutput::empty()) }),
-            )
-            .await;
+        let timeout = match carried_on {
+            Some(Left::Expired(_)) => None,
+            Some(Left::For(left)) => Some(left),
+            None => step.policy.timeout,
+        };
+        let result = match carried_on {
+            Some(Left::Expired(limit)) => Err(StepError::timed_out(limit)),
+            _ => {
+                self.call(
+                    index,
+                    Phase::Compensation,
+                    attempt,
+                    timeout,
+                    trace,
+                    Box::pin(async move { compensation(cx).await.map(|()| StepOutput::empty()) }),
+                )
+                .await
+            }
+        };
         let outcome = match result {
             Ok(_) => {
                 let done = Transition::CompensationSucceeded {
@@ -336,6 +400,58 @@ impl<C: SagaContext> Driver<C> {
             }
         };
         Ok(self.moved(index, Phase::Compensation, attempt, outcome))
+    }
+
+    /// On the first move after the saga was loaded from the log: when an
+    /// attempt at step `index`'s `phase` is in flight (started, no outcome
+    /// recorded) and the step has a timeout, how long that attempt has left
+    /// before its deadline, the recorded start plus the timeout. The attempt
+    /// is then carried on for that long rather than started afresh, so a
+    /// restart does not reset its timer; an attempt past its deadline timed
+    /// out while nobody was waiting.
+    fn attempt_in_flight(
+        &mut self,
+        index: usize,
+        phase: Phase,
+        timeout: Option<Duration>,
+    ) -> Option<Left> {
+        if !std::mem::take(&mut self.resumed) {
+            return None;
+        }
+        let limit = timeout?;
+        let in_flight = match phase {
+            Phase::Action => StepStatus::Running,
+            Phase::Compensation => StepStatus::Compensating,
+        };
+        if self.saga.steps()[index].status() != in_flight {
+            return None;
+        }
+        let started = self
+            .saga
+            .history()
+            .iter()
+            .rev()
+            .find_map(|t| match (phase, t) {
+                (Phase::Action, Transition::StepStarted { step, at })
+                | (Phase::Compensation, Transition::CompensationStarted { step, at })
+                    if *step == index =>
+                {
+                    Some(*at)
+                }
+                _ => None,
+            })?;
+        let left = started + limit - now();
+        tracing::info!(
+            saga.id = %self.saga_id,
+            step = %self.def.steps()[index].name,
+            %phase,
+            left_ms = left.whole_milliseconds() as i64,
+            "carrying on the attempt in flight until its recorded deadline"
+        );
+        Some(match Duration::try_from(left) {
+            Ok(left) if !left.is_zero() => Left::For(left),
+            _ => Left::Expired(limit),
+        })
     }
 
     fn retry_later(
@@ -446,13 +562,16 @@ impl<C: SagaContext> Driver<C> {
             Some(context) => serde_json::to_value(context).map_err(Error::Context)?,
             None => self.context_json.clone(),
         };
-        let append = Append::new(
+        let mut append = Append::new(
             &*self.saga_id,
             self.version,
             transitions,
             next.status(),
             context_json,
         );
+        if let Some(lease) = &self.lease {
+            append = append.fenced(lease.clone());
+        }
         self.version = self.append(&append, &next).await?;
         if next.is_finished() && !self.saga.is_finished() {
             metrics::finished(&self.definition, next.status());

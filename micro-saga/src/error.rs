@@ -131,6 +131,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// The orchestrator's configuration is unusable (a zero lease ttl, say).
+    #[error("invalid orchestrator configuration: {reason}")]
+    #[non_exhaustive]
+    Config {
+        /// What is wrong.
+        reason: String,
+    },
+
     /// The saga's context could not be written to, or read from, JSON.
     #[error("saga context could not be encoded or decoded")]
     Context(#[source] serde_json::Error),

@@ -169,7 +169,7 @@ pub use definition::{
 };
 pub use driver::{Move, MoveOutcome};
 pub use error::{Error, Result};
-pub use log::{LogError, MemorySagaLog, SagaLog, SagaRecord, SagaSummary};
+pub use log::{Lease, LogError, MemorySagaLog, SagaLog, SagaRecord, SagaSummary};
 pub use orchestrator::{Orchestrator, OrchestratorBuilder, Recovery, RecoveryLoop, SagaHandle};
 pub use policy::StepPolicy;
 pub use state::{

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::definition::{SagaContext, SagaDefinition};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
-use crate::log::{SagaLog, SagaRecord, SagaSummary};
+use crate::log::{Lease, LogError, SagaLog, SagaRecord, SagaSummary};
 use crate::metrics;
 use crate::state::{SagaInstance, SagaStatus};
 
@@ -27,8 +27,9 @@ use crate::state::{SagaInstance, SagaStatus};
 /// resume with [`OrchestratorBuilder::definition`]. Call
 /// [`recover`](Self::recover) when the process starts, to resume the sagas a
 /// crash left unfinished: a step whose outcome was never recorded runs again
-/// with the same idempotency key, and a saga that was compensating carries
-/// on compensating.
+/// with the same idempotency key (within its recorded deadline, when the
+/// step has a timeout: see [`StepPolicy`](crate::StepPolicy)), and a saga
+/// that was compensating carries on compensating.
 ///
 /// Cheap to clone; clones share the log and the definitions. Sagas keep
 /// running when their [`SagaHandle`] is dropped. When the runtime stops, a
@@ -38,6 +39,38 @@ use crate::state::{SagaInstance, SagaStatus};
 /// Two orchestrators may share one durable log: the log's optimistic
 /// concurrency lets only one of them advance a saga, and the other stops
 /// driving it with a [`LogError::Conflict`](crate::log::LogError::Conflict).
+///
+/// # Leases: several orchestrators on one log
+///
+/// Built with [`OrchestratorBuilder::lease`] (on a log that holds leases,
+/// the PostgreSQL one), an orchestrator holds each saga it drives under a
+/// lease in the log, with its owner id, an expiry and a fencing epoch (see
+/// the [log's docs](crate::log#leases)):
+///
+/// - [`start`](Self::start) creates the saga leased to this orchestrator;
+///   the saga's task renews the lease every third of its ttl, by the log's
+///   clock;
+/// - [`recover`](Self::recover) and [`keep_recovering`](Self::keep_recovering)
+///   resume only the sagas whose lease has lapsed (or that have none), and
+///   claim each one first, which bumps its epoch: a saga another live
+///   orchestrator drives is never picked up, however long its step takes;
+/// - every write carries the lease; a write of a stale owner (its lease
+///   lapsed and was claimed) is refused with
+///   [`LogError::Fenced`](crate::log::LogError::Fenced), and its task stops
+///   driving the saga;
+/// - a task that cannot renew its lease stops driving the saga (and drops
+///   the step attempt in flight) when 90% of the ttl has passed since the
+///   last renewal was sent, before the log lets anyone claim it, so that two
+///   owners do not call a saga's participants at once;
+/// - a saga whose task stops without finishing gives its lease up at once,
+///   unless it was fenced off.
+///
+/// Every orchestrator on one log must then use leases, each with its own
+/// owner id. Choose the ttl longer than a renewal's round trip with some
+/// room (seconds, not milliseconds), and know that after a crash a saga
+/// waits up to one ttl before it is resumed elsewhere. A process that
+/// restarts with the same owner id takes its own sagas back at once in
+/// [`recover`](Self::recover).
 #[derive(Clone)]
 pub struct Orchestrator {
     inner: Arc<Inner>,
@@ -47,6 +80,22 @@ struct Inner {
     log: Arc<dyn SagaLog>,
     definitions: HashMap<String, Arc<dyn ErasedDefinition>>,
     running: Mutex<HashSet<Arc<str>>>,
+    lease: Option<LeaseConfig>,
+}
+
+/// Who this orchestrator is on its log, and how long its leases last.
+#[derive(Debug, Clone)]
+struct LeaseConfig {
+    owner: String,
+    ttl: Duration,
+}
+
+/// A lease a saga's task holds, and when the request that granted or last
+/// renewed it was sent (by this process's clock).
+struct Held {
+    lease: Lease,
+    ttl: Duration,
+    sent: tokio::time::Instant,
 }
 
 impl Inner {
@@ -60,7 +109,12 @@ impl Inner {
 trait ErasedDefinition: Send + Sync {
     fn step_names(&self) -> Vec<&str>;
     fn as_any(&self) -> &dyn Any;
-    fn resume(&self, orchestrator: &Orchestrator, record: SagaRecord) -> Result<SagaHandle>;
+    fn resume(
+        &self,
+        orchestrator: &Orchestrator,
+        record: SagaRecord,
+        held: Option<Held>,
+    ) -> Result<SagaHandle>;
 }
 
 impl<C: SagaContext> ErasedDefinition for SagaDefinition<C> {
@@ -72,9 +126,15 @@ impl<C: SagaContext> ErasedDefinition for SagaDefinition<C> {
         self
     }
 
-    fn resume(&self, orchestrator: &Orchestrator, record: SagaRecord) -> Result<SagaHandle> {
-        let driver = Driver::resume(self.clone(), orchestrator.inner.log.clone(), record)?;
-        Ok(orchestrator.spawn(driver))
+    fn resume(
+        &self,
+        orchestrator: &Orchestrator,
+        record: SagaRecord,
+        held: Option<Held>,
+    ) -> Result<SagaHandle> {
+        let lease = held.as_ref().map(|h| h.lease.clone());
+        let driver = Driver::resume(self.clone(), orchestrator.inner.log.clone(), record, lease)?;
+        Ok(orchestrator.spawn(driver, held.map(|h| (h.ttl, h.sent))))
     }
 }
 
@@ -85,6 +145,7 @@ impl Orchestrator {
             log,
             definitions: HashMap::new(),
             duplicate: None,
+            lease: None,
         }
     }
 
@@ -117,15 +178,18 @@ impl Orchestrator {
         let trace = TraceContext::current()
             .map(|t| t.child())
             .unwrap_or_else(TraceContext::new_root);
+        let sent = tokio::time::Instant::now();
+        let lease = self.inner.lease.as_ref();
         let driver = Driver::create(
             definition.clone(),
             self.inner.log.clone(),
             saga_id.into(),
             context,
             trace,
+            lease.map(|l| (l.owner.as_str(), l.ttl)),
         )
         .await?;
-        Ok(self.spawn(driver))
+        Ok(self.spawn(driver, lease.map(|l| (l.ttl, sent))))
     }
 
     /// Starts a saga and waits for it to finish; see [`start`](Self::start)
@@ -168,9 +232,19 @@ impl Orchestrator {
         Ok(())
     }
 
-    fn spawn<C: SagaContext>(&self, driver: Driver<C>) -> SagaHandle {
+    fn spawn<C: SagaContext>(
+        &self,
+        driver: Driver<C>,
+        lease: Option<(Duration, tokio::time::Instant)>,
+    ) -> SagaHandle {
         let saga_id = driver.saga_id().clone();
         let definition = driver.definition().clone();
+        let held = driver
+            .lease()
+            .cloned()
+            .zip(lease)
+            .map(|(lease, (ttl, sent))| Held { lease, ttl, sent });
+        let log = self.inner.log.clone();
         self.inner.running().insert(saga_id.clone());
         let guard = Running {
             inner: self.inner.clone(),
@@ -180,13 +254,37 @@ impl Orchestrator {
         metrics::in_flight(&guard.definition, 1.0);
         let join = tokio::spawn(async move {
             let _guard = guard;
-            driver.run().await
+            match held {
+                None => driver.run().await,
+                Some(held) => {
+                    let lease = held.lease.clone();
+                    let result = tokio::select! {
+                        result = driver.run() => result,
+                        lost = hold_lease(log.clone(), held) => Err(lost),
+                    };
+                    if let Err(err) = &result {
+                        let fenced = matches!(
+                            err,
+                            Error::Log(LogError::Fenced { .. } | LogError::LeaseLapsed { .. })
+                        );
+                        if fenced {
+                            tracing::warn!(saga.id = %lease.saga_id, error = %err, "lost the saga's lease; stopped driving it");
+                        } else if let Err(release) = log.release_lease(&lease).await {
+                            tracing::warn!(saga.id = %lease.saga_id, error = %release, "could not give the saga's lease up; it lapses by itself");
+                        }
+                    }
+                    result
+                }
+            }
         });
         SagaHandle { saga_id, join }
     }
 
     /// Resumes every unfinished saga in the log that this orchestrator is not
-    /// already driving, each in its own task.
+    /// already driving, each in its own task. With
+    /// [leases](Self#leases-several-orchestrators-on-one-log), only the sagas
+    /// whose lease has lapsed, that have none, or that this owner id holds
+    /// (a restart of this instance), each claimed first.
     ///
     /// A saga that cannot be resumed (its definition is not registered, or
     /// no longer matches) is left in the log as it is and reported in
@@ -209,6 +307,11 @@ impl Orchestrator {
     /// orchestrator drives is picked up too (the log's versions then let one
     /// of the two carry on; steps may run twice, with their idempotency
     /// keys).
+    ///
+    /// With [leases](Self#leases-several-orchestrators-on-one-log),
+    /// `idle_after` is not used: a saga is due when its lease has lapsed in
+    /// the log, and each sweep claims the due sagas before resuming them, so
+    /// a saga another live orchestrator drives is never picked up.
     ///
     /// The loop stops when the returned [`RecoveryLoop`] is dropped. Call
     /// it after [`recover`](Self::recover), which resumes every unfinished
@@ -246,6 +349,9 @@ impl Orchestrator {
     }
 
     async fn resume_due(&self, idle_after: Option<Duration>) -> Result<Recovery> {
+        if let Some(lease) = &self.inner.lease {
+            return self.claim_due(lease, idle_after.is_none()).await;
+        }
         let mut recovery = Recovery {
             resumed: Vec::new(),
             skipped: Vec::new(),
@@ -269,7 +375,7 @@ impl Orchestrator {
                 continue;
             }
             let resumed = match self.inner.definitions.get(&record.definition) {
-                Some(definition) => definition.resume(self, record),
+                Some(definition) => definition.resume(self, record, None),
                 None => Err(Error::UnknownDefinition {
                     name: record.definition.clone(),
                 }),
@@ -282,6 +388,62 @@ impl Orchestrator {
                 Err(err) => {
                     tracing::error!(saga.id = %summary.saga_id, error = %err, "cannot resume saga");
                     recovery.skipped.push((summary.saga_id, err));
+                }
+            }
+        }
+        Ok(recovery)
+    }
+
+    /// Claims the sagas whose lease is due, then resumes each one under its
+    /// new lease; a claimed saga that cannot be resumed is given up again.
+    async fn claim_due(&self, config: &LeaseConfig, reclaim_own: bool) -> Result<Recovery> {
+        let mut recovery = Recovery {
+            resumed: Vec::new(),
+            skipped: Vec::new(),
+        };
+        let skip: Vec<String> = self.inner.running().iter().map(|s| s.to_string()).collect();
+        let definitions: Vec<String> = self.inner.definitions.keys().cloned().collect();
+        let sent = tokio::time::Instant::now();
+        let log = &self.inner.log;
+        let claimed = log
+            .claim_due(&config.owner, config.ttl, &definitions, &skip, reclaim_own)
+            .await?;
+        for lease in claimed {
+            let resumed = match log.load(&lease.saga_id).await {
+                Ok(Some(record)) if !record.status.is_terminal() => {
+                    match self.inner.definitions.get(&record.definition) {
+                        Some(definition) => {
+                            let held = Held {
+                                lease: lease.clone(),
+                                ttl: config.ttl,
+                                sent,
+                            };
+                            definition.resume(self, record, Some(held))
+                        }
+                        None => Err(Error::UnknownDefinition {
+                            name: record.definition.clone(),
+                        }),
+                    }
+                }
+                Ok(_) => Err(Error::Log(LogError::NotFound {
+                    saga_id: lease.saga_id.clone(),
+                })),
+                Err(err) => Err(err.into()),
+            };
+            match resumed {
+                Ok(handle) => {
+                    tracing::info!(saga.id = %lease.saga_id, epoch = lease.epoch, "claimed and resuming saga");
+                    recovery.resumed.push(handle);
+                }
+                Err(err) => {
+                    if let Err(release) = log.release_lease(&lease).await {
+                        tracing::warn!(saga.id = %lease.saga_id, error = %release, "could not give a claimed lease up; it lapses by itself");
+                    }
+                    if matches!(&err, Error::Log(LogError::NotFound { .. })) {
+                        continue;
+                    }
+                    tracing::error!(saga.id = %lease.saga_id, error = %err, "cannot resume saga");
+                    recovery.skipped.push((lease.saga_id, err));
                 }
             }
         }
@@ -329,9 +491,47 @@ impl fmt::Debug for Orchestrator {
         names.sort();
         f.debug_struct("Orchestrator")
             .field("definitions", &names)
+            .field("lease", &self.inner.lease)
             .field("in_flight", &self.in_flight())
             .finish()
     }
+}
+
+/// Renews `held` every third of its ttl until that fails for good; returns
+/// why. A renewal that fails transiently is tried again soon; once 90% of
+/// the ttl has passed since the last successful renewal was sent, the lease
+/// may lapse in the log at any moment, and this returns
+/// [`LogError::LeaseLapsed`] so that the saga's task stops first.
+async fn hold_lease(log: Arc<dyn SagaLog>, held: Held) -> Error {
+    use tokio::time::{sleep_until, timeout_at, Instant};
+
+    let Held { lease, ttl, sent } = held;
+    let safe_for = ttl.mul_f64(0.9);
+    let every = ttl / 3;
+    let mut valid_until = sent + safe_for;
+    let mut next = sent + every;
+    loop {
+        sleep_until(next.min(valid_until)).await;
+        if Instant::now() >= valid_until {
+            break;
+        }
+        let sent = Instant::now();
+        match timeout_at(valid_until, log.renew_lease(&lease, ttl)).await {
+            Ok(Ok(())) => {
+                valid_until = sent + safe_for;
+                next = sent + every;
+            }
+            Ok(Err(err)) if err.is_retryable() => {
+                tracing::warn!(saga.id = %lease.saga_id, error = %err, "could not renew the saga's lease; retrying");
+                next = Instant::now() + (every / 4).max(Duration::from_millis(10));
+            }
+            Ok(Err(err)) => return err.into(),
+            Err(_) => break,
+        }
+    }
+    Error::Log(LogError::LeaseLapsed {
+        saga_id: lease.saga_id,
+    })
 }
 
 /// Marks a saga as driven by this process while its task lives, even if the
@@ -354,6 +554,7 @@ pub struct OrchestratorBuilder {
     log: Arc<dyn SagaLog>,
     definitions: HashMap<String, Arc<dyn ErasedDefinition>>,
     duplicate: Option<String>,
+    lease: Option<LeaseConfig>,
 }
 
 impl OrchestratorBuilder {
@@ -370,22 +571,53 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Holds every saga under a lease in the log, as `owner` (unique among
+    /// the orchestrators on the log; stable across restarts of one instance,
+    /// such as its instance id), each lease lasting `ttl` from its last
+    /// renewal. See [the orchestrator's docs](Orchestrator#leases-several-orchestrators-on-one-log).
+    pub fn lease(mut self, owner: impl Into<String>, ttl: Duration) -> Self {
+        self.lease = Some(LeaseConfig {
+            owner: owner.into(),
+            ttl,
+        });
+        self
+    }
+
     /// Builds the orchestrator.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidDefinition`] when two definitions have the same name.
+    /// [`Error::InvalidDefinition`] when two definitions have the same name;
+    /// [`Error::Config`] for a [`lease`](Self::lease) with an empty owner or
+    /// a ttl under 100 ms; [`Error::Log`] with
+    /// [`LogError::LeasesUnsupported`] for a lease on a log that holds none.
     pub fn build(self) -> Result<Orchestrator> {
         if let Some(name) = self.duplicate {
             return Err(Error::InvalidDefinition {
                 reason: format!("two definitions are named `{name}`"),
             });
         }
+        if let Some(lease) = &self.lease {
+            if lease.owner.is_empty() {
+                return Err(Error::Config {
+                    reason: "`lease`: the owner id is empty".into(),
+                });
+            }
+            if lease.ttl < Duration::from_millis(100) {
+                return Err(Error::Config {
+                    reason: format!("`lease`: a ttl of {:?} is under 100 ms", lease.ttl),
+                });
+            }
+            if !self.log.supports_leases() {
+                return Err(Error::Log(LogError::LeasesUnsupported));
+            }
+        }
         Ok(Orchestrator {
             inner: Arc::new(Inner {
                 log: self.log,
                 definitions: self.definitions,
                 running: Mutex::new(HashSet::new()),
+                lease: self.lease,
             }),
         })
     }

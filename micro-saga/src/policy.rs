@@ -17,6 +17,15 @@ use serde::Deserialize;
 /// compensation (then the saga fails and needs attention). A permanent
 /// failure is not retried.
 ///
+/// The timeout is durable: an attempt's deadline is its start as the saga
+/// log recorded it plus `timeout`. When a saga is resumed (after a restart,
+/// or by another orchestrator) with an attempt in flight, that attempt is
+/// carried on (its action called again, with the same idempotency key and
+/// attempt number) only until that deadline; an attempt whose deadline passed
+/// while nobody drove the saga has timed out, an unknown outcome, and is
+/// resolved as one (retried while the limits allow, else uncertain). Without
+/// a timeout, a resumed attempt in flight is started afresh.
+///
 /// Deserializes from configuration, with micro-core's duration format:
 ///
 /// ```

@@ -17,7 +17,13 @@
 //!    the step's policy sends the command again, with the same correlation
 //!    id, and the service, which deduplicates by that id, answers again
 //!    without acting twice. The same holds after a crash: the resumed step
-//!    sends the command again.
+//!    sends the command again. The step policy's
+//!    [`timeout`](crate::StepPolicy::timeout) is the durable timer: after a
+//!    restart, the attempt that was waiting is carried on only until its
+//!    deadline as the saga log recorded it (its start plus that timeout), and
+//!    one whose deadline passed while the process was down has timed out. The
+//!    timeout given to [`RequestReply::new`] is in memory and restarts with
+//!    the resent command, so keep it below the step's.
 //!
 //! This module knows no event bus: a [`CommandSender`] is one method, and
 //! replies come in through [`deliver`](RequestReply::deliver), so any

@@ -254,6 +254,7 @@ impl<C: SagaContext> SagaTest<C> {
             saga_id.into(),
             context,
             TraceContext::new_root(),
+            None,
         )
         .await?;
         Ok(SagaTest { driver, log, probe })

@@ -418,3 +418,252 @@ async fn a_running_relay_publishes_rows_as_they_commit_and_stops_on_shutdown() {
         .unwrap();
     assert_eq!(outbox.unsent(&client).await.unwrap(), 0);
 }
+
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Whether the backend `waiting` is blocked by the backend `holder`.
+async fn blocked_by(client: &Client, waiting: i32, holder: i32) -> bool {
+    client
+        .query_one(
+            "SELECT $2 = ANY(pg_blocking_pids($1))",
+            &[&waiting, &holder],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn relay_all<P: Publisher>(relay: &mut micro_events::postgres::PgRelay<P>) -> usize {
+    let mut total = 0;
+    loop {
+        match relay.relay_once().await.unwrap() {
+            0 => return total,
+            n => total += n,
+        }
+    }
+}
+
+fn per_key(bus: &MemoryBus, topic: &str) -> BTreeMap<String, Vec<u32>> {
+    let mut per_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for r in bus.records(topic) {
+        let (key, n) = decode(&r).into_data();
+        per_key.entry(key).or_default().push(n);
+    }
+    per_key
+}
+
+/// A transaction that wrote a key and stays open holds back the next writer
+/// of that key, not the key's readers or other keys: the key's events are
+/// published in commit order, and none is passed over.
+#[tokio::test]
+async fn a_key_s_events_are_published_in_commit_order_while_a_writer_holds_it_open() {
+    let bus = MemoryBus::with_partitions(2);
+    hold_a_key_open(bus.clone(), "orders").await;
+    let published = per_key(&bus, "orders");
+    assert_eq!(published["k"], [0, 2, 1], "k in commit order");
+    assert_eq!(published["j"], [100, 101]);
+}
+
+/// The same on the real broker: what a fresh consumer group reads from
+/// Kafka (tansu) is each key's events in commit order.
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_kafka_a_key_s_events_arrive_in_commit_order() {
+    use micro_events::kafka::KafkaBus;
+
+    let bus = KafkaBus::new(crate::kafka::config()).unwrap();
+    let topic = crate::support::unique("outbox");
+    bus.create_topic(&topic, 2, 1).await.unwrap();
+    bus.create_topic(&format!("{topic}.dlq"), 2, 1)
+        .await
+        .unwrap();
+    hold_a_key_open(bus.clone(), &topic).await;
+
+    let received: Log<(String, u32)> = Log::new();
+    let log = received.clone();
+    let sub = bus
+        .subscribe_with(
+            &topic,
+            "checker",
+            fast(),
+            move |e: Received<(String, u32)>| {
+                let log = log.clone();
+                async move {
+                    log.push(e.data().clone());
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "five events from Kafka", || {
+        (received.len() >= 5).then_some(())
+    })
+    .await;
+    sub.shutdown().await.unwrap();
+    let mut per_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (key, n) in received.snapshot() {
+        per_key.entry(key).or_default().push(n);
+    }
+    assert_eq!(per_key["k"], [0, 2, 1], "k in commit order");
+    assert_eq!(per_key["j"], [100, 101]);
+}
+
+/// Writes, in this order: `k`:0 (first transaction, held open), `j`:100
+/// (committed, published alone), `j`:101 and `k`:1 (second transaction,
+/// which must wait for the first), `k`:2 (first), then commits the first and
+/// the second; relays to `publisher` on `topic` along the way, and checks
+/// that nothing is published while `k` is held and nothing is left unsent.
+async fn hold_a_key_open<P: Publisher>(publisher: P, topic: &str) {
+    let client = connect().await;
+    let s = schema(&client).await;
+    let outbox = PgOutbox::new(&format!("{s}.outbox")).unwrap();
+    outbox.create_table(&client).await.unwrap();
+    let mut relay = outbox.relay(connect().await, publisher);
+
+    // First: writes k and stays open.
+    let mut first = connect().await;
+    let first_pid = backend_pid(&first).await;
+    let first_tx = first.transaction().await.unwrap();
+    outbox
+        .write(&first_tx, topic, "k", &numbered("k", 0))
+        .await
+        .unwrap();
+
+    // Another key is not held back.
+    let mut other = connect().await;
+    let tx = other.transaction().await.unwrap();
+    outbox
+        .write(&tx, topic, "j", &numbered("j", 100))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(relay_all(&mut relay).await, 1, "j's event, alone");
+
+    // Second: writes k (after an unrelated key) and must wait for first.
+    let mut second = connect().await;
+    let second_pid = backend_pid(&second).await;
+    let (outbox2, topic2) = (outbox.clone(), topic.to_owned());
+    let second_done = tokio::spawn(async move {
+        let tx = second.transaction().await.unwrap();
+        outbox2
+            .write(&tx, &topic2, "j", &numbered("j", 101))
+            .await
+            .unwrap();
+        outbox2
+            .write(&tx, &topic2, "k", &numbered("k", 1))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    });
+    let give_up = tokio::time::Instant::now() + SETTLE;
+    while !blocked_by(&client, second_pid, first_pid).await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the second writer of k never waited for the first"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        relay_all(&mut relay).await,
+        0,
+        "nothing of k (nor the second writer's j) is visible yet"
+    );
+
+    // First writes k once more, then commits; second then goes on.
+    outbox
+        .write(&first_tx, topic, "k", &numbered("k", 2))
+        .await
+        .unwrap();
+    first_tx.commit().await.unwrap();
+    within(SETTLE, "the second writer", second_done)
+        .await
+        .unwrap();
+
+    assert_eq!(relay_all(&mut relay).await, 4);
+    assert_eq!(outbox.unsent(&client).await.unwrap(), 0, "nothing skipped");
+}
+
+/// Many writers on a few keys, each holding its transaction open for a
+/// while after writing, with a relay running all along: every event is
+/// published once, and each key's events in the order of their row ids,
+/// which the writers drew in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_and_a_running_relay_keep_every_key_in_order() {
+    let client = connect().await;
+    let s = schema(&client).await;
+    let outbox = PgOutbox::new(&format!("{s}.outbox")).unwrap();
+    outbox.create_table(&client).await.unwrap();
+    let bus = MemoryBus::with_partitions(2);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(
+        outbox
+            .relay(connect().await, bus.clone())
+            .batch_size(5)
+            .poll_interval(Duration::from_millis(1))
+            .run(async {
+                let _ = stopped.await;
+            }),
+    );
+
+    const WRITERS: u32 = 8;
+    const ROUNDS: u32 = 15;
+    let keys = ["a", "b"];
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let outbox = outbox.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = connect().await;
+            for r in 0..ROUNDS {
+                let key = keys[((w + r) % 2) as usize];
+                let tx = client.transaction().await.unwrap();
+                outbox
+                    .write(&tx, "orders", key, &numbered(key, w * 1000 + r))
+                    .await
+                    .unwrap();
+                // Stay open a little, varying per writer, so that
+                // transactions of one key would commit out of id order
+                // if nothing ordered them.
+                tokio::time::sleep(Duration::from_millis(u64::from((w * 7 + r * 3) % 10))).await;
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for writer in writers {
+        within(SETTLE, "a writer", writer).await.unwrap();
+    }
+    stop.send(()).unwrap();
+    within(SETTLE, "the relay's last round", relay)
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(outbox.unsent(&client).await.unwrap(), 0, "nothing skipped");
+    // Row id of each event, by its number.
+    let rows = client
+        .query(&format!("SELECT id, payload FROM {s}.outbox"), &[])
+        .await
+        .unwrap();
+    let mut row_of: BTreeMap<u32, i64> = BTreeMap::new();
+    for row in rows {
+        let payload: Vec<u8> = row.get(1);
+        let (_, n): (String, u32) = serde_json::from_slice(&payload).unwrap();
+        row_of.insert(n, row.get(0));
+    }
+    let published = per_key(&bus, "orders");
+    let total: usize = published.values().map(Vec::len).sum();
+    assert_eq!(total, (WRITERS * ROUNDS) as usize, "each event once");
+    for (key, numbers) in &published {
+        let ids: Vec<i64> = numbers.iter().map(|n| row_of[n]).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "{key} published out of order: rows {ids:?}"
+        );
+    }
+}

@@ -6,7 +6,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{validate_append, Append, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary};
+use super::{
+    refuse_lease, validate_append, Append, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary,
+};
 use crate::definition::BoxFuture;
 use crate::state::SagaStatus;
 use crate::transition::Transition;
@@ -47,6 +49,11 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 ///
 /// A file can be open in one process at a time; a second
 /// [`open`](Self::open) of the same file fails while the first is alive.
+/// The log is therefore single-process, and holds no leases
+/// ([`SagaLog::supports_leases`] is `false`, and a fenced write is refused
+/// with [`LogError::LeasesUnsupported`](super::LogError::LeasesUnsupported)):
+/// within one process, an orchestrator drives each saga in one task, and
+/// recovery skips the sagas it drives. Use one orchestrator per file.
 pub struct EmbeddedSagaLog {
     db: Arc<Database>,
     path: PathBuf,
@@ -193,6 +200,7 @@ impl SagaLog for EmbeddedSagaLog {
         let append = append.clone();
         Box::pin(self.blocking(move |db| {
             validate_append(&append)?;
+            refuse_lease(&append)?;
             let id = append.saga_id.as_str();
             let tx = db.begin_write()?;
             {

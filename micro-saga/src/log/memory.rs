@@ -2,12 +2,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{validate_append, Append, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary};
+use super::{
+    refuse_lease, validate_append, Append, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary,
+};
 use crate::definition::BoxFuture;
 use crate::state::SagaStatus;
 
 /// A saga log in memory: the embedded default for tests and for sagas that
 /// may be lost with the process. Cheap to create; share it in an `Arc`.
+/// Single-process by nature, it holds no leases (a fenced write is refused
+/// with [`LogError::LeasesUnsupported`]).
 ///
 /// A `std` mutex guards the map: it is held only to copy a record in or out,
 /// never across an `.await`, so an async lock would buy nothing.
@@ -90,29 +94,31 @@ impl SagaLog for MemorySagaLog {
     }
 
     fn append<'a>(&'a self, append: &'a Append) -> BoxFuture<'a, Result<u64, LogError>> {
-        let result = validate_append(append).and_then(|()| {
-            let mut sagas = self.lock();
-            let (_, record) =
-                sagas
-                    .by_id
-                    .get_mut(&append.saga_id)
-                    .ok_or_else(|| LogError::NotFound {
+        let result = validate_append(append)
+            .and_then(|()| refuse_lease(append))
+            .and_then(|()| {
+                let mut sagas = self.lock();
+                let (_, record) =
+                    sagas
+                        .by_id
+                        .get_mut(&append.saga_id)
+                        .ok_or_else(|| LogError::NotFound {
+                            saga_id: append.saga_id.clone(),
+                        })?;
+                if record.version() != append.expected_version {
+                    return Err(LogError::Conflict {
                         saga_id: append.saga_id.clone(),
-                    })?;
-            if record.version() != append.expected_version {
-                return Err(LogError::Conflict {
-                    saga_id: append.saga_id.clone(),
-                    expected: append.expected_version,
-                    actual: record.version(),
-                });
-            }
-            record
-                .transitions
-                .extend(append.transitions.iter().cloned());
-            record.status = append.status;
-            record.context = append.context.clone();
-            Ok(record.version())
-        });
+                        expected: append.expected_version,
+                        actual: record.version(),
+                    });
+                }
+                record
+                    .transitions
+                    .extend(append.transitions.iter().cloned());
+                record.status = append.status;
+                record.context = append.context.clone();
+                Ok(record.version())
+            });
         Box::pin(std::future::ready(result))
     }
 

@@ -14,6 +14,22 @@
 //! | `PostgresSagaLog` | `postgres` | in PostgreSQL tables, for services with several instances |
 //! | `EmbeddedSagaLog` | `embedded` | in a redb file on local disk, for the one-process default |
 //!
+//! # Leases
+//!
+//! A log can also hold a *lease* per saga ([`SagaLog::supports_leases`]): who
+//! drives it (an owner id), until when (an expiry by the log's clock), and a
+//! *fencing epoch* that grows by one each time the saga changes hands. An
+//! orchestrator built with [`OrchestratorBuilder::lease`](crate::OrchestratorBuilder::lease)
+//! creates its sagas leased to itself, renews their leases while it drives
+//! them, and carries its lease on every write ([`Append::fenced`]). A lease
+//! that lapses is claimed by another orchestrator's recovery
+//! ([`SagaLog::claim_due`]), which bumps the epoch; from then on a write of
+//! the former owner is refused with [`LogError::Fenced`], and that owner stops
+//! driving the saga. Only the PostgreSQL log holds leases: the memory and
+//! embedded logs live in one process (the embedded log's file is locked by
+//! the process that opened it), where the orchestrator's own bookkeeping
+//! keeps one task per saga.
+//!
 //! Choosing: a service that runs as several processes, or that keeps its
 //! business data in PostgreSQL, uses the PostgreSQL log (any instance can
 //! resume a saga another one started). A single process that must not lose
@@ -31,6 +47,8 @@ pub use self::embedded::EmbeddedSagaLog;
 pub use self::memory::MemorySagaLog;
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresSagaLog;
+
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -89,6 +107,102 @@ pub trait SagaLog: Send + Sync + 'static {
     ///
     /// A backend failure.
     fn by_status(&self, status: SagaStatus) -> BoxFuture<'_, Result<Vec<SagaSummary>, LogError>>;
+
+    /// Whether this log holds leases (see the [module docs](self#leases)).
+    /// `false` unless a backend overrides it, and then every lease method
+    /// fails with [`LogError::LeasesUnsupported`].
+    fn supports_leases(&self) -> bool {
+        false
+    }
+
+    /// Records a new saga, as [`create`](Self::create), leased to `owner`
+    /// for `ttl` at epoch 1.
+    ///
+    /// # Errors
+    ///
+    /// As [`create`](Self::create); [`LogError::LeasesUnsupported`].
+    fn create_leased<'a>(
+        &'a self,
+        saga: &'a NewSaga,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lease, LogError>> {
+        let _ = (saga, owner, ttl);
+        Box::pin(std::future::ready(Err(LogError::LeasesUnsupported)))
+    }
+
+    /// Leases to `owner`, for `ttl`, every unfinished saga of one of
+    /// `definitions` that is not in `skip` and whose lease has lapsed or
+    /// was released (or that never had one); with `reclaim_own`, also the
+    /// sagas `owner` holds. Each claimed lease has a new epoch, which fences
+    /// off the former owner. Oldest sagas first.
+    ///
+    /// # Errors
+    ///
+    /// A backend failure; [`LogError::LeasesUnsupported`].
+    fn claim_due<'a>(
+        &'a self,
+        owner: &'a str,
+        ttl: Duration,
+        definitions: &'a [String],
+        skip: &'a [String],
+        reclaim_own: bool,
+    ) -> BoxFuture<'a, Result<Vec<Lease>, LogError>> {
+        let _ = (owner, ttl, definitions, skip, reclaim_own);
+        Box::pin(std::future::ready(Err(LogError::LeasesUnsupported)))
+    }
+
+    /// Extends `lease` to `ttl` from now. A lease that lapsed but was not
+    /// claimed by anyone is extended too: its epoch is still the current one.
+    ///
+    /// # Errors
+    ///
+    /// [`LogError::Fenced`] when the saga has changed hands (or the lease
+    /// was released), a backend failure; [`LogError::LeasesUnsupported`].
+    fn renew_lease<'a>(
+        &'a self,
+        lease: &'a Lease,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), LogError>> {
+        let _ = (lease, ttl);
+        Box::pin(std::future::ready(Err(LogError::LeasesUnsupported)))
+    }
+
+    /// Gives `lease` up: the saga is due for [`claim_due`](Self::claim_due)
+    /// at once, and writes under this lease are refused. Giving up a lease
+    /// that is no longer held does nothing.
+    ///
+    /// # Errors
+    ///
+    /// A backend failure; [`LogError::LeasesUnsupported`].
+    fn release_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), LogError>> {
+        let _ = lease;
+        Box::pin(std::future::ready(Err(LogError::LeasesUnsupported)))
+    }
+}
+
+/// A saga's lease: the owner that may drive it, and the fencing epoch of
+/// this grant (see the [module docs](self#leases)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The saga's id.
+    pub saga_id: String,
+    /// Who holds it: an orchestrator's owner id.
+    pub owner: String,
+    /// The grant's epoch, from 1; each change of hands adds one.
+    pub epoch: u64,
+}
+
+impl Lease {
+    /// Assembles a lease, as a backend does when it grants one.
+    pub fn new(saga_id: impl Into<String>, owner: impl Into<String>, epoch: u64) -> Self {
+        Lease {
+            saga_id: saga_id.into(),
+            owner: owner.into(),
+            epoch,
+        }
+    }
 }
 
 /// A saga to record with [`SagaLog::create`].
@@ -145,6 +259,10 @@ pub struct Append {
     pub status: SagaStatus,
     /// The saga's context after them, as JSON.
     pub context: Value,
+    /// The lease the writer holds, if it drives the saga under one: the
+    /// write is refused with [`LogError::Fenced`] unless it is still the
+    /// saga's current lease. A write without a lease is not fenced.
+    pub lease: Option<Lease>,
 }
 
 impl Append {
@@ -162,7 +280,14 @@ impl Append {
             transitions,
             status,
             context,
+            lease: None,
         }
+    }
+
+    /// Makes the write conditional on `lease` being the saga's current one.
+    pub fn fenced(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
+        self
     }
 
     /// The version after the write.
@@ -308,6 +433,35 @@ pub enum LogError {
         actual: u64,
     },
 
+    /// The writer's lease is not the saga's current one: the saga was
+    /// claimed by another owner after this lease lapsed, or the lease was
+    /// released. The writer must stop driving the saga.
+    #[error("saga `{saga_id}`: the lease of `{owner}` at epoch {epoch} is no longer held")]
+    #[non_exhaustive]
+    Fenced {
+        /// The saga's id.
+        saga_id: String,
+        /// The stale lease's owner.
+        owner: String,
+        /// The stale lease's epoch.
+        epoch: u64,
+    },
+
+    /// A lease could not be renewed before it lapsed (the log was
+    /// unreachable): its owner stopped driving the saga, which another
+    /// orchestrator (or this one) claims once the lease has lapsed in the log.
+    #[error("saga `{saga_id}`: the lease could not be renewed in time and has lapsed")]
+    #[non_exhaustive]
+    LeaseLapsed {
+        /// The saga's id.
+        saga_id: String,
+    },
+
+    /// A lease was asked of a log that holds none (only the PostgreSQL log
+    /// does).
+    #[error("this saga log does not hold leases")]
+    LeasesUnsupported,
+
     /// A write was malformed: no transitions, say.
     #[error("invalid write to saga `{saga_id}`: {reason}")]
     #[non_exhaustive]
@@ -379,12 +533,21 @@ from_redb!(
 
 impl LogError {
     /// Whether the same operation may succeed if tried again: for a lost
-    /// database connection, yes; for a conflict or a missing saga, no (reload
-    /// the saga first).
+    /// database connection, yes (also when the server said so as it closed
+    /// it: SQLSTATE class `08`, `57P01` to `57P03`), and for a serialization
+    /// failure or a deadlock (`40001`, `40P01`); for a conflict, a fence or a
+    /// missing saga, no (reload the saga first).
     pub fn is_retryable(&self) -> bool {
         match self {
             #[cfg(feature = "postgres")]
-            LogError::Postgres(err) => err.is_closed() || err.code().is_none(),
+            LogError::Postgres(err) => {
+                err.is_closed()
+                    || err.code().is_none_or(|code| {
+                        let code = code.code();
+                        code.starts_with("08")
+                            || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+                    })
+            }
             LogError::Unavailable(_) => true,
             _ => false,
         }
@@ -394,11 +557,24 @@ impl LogError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, LogError::Conflict { .. })
     }
+
+    /// Whether this is a [`LogError::Fenced`].
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, LogError::Fenced { .. })
+    }
 }
 
 impl micro_core::error::Retryable for LogError {
     fn is_retryable(&self) -> bool {
         LogError::is_retryable(self)
+    }
+}
+
+/// Refuses a fenced write, for the logs that hold no leases.
+pub(crate) fn refuse_lease(append: &Append) -> Result<(), LogError> {
+    match append.lease {
+        Some(_) => Err(LogError::LeasesUnsupported),
+        None => Ok(()),
     }
 }
 

@@ -1,12 +1,13 @@
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tokio_postgres::{Client, Statement};
 
-use super::{validate_append, Append, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary};
+use super::{validate_append, Append, Lease, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary};
 use crate::definition::BoxFuture;
 use crate::state::SagaStatus;
 use crate::transition::Transition;
@@ -33,6 +34,22 @@ use crate::transition::Transition;
 /// [`LogError::Conflict`]. The primary key on `(saga_id, seq)` backs this up.
 /// A load reads the saga row and its transitions in one statement, so from
 /// one snapshot.
+///
+/// # Leases
+///
+/// The saga row also holds the saga's lease (see the
+/// [log's module docs](super#leases)): `lease_owner`, `lease_expires` and
+/// `lease_epoch`. Expiry is judged by PostgreSQL's clock (`now()`), the one
+/// clock every orchestrator on the log shares, so their own clocks need not
+/// agree. A claim ([`SagaLog::claim_due`]) is one `UPDATE` of the due rows,
+/// locked `FOR UPDATE SKIP LOCKED` and checked again after the lock, so of two
+/// orchestrators claiming at once each saga goes to one; it adds one to the
+/// epoch. A fenced append updates the saga row only `WHERE lease_epoch =` and
+/// `lease_owner =` the writer's, in the same statement as the version check,
+/// so a stale owner's write cannot land between a claim and the new owner's
+/// first write. Tables installed by earlier versions gain the three columns
+/// at the next [`install`](PostgresSagaLog::install) (their sagas start
+/// without a lease, so they are due for the first claim).
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -74,6 +91,9 @@ struct Statements {
     create: Statement,
     append: Statement,
     version: Statement,
+    claim: Statement,
+    renew: Statement,
+    release: Statement,
     load: Statement,
     by_status: Statement,
 }
@@ -161,6 +181,9 @@ impl PostgresSagaLog {
                  updated_at   timestamptz NOT NULL DEFAULT now()
              );
              CREATE INDEX IF NOT EXISTS saga_status_idx ON {s}.saga (status, created_seq);
+             ALTER TABLE {s}.saga ADD COLUMN IF NOT EXISTS lease_owner text;
+             ALTER TABLE {s}.saga ADD COLUMN IF NOT EXISTS lease_expires timestamptz;
+             ALTER TABLE {s}.saga ADD COLUMN IF NOT EXISTS lease_epoch bigint NOT NULL DEFAULT 0;
              CREATE TABLE IF NOT EXISTS {s}.saga_transition (
                  saga_id    text NOT NULL REFERENCES {s}.saga (saga_id) ON DELETE CASCADE,
                  seq        bigint NOT NULL CHECK (seq >= 1),
@@ -192,8 +215,12 @@ impl PostgresSagaLog {
                     create: c
                         .prepare(&format!(
                             "WITH s AS (
-                                 INSERT INTO {s}.saga (saga_id, definition, status, context, trace_parent, version)
-                                 VALUES ($1, $2, $3, $4, $5, 1)
+                                 INSERT INTO {s}.saga (saga_id, definition, status, context, trace_parent, version,
+                                                       lease_owner, lease_expires, lease_epoch)
+                                 VALUES ($1, $2, $3, $4, $5, 1, $7::text,
+                                         CASE WHEN $7::text IS NULL THEN NULL
+                                              ELSE now() + make_interval(secs => $8::float8) END,
+                                         CASE WHEN $7::text IS NULL THEN 0 ELSE 1 END)
                                  ON CONFLICT (saga_id) DO NOTHING
                                  RETURNING saga_id
                              )
@@ -207,6 +234,7 @@ impl PostgresSagaLog {
                                  UPDATE {s}.saga
                                  SET version = $3, status = $4, context = $5, updated_at = now()
                                  WHERE saga_id = $1 AND version = $2
+                                   AND ($7::bigint IS NULL OR (lease_epoch = $7 AND lease_owner = $8::text))
                                  RETURNING saga_id
                              )
                              INSERT INTO {s}.saga_transition (saga_id, seq, transition)
@@ -216,7 +244,39 @@ impl PostgresSagaLog {
                         .await?,
                     version: c
                         .prepare(&format!(
-                            "SELECT version FROM {s}.saga WHERE saga_id = $1"
+                            "SELECT version, lease_epoch, lease_owner FROM {s}.saga WHERE saga_id = $1"
+                        ))
+                        .await?,
+                    claim: c
+                        .prepare(&format!(
+                            "UPDATE {s}.saga
+                             SET lease_owner = $1, lease_epoch = lease_epoch + 1,
+                                 lease_expires = now() + make_interval(secs => $2::float8)
+                             WHERE saga_id IN (
+                                 SELECT saga_id FROM {s}.saga
+                                 WHERE status = ANY($3) AND definition = ANY($4)
+                                   AND NOT (saga_id = ANY($5))
+                                   AND (lease_owner IS NULL OR lease_expires < now()
+                                        OR ($6 AND lease_owner = $1))
+                                 ORDER BY created_seq
+                                 FOR UPDATE SKIP LOCKED
+                             )
+                             AND (lease_owner IS NULL OR lease_expires < now()
+                                  OR ($6 AND lease_owner = $1))
+                             RETURNING saga_id, lease_epoch, created_seq"
+                        ))
+                        .await?,
+                    renew: c
+                        .prepare(&format!(
+                            "UPDATE {s}.saga
+                             SET lease_expires = now() + make_interval(secs => $4::float8)
+                             WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3"
+                        ))
+                        .await?,
+                    release: c
+                        .prepare(&format!(
+                            "UPDATE {s}.saga SET lease_owner = NULL, lease_expires = NULL
+                             WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3"
                         ))
                         .await?,
                     load: c
@@ -281,31 +341,69 @@ impl fmt::Debug for PostgresSagaLog {
     }
 }
 
+impl PostgresSagaLog {
+    async fn insert(
+        &self,
+        saga: &NewSaga,
+        lease: Option<(&str, Duration)>,
+    ) -> Result<(), LogError> {
+        let (client, st) = self.connection().await?;
+        let started = to_json(&saga.saga_id, &saga.started)?;
+        let owner = lease.map(|(owner, _)| owner);
+        let ttl = lease.map_or(0.0, |(_, ttl)| ttl.as_secs_f64());
+        let inserted = client
+            .execute(
+                &st.create,
+                &[
+                    &saga.saga_id,
+                    &saga.definition,
+                    &SagaStatus::Running.as_str(),
+                    &saga.context,
+                    &saga.trace_parent,
+                    &started,
+                    &owner,
+                    &ttl,
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(LogError::AlreadyExists {
+                saga_id: saga.saga_id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn fenced(&self, lease: &Lease) -> Result<(), LogError> {
+        let (client, st) = self.connection().await?;
+        let row = client.query_opt(&st.version, &[&lease.saga_id]).await?;
+        let held = match row {
+            Some(row) => {
+                let epoch: i64 = row.try_get(1)?;
+                let owner: Option<String> = row.try_get(2)?;
+                epoch as u64 == lease.epoch && owner.as_deref() == Some(lease.owner.as_str())
+            }
+            None => {
+                return Err(LogError::NotFound {
+                    saga_id: lease.saga_id.clone(),
+                })
+            }
+        };
+        if held {
+            Ok(())
+        } else {
+            Err(LogError::Fenced {
+                saga_id: lease.saga_id.clone(),
+                owner: lease.owner.clone(),
+                epoch: lease.epoch,
+            })
+        }
+    }
+}
+
 impl SagaLog for PostgresSagaLog {
     fn create<'a>(&'a self, saga: &'a NewSaga) -> BoxFuture<'a, Result<(), LogError>> {
-        Box::pin(async move {
-            let (client, st) = self.connection().await?;
-            let started = to_json(&saga.saga_id, &saga.started)?;
-            let inserted = client
-                .execute(
-                    &st.create,
-                    &[
-                        &saga.saga_id,
-                        &saga.definition,
-                        &SagaStatus::Running.as_str(),
-                        &saga.context,
-                        &saga.trace_parent,
-                        &started,
-                    ],
-                )
-                .await?;
-            if inserted == 0 {
-                return Err(LogError::AlreadyExists {
-                    saga_id: saga.saga_id.clone(),
-                });
-            }
-            Ok(())
-        })
+        Box::pin(self.insert(saga, None))
     }
 
     fn append<'a>(&'a self, append: &'a Append) -> BoxFuture<'a, Result<u64, LogError>> {
@@ -315,6 +413,8 @@ impl SagaLog for PostgresSagaLog {
             let transitions = to_json(&append.saga_id, &append.transitions)?;
             let expected = append.expected_version as i64;
             let new_version = append.new_version() as i64;
+            let epoch = append.lease.as_ref().map(|l| l.epoch as i64);
+            let owner = append.lease.as_ref().map(|l| l.owner.as_str());
             let inserted = client
                 .execute(
                     &st.append,
@@ -325,11 +425,16 @@ impl SagaLog for PostgresSagaLog {
                         &append.status.as_str(),
                         &append.context,
                         &transitions,
+                        &epoch,
+                        &owner,
                     ],
                 )
                 .await?;
             if inserted == append.transitions.len() as u64 {
                 return Ok(append.new_version());
+            }
+            if let Some(lease) = &append.lease {
+                self.fenced(lease).await?;
             }
             let actual: Option<i64> = client
                 .query_opt(&st.version, &[&append.saga_id])
@@ -387,5 +492,105 @@ impl SagaLog for PostgresSagaLog {
 
     fn by_status(&self, status: SagaStatus) -> BoxFuture<'_, Result<Vec<SagaSummary>, LogError>> {
         Box::pin(async move { self.list(&[status.as_str()]).await })
+    }
+
+    fn supports_leases(&self) -> bool {
+        true
+    }
+
+    fn create_leased<'a>(
+        &'a self,
+        saga: &'a NewSaga,
+        owner: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Lease, LogError>> {
+        Box::pin(async move {
+            self.insert(saga, Some((owner, ttl))).await?;
+            Ok(Lease::new(&saga.saga_id, owner, 1))
+        })
+    }
+
+    fn claim_due<'a>(
+        &'a self,
+        owner: &'a str,
+        ttl: Duration,
+        definitions: &'a [String],
+        skip: &'a [String],
+        reclaim_own: bool,
+    ) -> BoxFuture<'a, Result<Vec<Lease>, LogError>> {
+        Box::pin(async move {
+            let (client, st) = self.connection().await?;
+            let statuses = [
+                SagaStatus::Running.as_str(),
+                SagaStatus::Compensating.as_str(),
+            ];
+            let rows = client
+                .query(
+                    &st.claim,
+                    &[
+                        &owner,
+                        &ttl.as_secs_f64(),
+                        &&statuses[..],
+                        &definitions,
+                        &skip,
+                        &reclaim_own,
+                    ],
+                )
+                .await?;
+            let mut claimed = rows
+                .iter()
+                .map(|row| {
+                    let saga_id: String = row.try_get(0)?;
+                    let epoch: i64 = row.try_get(1)?;
+                    let order: i64 = row.try_get(2)?;
+                    Ok((order, Lease::new(saga_id, owner, epoch as u64)))
+                })
+                .collect::<Result<Vec<_>, LogError>>()?;
+            claimed.sort_by_key(|(order, _)| *order);
+            Ok(claimed.into_iter().map(|(_, lease)| lease).collect())
+        })
+    }
+
+    fn renew_lease<'a>(
+        &'a self,
+        lease: &'a Lease,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), LogError>> {
+        Box::pin(async move {
+            let (client, st) = self.connection().await?;
+            let renewed = client
+                .execute(
+                    &st.renew,
+                    &[
+                        &lease.saga_id,
+                        &(lease.epoch as i64),
+                        &lease.owner,
+                        &ttl.as_secs_f64(),
+                    ],
+                )
+                .await?;
+            if renewed == 1 {
+                Ok(())
+            } else {
+                Err(LogError::Fenced {
+                    saga_id: lease.saga_id.clone(),
+                    owner: lease.owner.clone(),
+                    epoch: lease.epoch,
+                })
+            }
+        })
+    }
+
+    fn release_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), LogError>> {
+        Box::pin(async move {
+            let (client, st) = self.connection().await?;
+            client
+                .execute(
+                    &st.release,
+                    &[&lease.saga_id, &(lease.epoch as i64), &lease.owner],
+                )
+                .await?;
+            Ok(())
+        })
     }
 }

@@ -70,17 +70,30 @@ async fn recover_on_a_new_log(log: Arc<dyn SagaLog>) {
     assert_eq!(results.len(), 1);
     let done = results.into_iter().next().unwrap().unwrap();
     assert_eq!(done.status(), SagaStatus::Completed);
-    assert_eq!(done.steps()[0].attempts(), 2, "the step in doubt ran again");
     assert_eq!(journal.lines()[0], "charge:o-2:charge-payment:action");
     let record = log.load("o-2").await.unwrap().unwrap();
     assert_eq!(record.status, SagaStatus::Completed);
-    assert!(matches!(
-        record.transitions[1..3],
-        [
-            Transition::StepStarted { step: 0, .. },
-            Transition::StepStarted { step: 0, .. }
-        ]
-    ));
+    // The attempt in doubt is carried on within its recorded deadline (one
+    // second after it started), or, on a slow machine, has timed out by then
+    // and is followed by a second one (`timers` tests both on the paused clock).
+    match done.steps()[0].attempts() {
+        1 => assert!(matches!(
+            record.transitions[1..3],
+            [
+                Transition::StepStarted { step: 0, .. },
+                Transition::StepSucceeded { step: 0, .. }
+            ]
+        )),
+        2 => assert!(matches!(
+            record.transitions[1..4],
+            [
+                Transition::StepStarted { step: 0, .. },
+                Transition::StepStarted { step: 0, .. },
+                Transition::StepSucceeded { step: 0, .. }
+            ]
+        )),
+        n => panic!("{n} attempts at the step in doubt"),
+    }
     assert!(log.unfinished().await.unwrap().is_empty());
 }
 

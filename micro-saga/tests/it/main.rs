@@ -6,8 +6,11 @@ mod continuous;
 mod crash;
 #[cfg(any(feature = "postgres", feature = "embedded"))]
 mod durable;
+#[cfg(feature = "postgres")]
+mod lease;
 mod orchestrator;
 mod properties;
 mod reply;
 mod support;
 mod testkit;
+mod timers;

@@ -598,7 +598,14 @@ async fn recover_carries_on_compensating_and_reports_unknown_definitions() {
     ));
     let done = recovery.finished().await.remove(0).unwrap();
     assert_eq!(done.status(), SagaStatus::Compensated);
-    assert_eq!(done.steps()[0].compensation_attempts(), 2);
+    // The compensation in flight is carried on within its recorded deadline
+    // (one second after it started), or, on a slow machine, has timed out by
+    // then and is followed by a second attempt.
+    assert!(
+        (1..=2).contains(&done.steps()[0].compensation_attempts()),
+        "{} attempts",
+        done.steps()[0].compensation_attempts()
+    );
     assert_eq!(
         journal.lines(),
         ["refund:pay-o-9:o-9:charge-payment:compensation"]
