@@ -62,6 +62,9 @@ const API_VERSIONS: [(&str, &str); 9] = [
     ("Ingress", "networking.k8s.io/v1"),
 ];
 
+/// The feature `shop serve <service>` needs, which the image must be built with.
+const REQUIRED_FEATURE: &str = "real-servers";
+
 /// The drain deadline when `SHOP_HOST__DRAIN_TIMEOUT` is not set.
 const DEFAULT_DRAIN_SECONDS: f64 = 30.0;
 
@@ -1133,7 +1136,23 @@ fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
         })
     };
 
-    let builder = runs(0);
+    // The builder's ARG defaults, expanded in its RUN lines as a build without
+    // `--build-arg` would.
+    let args: BTreeMap<&str, String> = stages.first().map_or(BTreeMap::new(), |(_, body)| {
+        body.iter()
+            .filter(|(k, _)| k == "ARG")
+            .filter_map(|(_, rest)| rest.split_once('='))
+            .map(|(name, value)| (name.trim(), value.trim().trim_matches('"').to_owned()))
+            .collect()
+    });
+    let expand = |run: &str| {
+        args.iter().fold(run.to_owned(), |run, (name, value)| {
+            run.replace(&format!("${{{name}}}"), value)
+                .replace(&format!("${name}"), value)
+        })
+    };
+    let expanded: Vec<String> = runs(0).into_iter().map(expand).collect();
+    let builder: Vec<&str> = expanded.iter().map(String::as_str).collect();
     let installed: BTreeSet<&str> = builder
         .iter()
         .filter(|run| run.contains("apt-get install"))
@@ -1152,6 +1171,17 @@ fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
     });
     if !builds {
         problems.push("the builder does not run `cargo build --release -p shop`".to_owned());
+    }
+    let features: BTreeSet<String> = builder
+        .iter()
+        .filter(|run| run.contains("cargo build"))
+        .flat_map(|run| cargo_features(run))
+        .collect();
+    if !features.contains(REQUIRED_FEATURE) && !features.contains("--all-features") {
+        problems.push(format!(
+            "the shop is built with features {features:?}, without {REQUIRED_FEATURE}, \
+             which `shop serve` needs"
+        ));
     }
 
     let Some((_, runtime)) = stages.get(1) else {
@@ -1207,6 +1237,32 @@ fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
     let (found, _) = check_env_names(&env);
     problems.extend(found.into_iter().map(|p| format!("ENV: {p}")));
     problems
+}
+
+/// The features a cargo command line asks for (`--features a,b`, `--features=a`, `-F a`);
+/// `--all-features` as itself.
+fn cargo_features(command: &str) -> Vec<String> {
+    let mut features = Vec::new();
+    let mut words = command.split_whitespace();
+    while let Some(word) = words.next() {
+        let list = match word {
+            "--features" | "-F" => words.next().unwrap_or_default(),
+            "--all-features" => {
+                features.push(word.to_owned());
+                continue;
+            }
+            _ => match word.strip_prefix("--features=") {
+                Some(list) => list,
+                None => continue,
+            },
+        };
+        features.extend(
+            list.split(',')
+                .filter(|f| !f.is_empty())
+                .map(|f| f.trim_matches('"').to_owned()),
+        );
+    }
+    features
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1529,6 +1585,17 @@ fn a_broken_dockerfile_is_caught() {
         &check_dockerfile(&text, user),
         "cargo build --release -p shop",
     );
+
+    let text = good.replace(
+        r#"ARG SHOP_FEATURES="--features real-servers""#,
+        r#"ARG SHOP_FEATURES="""#,
+    );
+    assert_found(
+        &check_dockerfile(&text, user),
+        "without real-servers, which `shop serve` needs",
+    );
+    let text = good.replace("--features real-servers", "--features=real-servers,extra");
+    assert_no_problem(&check_dockerfile(&text, user));
 }
 
 #[test]
