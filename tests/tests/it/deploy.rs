@@ -28,13 +28,50 @@ const SERVICES: [(&str, &str, u16); 8] = [
     ("gateway", "gateway", 8080),
 ];
 
-/// Settings the lead announced for `shop serve` that `ShopConfig` may not have yet: the
-/// manifests may set them, and they are checked against `ShopConfig` once it has them.
-const ANNOUNCED: [&str; 3] = [
-    "SHOP_KAFKA_BROKERS",
-    "SHOP_ETCD_ENDPOINTS",
-    "SHOP_JWT_SECRET",
+/// The Secret every secret setting comes from. It is not in the manifests: the operator
+/// creates it once, with the command the docs show (`kubectl create secret generic`).
+const SECRET: &str = "shop-secrets";
+
+/// The keys of that Secret, the same in the docs' command, with a value of the kind the
+/// command puts there (for loading the configuration).
+const SECRET_KEYS: [(&str, &str); 3] = [
+    (
+        "SHOP_JWT_SECRET",
+        "c2VjcmV0LWZvci10aGUtZGVwbG95LXRlc3RzLW9ubHktNDgtYnl0ZXMtbG9uZy0hIQ==",
+    ),
+    (
+        "SHOP_IDENTITY_SECRET",
+        "aWRlbnRpdHktZm9yLXRoZS1kZXBsb3ktdGVzdHMtb25seS00OC1ieXRlcy1sb25nIQ==",
+    ),
+    (
+        "SHOP_POSTGRES_URL",
+        "postgres://shop:PASSWORD@postgres:5432/shop",
+    ),
 ];
+
+/// Which services get each secret setting, and no other: every service signs and checks
+/// the calls between services; the user service signs login tokens and the gateway checks
+/// them; the services whose data is in PostgreSQL reach it.
+const SECRET_USERS: [(&str, &[&str]); 3] = [
+    (
+        "SHOP_IDENTITY_SECRET",
+        &[
+            "user",
+            "product",
+            "order",
+            "cart",
+            "payment",
+            "inventory",
+            "notification",
+            "gateway",
+        ],
+    ),
+    ("SHOP_JWT_SECRET", &["user", "gateway"]),
+    ("SHOP_POSTGRES_URL", &["user", "product", "order"]),
+];
+
+/// Where the command that creates the Secret is shown.
+const SECRET_DOCS: [&str; 2] = ["docs/src/shop-deploy.md", "examples/shop/deploy/README.md"];
 
 /// Variables the binary reads that are not `ShopConfig` settings.
 const OTHER_ENV: [&str; 1] = ["RUST_LOG"];
@@ -467,8 +504,15 @@ impl Objects {
             .map(|(_, (_, object))| object)
     }
 
-    /// The keys of a ConfigMap or Secret, with their values.
+    /// The keys of a ConfigMap or Secret, with their values; those of the documented
+    /// [`SECRET`], which is not in the manifests, for it.
     fn keys(&self, kind: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        if kind == "Secret" && name == SECRET {
+            let keys = SECRET_KEYS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+            return Some(keys.collect());
+        }
         let object = self.get(kind, name)?;
         let mut keys = object.data.clone();
         keys.extend(object.string_data.clone());
@@ -498,6 +542,20 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
         if object.metadata.namespace.as_deref() != Some("shop") {
             problems.push(format!(
                 "{file}: {kind} {name} is not in the shop namespace"
+            ));
+        }
+    }
+    for secret in objects.of_kind("Secret") {
+        if !secret.data.is_empty() || !secret.string_data.is_empty() {
+            problems.push(format!(
+                "Secret {} is committed with values: create it by hand, as the docs show",
+                secret.metadata.name
+            ));
+        }
+        if secret.metadata.name == SECRET {
+            problems.push(format!(
+                "Secret {SECRET} is in the manifests: applying them would overwrite the one \
+                 created by hand"
             ));
         }
     }
@@ -848,6 +906,8 @@ fn check_env(
     problems: &mut Vec<String>,
 ) -> (BTreeMap<String, String>, Option<ShopConfig>) {
     let mut env = BTreeMap::new();
+    // The names whose value comes from a Secret.
+    let mut secret = BTreeSet::new();
     for from in &container.env_from {
         let (kind, reference) = match (&from.config_map_ref, &from.secret_ref) {
             (Some(r), None) => ("ConfigMap", r),
@@ -866,7 +926,15 @@ fn check_env(
             )),
             Some(keys) => {
                 let prefix = from.prefix.clone().unwrap_or_default();
-                env.extend(keys.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+                for (key, value) in keys {
+                    let name = format!("{prefix}{key}");
+                    if kind == "Secret" {
+                        secret.insert(name.clone());
+                    } else {
+                        secret.remove(&name);
+                    }
+                    env.insert(name, value);
+                }
             }
         }
     }
@@ -920,7 +988,30 @@ fn check_env(
             }
         };
         if let Some(value) = value {
+            if var
+                .value_from
+                .as_ref()
+                .is_some_and(|source| source.secret_key_ref.is_some())
+            {
+                secret.insert(var.name.clone());
+            } else {
+                secret.remove(&var.name);
+            }
             env.insert(var.name.clone(), value);
+        }
+    }
+
+    // Secret settings: each service has those it uses, from the Secret, and no other.
+    for (setting, users) in SECRET_USERS {
+        match (users.contains(&service), env.contains_key(setting)) {
+            (true, false) => problems.push(format!(
+                "{at}: {setting} is not set, and `shop serve {service}` needs it"
+            )),
+            (false, true) => problems.push(format!("{at}: gets {setting}, which it does not use")),
+            _ => {}
+        }
+        if env.contains_key(setting) && !secret.contains(setting) {
+            problems.push(format!("{at}: {setting} is not taken from a Secret"));
         }
     }
 
@@ -948,21 +1039,15 @@ fn check_env(
 }
 
 /// Whether `ShopConfig` accepts these variables, as the binary's figment would read them.
-/// Settings announced but not in `ShopConfig` yet are left out of the load.
 fn check_env_names(env: &BTreeMap<String, String>) -> (Vec<String>, Option<ShopConfig>) {
     let mut problems = Vec::new();
-    let defaults = serde_json::to_value(ShopConfig::default()).unwrap();
     let mut toml = String::new();
     for (name, value) in env {
         if OTHER_ENV.contains(&name.as_str()) {
             continue;
         }
-        let Some(setting) = name.strip_prefix("SHOP_") else {
+        if !name.starts_with("SHOP_") {
             problems.push(format!("{name} is not a setting of the shop"));
-            continue;
-        };
-        let top = setting.split("__").next().unwrap().to_lowercase();
-        if ANNOUNCED.contains(&name.as_str()) && defaults.get(&top).is_none() {
             continue;
         }
         toml.push_str(&toml_line(name, value));
@@ -1507,12 +1592,22 @@ fn unknown_settings_are_caught() {
 
 #[test]
 fn a_dangling_reference_is_caught() {
-    let documents = broken("Secret", "shop-secrets", |d| {
-        remove(&mut d["stringData"], "SHOP_JWT_SECRET");
+    let documents = broken("Deployment", "gateway", |d| {
+        env_var(d, "SHOP_JWT_SECRET")["valueFrom"]["secretKeyRef"]["key"] = "SHOP_JWT_KEY".into();
     });
     assert_found(
         &check_manifests(&documents),
-        "SHOP_JWT_SECRET refers to Secret shop-secrets key SHOP_JWT_SECRET, which is not defined",
+        "SHOP_JWT_SECRET refers to Secret shop-secrets key SHOP_JWT_KEY, which is not defined",
+    );
+
+    let documents = broken("Deployment", "order-service", |d| {
+        let identity = env_var(d, "SHOP_IDENTITY_SECRET");
+        identity["valueFrom"]["secretKeyRef"]["name"] = "order-secrets".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "SHOP_IDENTITY_SECRET refers to Secret order-secrets key SHOP_IDENTITY_SECRET, \
+         which is not defined",
     );
 
     let documents = broken("Deployment", "gateway", |d| {
@@ -1522,6 +1617,138 @@ fn a_dangling_reference_is_caught() {
     assert_found(
         &check_manifests(&documents),
         "gateway.yaml is not a key of a ConfigMap mounted at /etc/shop",
+    );
+}
+
+/// The env var `name` of the first container of `document`, as a mutable YAML value.
+fn env_var<'a>(document: &'a mut Value, name: &str) -> &'a mut Value {
+    container(document)["env"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|var| var["name"] == name)
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn a_secret_missing_misplaced_or_committed_is_caught() {
+    let documents = broken("Deployment", "payment-service", |d| {
+        let env = container(d)["env"].as_sequence_mut().unwrap();
+        env.retain(|var| var["name"] != "SHOP_IDENTITY_SECRET");
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container payment: SHOP_IDENTITY_SECRET is not set, and `shop serve payment` needs it",
+    );
+
+    let documents = broken("Deployment", "user-service", |d| {
+        *env_var(d, "SHOP_JWT_SECRET") = serde_yaml_ng::from_str(
+            "{name: SHOP_JWT_SECRET, value: 0123456789abcdef0123456789abcdef}",
+        )
+        .unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container user: SHOP_JWT_SECRET is not taken from a Secret",
+    );
+
+    let documents = broken("Deployment", "cart-service", |d| {
+        let gateway_key = serde_yaml_ng::from_str(
+            "{name: SHOP_JWT_SECRET, valueFrom: {secretKeyRef: {name: shop-secrets, key: \
+             SHOP_JWT_SECRET}}}",
+        )
+        .unwrap();
+        container(d)["env"]
+            .as_sequence_mut()
+            .unwrap()
+            .push(gateway_key);
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container cart: gets SHOP_JWT_SECRET, which it does not use",
+    );
+
+    let mut documents = load_manifests();
+    let committed = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-secrets, namespace: \
+                     shop}\nstringData: {SHOP_JWT_SECRET: change-me}\n";
+    documents.push((
+        "03-secrets.yaml".to_owned(),
+        serde_yaml_ng::from_str(committed).unwrap(),
+    ));
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "Secret shop-secrets is committed with values");
+    assert_found(&problems, "Secret shop-secrets is in the manifests");
+}
+
+/// The keys the docs' `kubectl create secret generic shop-secrets` command gives, in the
+/// order it gives them; `None` when `text` has no such command.
+fn documented_secret_keys(text: &str) -> Option<Vec<String>> {
+    let command = format!("create secret generic {SECRET}");
+    let start = text.find(&command)?;
+    let mut keys = Vec::new();
+    for line in text[start..].lines() {
+        for word in line.split_whitespace() {
+            if let Some(literal) = word
+                .strip_prefix("--from-literal=")
+                .or_else(|| word.strip_prefix("--from-file="))
+            {
+                keys.push(literal.split('=').next().unwrap_or_default().to_owned());
+            }
+        }
+        if !line.trim_end().ends_with('\\') {
+            break;
+        }
+    }
+    Some(keys)
+}
+
+/// Every difference between the keys the docs' command creates and [`SECRET_KEYS`].
+fn check_secret_docs(file: &str, text: &str) -> Vec<String> {
+    let Some(documented) = documented_secret_keys(text) else {
+        return vec![format!(
+            "{file} does not show `kubectl -n shop create secret generic {SECRET}`"
+        )];
+    };
+    let documented: BTreeSet<&str> = documented.iter().map(String::as_str).collect();
+    let expected: BTreeSet<&str> = SECRET_KEYS.iter().map(|(key, _)| *key).collect();
+    let mut problems = Vec::new();
+    for key in expected.difference(&documented) {
+        problems.push(format!(
+            "{file}: the command that creates {SECRET} does not give {key}"
+        ));
+    }
+    for key in documented.difference(&expected) {
+        problems.push(format!(
+            "{file}: the command that creates {SECRET} gives {key}, which no service reads"
+        ));
+    }
+    problems
+}
+
+#[test]
+fn the_docs_create_the_secret_with_every_key_the_manifests_read() {
+    let root = deploy_dir().join("../../..");
+    let mut problems = Vec::new();
+    for file in SECRET_DOCS {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        problems.extend(check_secret_docs(file, &text));
+    }
+    assert_no_problem(&problems);
+    for (key, _) in SECRET_KEYS {
+        assert!(
+            SECRET_USERS.iter().any(|(setting, _)| *setting == key),
+            "no service is given {key}"
+        );
+    }
+
+    let text = std::fs::read_to_string(root.join(SECRET_DOCS[0])).unwrap();
+    let without = text.replace("--from-literal=SHOP_IDENTITY_SECRET=", "--from-literal=X=");
+    let problems = check_secret_docs("shop-deploy.md", &without);
+    assert_found(&problems, "does not give SHOP_IDENTITY_SECRET");
+    assert_found(&problems, "gives X, which no service reads");
+    assert_found(
+        &check_secret_docs("README.md", "no command here"),
+        "does not show `kubectl -n shop create secret generic shop-secrets`",
     );
 }
 
