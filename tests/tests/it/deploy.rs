@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use shop::app::ShopConfig;
+use shop::trust::{CALLERS, GATEWAY};
 
 /// Every process of the shop: `shop serve <arg>`, its Kubernetes name, its port.
 const SERVICES: [(&str, &str, u16); 8] = [
@@ -87,7 +88,7 @@ const BUILD_PACKAGES: [&str; 6] = [
 ];
 
 /// The kinds the manifests use and their current stable API versions.
-const API_VERSIONS: [(&str, &str); 9] = [
+const API_VERSIONS: [(&str, &str); 10] = [
     ("Namespace", "v1"),
     ("ConfigMap", "v1"),
     ("Secret", "v1"),
@@ -97,7 +98,11 @@ const API_VERSIONS: [(&str, &str); 9] = [
     ("PodDisruptionBudget", "policy/v1"),
     ("HorizontalPodAutoscaler", "autoscaling/v2"),
     ("Ingress", "networking.k8s.io/v1"),
+    ("NetworkPolicy", "networking.k8s.io/v1"),
 ];
+
+/// The namespace Prometheus scrapes from, admitted on every service's port.
+const MONITORING_NAMESPACE: &str = "monitoring";
 
 /// The feature `shop serve <service>` needs, which the image must be built with.
 const REQUIRED_FEATURE: &str = "real-servers";
@@ -177,6 +182,8 @@ struct PodSpec {
     security_context: SecurityContext,
     containers: Vec<Container>,
     #[serde(default)]
+    init_containers: Vec<Container>,
+    #[serde(default)]
     volumes: Vec<Volume>,
 }
 
@@ -187,6 +194,16 @@ struct SecurityContext {
     run_as_user: Option<i64>,
     read_only_root_filesystem: Option<bool>,
     allow_privilege_escalation: Option<bool>,
+    privileged: Option<bool>,
+    capabilities: Option<Capabilities>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Capabilities {
+    #[serde(default)]
+    drop: Vec<String>,
+    #[serde(default)]
+    add: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +368,51 @@ struct ServiceSpec {
 struct ServicePort {
     port: u16,
     target_port: Option<IntOrString>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NetworkPolicySpec {
+    pod_selector: Selector,
+    policy_types: Option<Vec<String>>,
+    #[serde(default)]
+    ingress: Vec<IngressRule>,
+    #[serde(default)]
+    egress: Vec<Value>,
+}
+
+/// A label selector; `matchExpressions` is kept to be refused, as the checks don't read it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Selector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    match_expressions: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngressRule {
+    #[serde(default)]
+    from: Vec<Peer>,
+    #[serde(default)]
+    ports: Vec<PolicyPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Peer {
+    pod_selector: Option<Selector>,
+    namespace_selector: Option<Selector>,
+    ip_block: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicyPort {
+    port: Option<IntOrString>,
+    protocol: Option<String>,
+    end_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -593,6 +655,10 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
 
     let known: BTreeSet<&str> = SERVICES.iter().map(|(_, name, _)| *name).collect();
     for deployment in objects.of_kind("Deployment") {
+        let at = format!("Deployment {}", deployment.metadata.name);
+        if let Some(spec) = typed::<DeploymentSpec>(&deployment.spec, &at, &mut Vec::new()) {
+            check_pod_security(&at, &spec.template.spec, &mut problems);
+        }
         if !known.contains(deployment.metadata.name.as_str()) {
             problems.push(format!(
                 "Deployment {} runs no shop service",
@@ -600,6 +666,8 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
             ));
         }
     }
+
+    problems.extend(check_network_policies(&objects, CALLERS));
 
     for hpa in objects.of_kind("HorizontalPodAutoscaler") {
         let what = format!("HorizontalPodAutoscaler {}", hpa.metadata.name);
@@ -810,28 +878,8 @@ fn check_deployment(
         Some(_) => {}
     }
 
-    // Security: non-root, no escalation, a read-only root with writable volumes where needed.
-    let non_root = container
-        .security_context
-        .run_as_non_root
-        .or(pod.security_context.run_as_non_root);
-    if non_root != Some(true) {
-        problems.push(format!("{at}: runAsNonRoot is not set"));
-    }
-    let user = container
-        .security_context
-        .run_as_user
-        .or(pod.security_context.run_as_user);
-    if user == Some(0) {
-        problems.push(format!("{at}: runs as root"));
-    }
-    if container.security_context.allow_privilege_escalation != Some(false) {
-        problems.push(format!("{at}: allowPrivilegeEscalation is not false"));
-    }
-    if container.security_context.read_only_root_filesystem != Some(true) {
-        problems.push(format!("{at}: the root filesystem is writable"));
-    }
-
+    // Security (non-root, read-only root) is checked for every Deployment, by
+    // check_pod_security; here, the writable volumes the service needs.
     let volumes: BTreeMap<&str, &Volume> =
         pod.volumes.iter().map(|v| (v.name.as_str(), v)).collect();
     for mount in &container.volume_mounts {
@@ -892,6 +940,38 @@ fn check_deployment(
 
     if service == "gateway" {
         check_gateway_config(objects, &at, container, &volumes, &env, problems);
+    }
+}
+
+/// Every container of the pod, init containers included, runs as a user other than root
+/// (`runAsNonRoot`), cannot gain privileges, has every capability dropped and a read-only
+/// root filesystem.
+fn check_pod_security(at: &str, pod: &PodSpec, problems: &mut Vec<String>) {
+    for container in pod.init_containers.iter().chain(&pod.containers) {
+        let at = format!("{at}, container {}", container.name);
+        let context = &container.security_context;
+        let non_root = context
+            .run_as_non_root
+            .or(pod.security_context.run_as_non_root);
+        if non_root != Some(true) {
+            problems.push(format!("{at}: runAsNonRoot is not set"));
+        }
+        let user = context.run_as_user.or(pod.security_context.run_as_user);
+        if user == Some(0) {
+            problems.push(format!("{at}: runs as root"));
+        }
+        if context.allow_privilege_escalation != Some(false) || context.privileged == Some(true) {
+            problems.push(format!(
+                "{at}: allowPrivilegeEscalation is not false, or the container is privileged"
+            ));
+        }
+        let capabilities = context.capabilities.as_ref();
+        if !capabilities.is_some_and(|c| c.drop.iter().any(|d| d == "ALL") && c.add.is_empty()) {
+            problems.push(format!("{at}: capabilities are not all dropped"));
+        }
+        if context.read_only_root_filesystem != Some(true) {
+            problems.push(format!("{at}: the root filesystem is writable"));
+        }
     }
 }
 
@@ -1153,6 +1233,248 @@ fn check_service(
         problems.push(format!(
             "{at}: does not serve port {port} inside the cluster"
         ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Network policies.
+
+/// Where a connection comes from, as a NetworkPolicy rule admits it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    /// Any address, inside the cluster or not.
+    Anywhere,
+    /// The pods of one of the manifests' Deployments.
+    Pods(String),
+    /// Every pod of the namespaces with these labels.
+    Namespaces(String),
+    /// Anything else (an ipBlock, pods of other namespaces, pods of no Deployment).
+    Other(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Anywhere => f.write_str("anywhere"),
+            Source::Pods(name) => write!(f, "the pods of {name}"),
+            Source::Namespaces(labels) => write!(f, "the namespaces {labels}"),
+            Source::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{{{}}}", pairs.join(", "))
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What the network policies should admit to each Deployment, derived from `callers`
+/// (callee → the services it accepts calls from, as `shop::trust::CALLERS`): on the
+/// service's port, the pods of its callers and Prometheus; the gateway admits anyone.
+fn expected_ingress(callers: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<(Source, String)>> {
+    let monitoring = Source::Namespaces(format!(
+        "{{kubernetes.io/metadata.name={MONITORING_NAMESPACE}}}"
+    ));
+    SERVICES
+        .iter()
+        .map(|(_, name, port)| {
+            let port = format!("TCP/{port}");
+            let mut admitted = BTreeSet::from([(monitoring.clone(), port.clone())]);
+            if *name == GATEWAY {
+                admitted.insert((Source::Anywhere, port));
+            } else {
+                let allowed = callers
+                    .iter()
+                    .find(|(callee, _)| callee == name)
+                    .map_or(&[][..], |(_, callers)| *callers);
+                for caller in allowed {
+                    admitted.insert((Source::Pods(caller.to_string()), port.clone()));
+                }
+            }
+            (name.to_string(), admitted)
+        })
+        .collect()
+}
+
+/// Every difference between what the NetworkPolicies admit to the shop's pods and what
+/// `callers` allows ([`expected_ingress`]); that every pod is denied by default; and that
+/// nothing the check cannot model (egress, matchExpressions, port ranges) is there.
+fn check_network_policies(objects: &Objects, callers: &[(&str, &[&str])]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pods: BTreeMap<String, (BTreeMap<String, String>, Vec<ContainerPort>)> = objects
+        .of_kind("Deployment")
+        .filter_map(|d| {
+            let spec: DeploymentSpec = serde_yaml_ng::from_value(d.spec.clone()).ok()?;
+            let template = spec.template;
+            let ports = template
+                .spec
+                .containers
+                .into_iter()
+                .flat_map(|c| c.ports)
+                .collect();
+            Some((d.metadata.name.clone(), (template.metadata.labels, ports)))
+        })
+        .collect();
+    for (callee, callers) in callers {
+        for name in std::iter::once(callee).chain(callers.iter()) {
+            if !pods.contains_key(*name) {
+                problems.push(format!(
+                    "shop::trust::CALLERS names {name}, which no Deployment runs"
+                ));
+            }
+        }
+    }
+
+    let mut isolated = BTreeSet::new();
+    let mut admitted: BTreeMap<String, BTreeSet<(Source, String)>> = BTreeMap::new();
+    let mut default_deny = false;
+    for policy in objects.of_kind("NetworkPolicy") {
+        let at = format!("NetworkPolicy {}", policy.metadata.name);
+        let Some(spec) = typed::<NetworkPolicySpec>(&policy.spec, &at, &mut problems) else {
+            continue;
+        };
+        let types = spec.policy_types.clone().unwrap_or_else(|| {
+            let mut types = vec!["Ingress".to_owned()];
+            if !spec.egress.is_empty() {
+                types.push("Egress".to_owned());
+            }
+            types
+        });
+        if types.iter().any(|t| t == "Egress") {
+            problems.push(format!(
+                "{at}: restricts egress, which the check does not model"
+            ));
+        }
+        if !types.iter().any(|t| t == "Ingress") {
+            continue;
+        }
+        let mut selectors = vec![&spec.pod_selector];
+        for rule in &spec.ingress {
+            for peer in &rule.from {
+                selectors.extend(peer.pod_selector.iter().chain(&peer.namespace_selector));
+            }
+        }
+        if selectors.iter().any(|s| s.match_expressions.is_some()) {
+            problems.push(format!(
+                "{at}: matchExpressions, which the check does not read"
+            ));
+            continue;
+        }
+        if spec.pod_selector.match_labels.is_empty() && spec.ingress.is_empty() {
+            default_deny = true;
+        }
+        for (name, (labels, ports)) in &pods {
+            if !selects(&spec.pod_selector.match_labels, labels) {
+                continue;
+            }
+            isolated.insert(name.clone());
+            let into = admitted.entry(name.clone()).or_default();
+            for rule in &spec.ingress {
+                let sources = if rule.from.is_empty() {
+                    vec![Source::Anywhere]
+                } else {
+                    rule.from
+                        .iter()
+                        .flat_map(|peer| peer_sources(peer, &pods))
+                        .collect()
+                };
+                let ports = if rule.ports.is_empty() {
+                    vec!["every port".to_owned()]
+                } else {
+                    rule.ports.iter().map(|p| policy_port(p, ports)).collect()
+                };
+                for source in &sources {
+                    for port in &ports {
+                        into.insert((source.clone(), port.clone()));
+                    }
+                }
+            }
+        }
+    }
+    if !default_deny {
+        problems.push(
+            "no NetworkPolicy denies ingress by default (podSelector: {}, policyTypes: \
+             [Ingress], no rules)"
+                .to_owned(),
+        );
+    }
+
+    for (name, expected) in expected_ingress(callers) {
+        if !isolated.contains(&name) {
+            problems.push(format!(
+                "Deployment {name}: no NetworkPolicy selects its pods, so anything may connect"
+            ));
+            continue;
+        }
+        let found = admitted.remove(&name).unwrap_or_default();
+        for (source, port) in expected.difference(&found) {
+            problems.push(format!(
+                "Deployment {name}: {source} may not connect on {port}, which \
+                 shop::trust::CALLERS allows"
+            ));
+        }
+        for (source, port) in found.difference(&expected) {
+            problems.push(format!(
+                "Deployment {name}: {source} may connect on {port}, which \
+                 shop::trust::CALLERS does not allow"
+            ));
+        }
+    }
+    problems
+}
+
+/// Whom one `from` entry admits, by the Deployments whose pods it selects.
+fn peer_sources(
+    peer: &Peer,
+    pods: &BTreeMap<String, (BTreeMap<String, String>, Vec<ContainerPort>)>,
+) -> Vec<Source> {
+    match (&peer.pod_selector, &peer.namespace_selector, &peer.ip_block) {
+        (Some(selector), None, None) => {
+            let matched: Vec<Source> = pods
+                .iter()
+                .filter(|(_, (labels, _))| selects(&selector.match_labels, labels))
+                .map(|(name, _)| Source::Pods(name.clone()))
+                .collect();
+            if matched.is_empty() {
+                vec![Source::Other(format!(
+                    "pods {} (of no Deployment)",
+                    labels_text(&selector.match_labels)
+                ))]
+            } else {
+                matched
+            }
+        }
+        (None, Some(namespaces), None) => {
+            vec![Source::Namespaces(labels_text(&namespaces.match_labels))]
+        }
+        (Some(selector), Some(namespaces), None) => vec![Source::Other(format!(
+            "pods {} of the namespaces {}",
+            labels_text(&selector.match_labels),
+            labels_text(&namespaces.match_labels)
+        ))],
+        _ => vec![Source::Other(format!("the peer {peer:?}"))],
+    }
+}
+
+/// A policy port as `PROTOCOL/number`, a named one resolved on the pod's container ports.
+fn policy_port(port: &PolicyPort, container_ports: &[ContainerPort]) -> String {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let number = match &port.port {
+        None => return format!("every {protocol} port"),
+        Some(IntOrString::Int(number)) => Some(*number),
+        Some(IntOrString::String(name)) => container_ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.container_port),
+    };
+    match (number, port.end_port) {
+        (Some(number), None) => format!("{protocol}/{number}"),
+        (Some(number), Some(end)) => format!("{protocol}/{number}-{end}"),
+        (None, _) => format!("{protocol}/{:?} (not a port of the pod)", port.port),
     }
 }
 
@@ -1753,6 +2075,144 @@ fn the_docs_create_the_secret_with_every_key_the_manifests_read() {
 }
 
 #[test]
+fn network_policies_other_than_the_callers_table_are_caught() {
+    // The order service cut off from payments.
+    let documents = broken("NetworkPolicy", "payment-service", |d| {
+        let peers = d["spec"]["ingress"][0]["from"].as_sequence_mut().unwrap();
+        peers.retain(|peer| {
+            peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] != "order-service"
+        });
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment payment-service: the pods of order-service may not connect on TCP/8005, \
+         which shop::trust::CALLERS allows",
+    );
+
+    // The cart service let into the inventory.
+    let documents = broken("NetworkPolicy", "inventory-service", |d| {
+        let peers = d["spec"]["ingress"][0]["from"].as_sequence_mut().unwrap();
+        peers.push(
+            serde_yaml_ng::from_str(
+                "{podSelector: {matchLabels: {app.kubernetes.io/name: cart-service}}}",
+            )
+            .unwrap(),
+        );
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment inventory-service: the pods of cart-service may connect on TCP/8006, \
+         which shop::trust::CALLERS does not allow",
+    );
+
+    // Every pod of the shop, by a broader label.
+    let documents = broken("NetworkPolicy", "user-service", |d| {
+        d["spec"]["ingress"][0]["from"][0] = serde_yaml_ng::from_str(
+            "{podSelector: {matchLabels: {app.kubernetes.io/part-of: shop}}}",
+        )
+        .unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment user-service: the pods of order-service may connect on TCP/8001",
+    );
+
+    // The wrong port; a named port is the container's.
+    let documents = broken("NetworkPolicy", "user-service", |d| {
+        d["spec"]["ingress"][0]["ports"][0]["port"] = 8080.into();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "the pods of gateway may not connect on TCP/8001");
+    assert_found(&problems, "the pods of gateway may connect on TCP/8080");
+    let documents = broken("NetworkPolicy", "user-service", |d| {
+        d["spec"]["ingress"][0]["ports"][0]["port"] = "http".into();
+    });
+    assert_no_problem(&check_manifests(&documents));
+
+    // No Prometheus; a gateway open only inside.
+    let documents = broken("NetworkPolicy", "order-service", |d| {
+        d["spec"]["ingress"].as_sequence_mut().unwrap().pop();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment order-service: the namespaces {kubernetes.io/metadata.name=monitoring} \
+         may not connect on TCP/8003",
+    );
+    let documents = broken("NetworkPolicy", "gateway", |d| {
+        d["spec"]["ingress"][0]["from"] = serde_yaml_ng::from_str("[{podSelector: {}}]").unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment gateway: anywhere may not connect on TCP/8080",
+    );
+
+    // Egress is not modelled, so not allowed through unchecked.
+    let documents = broken("NetworkPolicy", "cart-service", |d| {
+        d["spec"]["policyTypes"] = serde_yaml_ng::from_str("[Ingress, Egress]").unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "NetworkPolicy cart-service: restricts egress",
+    );
+}
+
+#[test]
+fn a_pod_left_open_is_caught() {
+    let mut documents = load_manifests();
+    documents.retain(|(_, d)| {
+        !(d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "default-deny-ingress")
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "no NetworkPolicy denies ingress by default",
+    );
+    documents.retain(|(_, d)| {
+        !(d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "notification-service")
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment notification-service: no NetworkPolicy selects its pods",
+    );
+
+    // With the default deny, a service without its policy admits nobody.
+    let mut documents = load_manifests();
+    documents.retain(|(_, d)| {
+        !(d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "notification-service")
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment notification-service: the pods of gateway may not connect on TCP/8007",
+    );
+}
+
+#[test]
+fn the_policies_follow_a_change_of_the_callers_table() {
+    let documents = load_manifests();
+    let objects = Objects::read(&documents, &mut Vec::new());
+    assert_no_problem(&check_network_policies(&objects, CALLERS));
+
+    // The order service now calls the user service: its policy must say so.
+    let mut callers: Vec<(&str, &[&str])> = CALLERS.to_vec();
+    let with_order: &[&str] = &[GATEWAY, "order-service"];
+    callers
+        .iter_mut()
+        .find(|(callee, _)| *callee == "user-service")
+        .unwrap()
+        .1 = with_order;
+    assert_found(
+        &check_network_policies(&objects, &callers),
+        "Deployment user-service: the pods of order-service may not connect on TCP/8001, \
+         which shop::trust::CALLERS allows",
+    );
+
+    let callers: &[(&str, &[&str])] = &[("search-service", &[GATEWAY])];
+    assert_found(
+        &check_network_policies(&objects, callers),
+        "shop::trust::CALLERS names search-service, which no Deployment runs",
+    );
+}
+
+#[test]
 fn an_unsafe_security_context_is_caught() {
     let documents = broken("Deployment", "inventory-service", |d| {
         container(d)["securityContext"]["readOnlyRootFilesystem"] = false.into();
@@ -1761,6 +2221,47 @@ fn an_unsafe_security_context_is_caught() {
     let problems = check_manifests(&documents);
     assert_found(&problems, "the root filesystem is writable");
     assert_found(&problems, "runs as root");
+
+    // Any Deployment, and every container of it.
+    let documents = broken("Deployment", "cart-service", |d| {
+        let init = serde_yaml_ng::from_str(
+            "{name: migrate, image: shop:0.1.0, securityContext: {runAsUser: 0}}",
+        )
+        .unwrap();
+        d["spec"]["template"]["spec"]["initContainers"] = Value::Sequence(vec![init]);
+        container(d)["securityContext"]["capabilities"]["add"] =
+            serde_yaml_ng::from_str("[NET_ADMIN]").unwrap();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "cart-service, container migrate: runs as root");
+    assert_found(
+        &problems,
+        "cart-service, container migrate: the root filesystem is writable",
+    );
+    assert_found(
+        &problems,
+        "cart-service, container cart: capabilities are not all dropped",
+    );
+    let mut documents = load_manifests();
+    let (file, mut debug) = documents
+        .iter()
+        .find(|(_, d)| d["kind"] == "Deployment" && d["metadata"]["name"] == "gateway")
+        .cloned()
+        .unwrap();
+    debug["metadata"]["name"] = "debug".into();
+    remove(&mut debug["spec"]["template"]["spec"], "securityContext");
+    remove(container(&mut debug), "securityContext");
+    documents.push((file, debug));
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "Deployment debug runs no shop service");
+    assert_found(
+        &problems,
+        "Deployment debug, container gateway: runAsNonRoot is not set",
+    );
+    assert_found(
+        &problems,
+        "Deployment debug, container gateway: the root filesystem is writable",
+    );
 }
 
 #[test]
