@@ -2326,6 +2326,58 @@ fn a_broken_dockerfile_is_caught() {
     assert_no_problem(&check_dockerfile(&text, user));
 }
 
+/// Runs lint.sh on the manifests in `k8s` (its own k8s/ when `None`), installing its
+/// tools from PyPI the first time; whether it passed, and what it printed.
+fn lint(k8s: Option<&Path>) -> (bool, String) {
+    let mut command = std::process::Command::new("bash");
+    command.arg(deploy_dir().join("lint.sh"));
+    command.args(k8s);
+    let output = command.output().expect("bash runs lint.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn the_linters_pass() {
+    let (passed, output) = lint(None);
+    assert!(passed, "lint.sh failed:\n{output}");
+    for step in [
+        "manifests against Kubernetes 1.37.0",
+        "Failed checks: 0",
+        "lint.sh: no problem",
+    ] {
+        assert!(
+            output.contains(step),
+            "lint.sh did not say `{step}`:\n{output}"
+        );
+    }
+}
+
+#[test]
+fn checkov_catches_what_the_checks_here_do_not() {
+    // Not a hidden directory (tempdir's default `.tmp`), which checkov would not scan.
+    let dir = tempfile::Builder::new().prefix("k8s").tempdir().unwrap();
+    for file in manifest_files() {
+        let text = std::fs::read_to_string(deploy_dir().join("k8s").join(&file)).unwrap();
+        // The host's network namespace: valid Kubernetes, but no isolation.
+        let text = text.replace(
+            "      automountServiceAccountToken: false\n",
+            "      automountServiceAccountToken: false\n      hostNetwork: true\n",
+        );
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let (passed, output) = lint(Some(dir.path()));
+    assert!(
+        !passed,
+        "lint.sh passed a pod on the host's network:\n{output}"
+    );
+    assert!(output.contains("CKV_K8S_19"), "{output}");
+}
+
 #[test]
 fn quantities_parse_as_kubernetes_writes_them() {
     let q = |text: &str| quantity(&Value::String(text.to_owned()));
