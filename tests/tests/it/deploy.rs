@@ -1,7 +1,10 @@
 //! The shop's deployment artifacts (`examples/shop/deploy/`): no Docker engine or cluster
 //! runs here, so the Dockerfile and the Kubernetes manifests are parsed and checked against
 //! what the shop binary does: its services and ports, its health endpoints, its drain
-//! deadline and the `SHOP_` settings its configuration accepts.
+//! deadline, the `SHOP_` settings its configuration accepts, the secrets each service
+//! uses, the features `shop serve` needs, and who may call whom (`shop::trust::CALLERS`,
+//! which the NetworkPolicies must say too). `lint.sh` (kubernetes-validate, checkov,
+//! hadolint) is run as well.
 //!
 //! Each check returns the problems it finds instead of panicking at the first, and the
 //! tests at the end break a good manifest on purpose to show that every check can fail.
