@@ -12,6 +12,10 @@ use serde_yaml_ng::Value;
 /// The image's entry point (`ENTRYPOINT ["shop"]`), and where the binary is in it.
 const ENTRYPOINT: [&str; 2] = ["shop", "/usr/local/bin/shop"];
 
+/// Where a container is, and the words it runs after the entry point (or why they can't
+/// be the shop's).
+type Found = (String, Result<Vec<String>, String>);
+
 fn k8s_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s")
 }
@@ -19,7 +23,7 @@ fn k8s_dir() -> PathBuf {
 /// What each container running the shop's image executes, after the entry point, with
 /// where it is: `command` (replacing the entry point) then `args`, as Kubernetes runs
 /// them. A `command` that does not start the shop is an error.
-fn manifest_commands() -> Vec<(String, Result<Vec<String>, String>)> {
+fn manifest_commands() -> Vec<Found> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(k8s_dir())
         .expect("examples/shop/deploy/k8s")
         .map(|entry| entry.unwrap().path())
@@ -36,7 +40,7 @@ fn manifest_commands() -> Vec<(String, Result<Vec<String>, String>)> {
 }
 
 /// The commands of the containers in one manifest file.
-fn commands_in(name: &str, text: &str) -> Vec<(String, Result<Vec<String>, String>)> {
+fn commands_in(name: &str, text: &str) -> Vec<Found> {
     let mut commands = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         let value = Value::deserialize(document)
@@ -52,7 +56,7 @@ fn commands_in(name: &str, text: &str) -> Vec<(String, Result<Vec<String>, Strin
 }
 
 /// Walks `value` for pod specs' `containers` and `initContainers`, whatever the kind.
-fn containers(value: &Value, at: &str, out: &mut Vec<(String, Result<Vec<String>, String>)>) {
+fn containers(value: &Value, at: &str, out: &mut Vec<Found>) {
     let Some(mapping) = value.as_mapping() else {
         if let Some(sequence) = value.as_sequence() {
             sequence.iter().for_each(|v| containers(v, at, out));
@@ -78,11 +82,18 @@ fn containers(value: &Value, at: &str, out: &mut Vec<(String, Result<Vec<String>
 /// The words after the entry point, for a container of the shop's image; `None` for
 /// another image.
 fn container_command(container: &Value) -> Option<Result<Vec<String>, String>> {
-    let image = str_of(&container["image"]);
-    let repository = image.rsplit_once(':').map_or(image.as_str(), |(r, _)| r);
-    if repository.rsplit('/').next() != Some("shop") {
-        return None;
-    }
+    (image_name(&str_of(&container["image"])) == "shop").then(|| argv(container))
+}
+
+/// `registry.example:5000/team/shop:0.1.0@sha256:...` is `shop`.
+fn image_name(image: &str) -> &str {
+    let image = image.split('@').next().unwrap_or_default();
+    let path = image.rsplit('/').next().unwrap_or_default();
+    path.split(':').next().unwrap_or_default()
+}
+
+/// `command` (whose first word replaces the entry point, so must be the shop) then `args`.
+fn argv(container: &Value) -> Result<Vec<String>, String> {
     let words = |field: &str| -> Result<Vec<String>, String> {
         match &container[field] {
             Value::Null => Ok(Vec::new()),
@@ -90,18 +101,15 @@ fn container_command(container: &Value) -> Option<Result<Vec<String>, String>> {
                 .map_err(|e| format!("`{field}` is not a list of strings: {e}")),
         }
     };
-    Some((|| {
-        let mut argv = Vec::new();
-        let command = words("command")?;
-        if let Some((program, rest)) = command.split_first() {
-            if !ENTRYPOINT.contains(&program.as_str()) {
-                return Err(format!("`command` runs {program}, not the shop"));
-            }
-            argv.extend_from_slice(rest);
+    let mut argv = Vec::new();
+    if let Some((program, rest)) = words("command")?.split_first() {
+        if !ENTRYPOINT.contains(&program.as_str()) {
+            return Err(format!("`command` runs {program}, not the shop"));
         }
-        argv.extend(words("args")?);
-        Ok(argv)
-    })())
+        argv.extend_from_slice(rest);
+    }
+    argv.extend(words("args")?);
+    Ok(argv)
 }
 
 fn str_of(value: &Value) -> String {
@@ -125,7 +133,7 @@ fn check(argv: &[String]) -> Result<String, String> {
 }
 
 /// Every refusal, one line each; empty when the binary accepts every command.
-fn refused(commands: &[(String, Result<Vec<String>, String>)]) -> Vec<String> {
+fn refused(commands: &[Found]) -> Vec<String> {
     commands
         .iter()
         .filter_map(|(at, argv)| {
@@ -214,6 +222,12 @@ fn a_command_that_replaces_the_entry_point_is_read_as_kubernetes_runs_it() {
     );
     let container: Value = serde_yaml_ng::from_str("{name: x, image: postgres:17}").unwrap();
     assert_eq!(container_command(&container), None);
+    assert_eq!(
+        image_name("registry.example:5000/team/shop:0.1.0@sha256:ab"),
+        "shop"
+    );
+    assert_eq!(image_name("shop"), "shop");
+    assert_eq!(image_name("registry.example:5000/shopfront:1"), "shopfront");
 }
 
 /// Without `real-servers` the binary refuses every command of the manifests, which is
