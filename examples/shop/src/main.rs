@@ -49,11 +49,9 @@ fn parse(args: &[String]) -> Result<Command, String> {
                 ));
             }
             if !cfg!(feature = "real-servers") {
-                return Err(
-                    "`shop serve` needs etcd and Kafka, and this binary was built \
-                            without them: build it with `--features real-servers`"
-                        .to_owned(),
-                );
+                let reason = "`shop serve` needs etcd and Kafka, and this binary was built \
+                              without them: build it with `--features real-servers`";
+                return Err(reason.to_owned());
             }
             Ok(Command::Serve((*service).to_owned()))
         }
