@@ -13,14 +13,87 @@
 //!
 //! `shop loadgen --target http://127.0.0.1:8080 --users 10 --duration 30s [--smoke]` runs
 //! weighted user journeys against a running shop and reports per journey.
+//!
+//! `shop --check <arguments>` says whether `shop <arguments>` would be accepted, without
+//! reading the configuration or starting anything: it prints the command and exits 0, or
+//! prints why not and the usage and exits 2 (as the command itself would). `shop --check
+//! serve gateway` fails in a binary built without `real-servers`. The shop's tests run it
+//! on every container command of the Kubernetes manifests.
 
 use anyhow::Context as _;
 use micro_core::config::ConfigLoader;
 use micro_core::telemetry;
 use shop::app::{self, ShopConfig};
 
+/// What the arguments ask for.
+#[derive(Debug)]
+enum Command {
+    /// Every service and the gateway in one process.
+    All,
+    /// One service, by its `shop serve` name.
+    Serve(String),
+    /// The load generator.
+    Loadgen(shop::loadgen::LoadgenConfig),
+}
+
+/// The command `args` (after the program's name) ask for, or why it is refused.
+fn parse(args: &[String]) -> Result<Command, String> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        [] => Ok(Command::All),
+        ["serve", service] => {
+            if !app::SERVICES.contains(service) {
+                return Err(format!(
+                    "there is no service `{service}`; the shop has {}",
+                    app::SERVICES.join(", ")
+                ));
+            }
+            if !cfg!(feature = "real-servers") {
+                let reason = "`shop serve` needs etcd and Kafka, and this binary was built \
+                              without them: build it with `--features real-servers`";
+                return Err(reason.to_owned());
+            }
+            Ok(Command::Serve((*service).to_owned()))
+        }
+        ["loadgen", rest @ ..] => {
+            shop::loadgen::parse_args(rest.iter().map(|s| s.to_string())).map(Command::Loadgen)
+        }
+        _ => Err(format!("unknown arguments `{}`", words.join(" "))),
+    }
+}
+
+fn usage() -> String {
+    format!(
+        "usage: shop                    every service and the gateway in one process\n       \
+         shop serve <service>    one of: {}\n       \
+         shop loadgen [--target URL] [--users N] [--duration 30s] [--smoke] [--seed N]\n       \
+         shop --check <args...>  whether `shop <args...>` would be accepted",
+        app::SERVICES.join(", ")
+    )
+}
+
+/// The command, or the reason and the usage on stderr and exit code 2.
+fn parse_or_exit(args: &[String]) -> Command {
+    parse(args).unwrap_or_else(|reason| {
+        eprintln!("shop: {reason}\n{}", usage());
+        std::process::exit(2);
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--check") {
+        let args = &args[1..];
+        parse_or_exit(args);
+        let words: Vec<&str> = std::iter::once("shop")
+            .chain(args.iter().map(String::as_str))
+            .collect();
+        println!("{}: accepted", words.join(" "));
+        return Ok(());
+    }
+    let command = parse_or_exit(&args);
+
     let config: ShopConfig = ConfigLoader::new()
         .defaults(&ShopConfig::default())
         .file("shop.toml")
@@ -32,16 +105,10 @@ async fn main() -> anyhow::Result<()> {
     }
     telemetry::init(&log)?;
 
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        [] => {}
-        ["serve", service] => {
-            let host = app::serve(&config, service)
+    match command {
+        Command::All => {}
+        Command::Serve(service) => {
+            let host = app::serve(&config, &service)
                 .await
                 .with_context(|| format!("{service} could not start"))?;
             for (name, addr) in host.addrs() {
@@ -53,9 +120,7 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        ["loadgen", rest @ ..] => {
-            let options = shop::loadgen::parse_args(rest.iter().map(|s| s.to_string()))
-                .map_err(|message| anyhow::anyhow!("{message}"))?;
+        Command::Loadgen(options) => {
             let report = shop::loadgen::run(&options).await?;
             println!("{report}");
             if options.smoke && report.unexpected_errors() > 0 {
@@ -66,15 +131,6 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             return Ok(());
-        }
-        _ => {
-            eprintln!(
-                "usage: shop                    every service and the gateway in one process\n       \
-                 shop serve <service>    one of: {}\n       \
-                 shop loadgen [--target URL] [--users N] [--duration 30s] [--smoke] [--seed N]",
-                app::SERVICES.join(", ")
-            );
-            std::process::exit(2);
         }
     }
 

@@ -1,7 +1,10 @@
 //! The shop's deployment artifacts (`examples/shop/deploy/`): no Docker engine or cluster
 //! runs here, so the Dockerfile and the Kubernetes manifests are parsed and checked against
 //! what the shop binary does: its services and ports, its health endpoints, its drain
-//! deadline and the `SHOP_` settings its configuration accepts.
+//! deadline, the `SHOP_` settings its configuration accepts, the secrets each service
+//! uses, the features `shop serve` needs, and who may call whom (`shop::trust::CALLERS`,
+//! which the NetworkPolicies must say too). `lint.sh` (kubernetes-validate, checkov,
+//! hadolint) is run as well.
 //!
 //! Each check returns the problems it finds instead of panicking at the first, and the
 //! tests at the end break a good manifest on purpose to show that every check can fail.
@@ -15,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use shop::app::ShopConfig;
+use shop::trust::{CALLERS, GATEWAY};
 
 /// Every process of the shop: `shop serve <arg>`, its Kubernetes name, its port.
 const SERVICES: [(&str, &str, u16); 8] = [
@@ -28,13 +32,50 @@ const SERVICES: [(&str, &str, u16); 8] = [
     ("gateway", "gateway", 8080),
 ];
 
-/// Settings the lead announced for `shop serve` that `ShopConfig` may not have yet: the
-/// manifests may set them, and they are checked against `ShopConfig` once it has them.
-const ANNOUNCED: [&str; 3] = [
-    "SHOP_KAFKA_BROKERS",
-    "SHOP_ETCD_ENDPOINTS",
-    "SHOP_JWT_SECRET",
+/// The Secret every secret setting comes from. It is not in the manifests: the operator
+/// creates it once, with the command the docs show (`kubectl create secret generic`).
+const SECRET: &str = "shop-secrets";
+
+/// The keys of that Secret, the same in the docs' command, with a value of the kind the
+/// command puts there (for loading the configuration).
+const SECRET_KEYS: [(&str, &str); 3] = [
+    (
+        "SHOP_JWT_SECRET",
+        "c2VjcmV0LWZvci10aGUtZGVwbG95LXRlc3RzLW9ubHktNDgtYnl0ZXMtbG9uZy0hIQ==",
+    ),
+    (
+        "SHOP_IDENTITY_SECRET",
+        "aWRlbnRpdHktZm9yLXRoZS1kZXBsb3ktdGVzdHMtb25seS00OC1ieXRlcy1sb25nIQ==",
+    ),
+    (
+        "SHOP_POSTGRES_URL",
+        "postgres://shop:PASSWORD@postgres:5432/shop",
+    ),
 ];
+
+/// Which services get each secret setting, and no other: every service signs and checks
+/// the calls between services; the user service signs login tokens and the gateway checks
+/// them; the services whose data is in PostgreSQL reach it.
+const SECRET_USERS: [(&str, &[&str]); 3] = [
+    (
+        "SHOP_IDENTITY_SECRET",
+        &[
+            "user",
+            "product",
+            "order",
+            "cart",
+            "payment",
+            "inventory",
+            "notification",
+            "gateway",
+        ],
+    ),
+    ("SHOP_JWT_SECRET", &["user", "gateway"]),
+    ("SHOP_POSTGRES_URL", &["user", "product", "order"]),
+];
+
+/// Where the command that creates the Secret is shown.
+const SECRET_DOCS: [&str; 2] = ["docs/src/shop-deploy.md", "examples/shop/deploy/README.md"];
 
 /// Variables the binary reads that are not `ShopConfig` settings.
 const OTHER_ENV: [&str; 1] = ["RUST_LOG"];
@@ -50,7 +91,7 @@ const BUILD_PACKAGES: [&str; 6] = [
 ];
 
 /// The kinds the manifests use and their current stable API versions.
-const API_VERSIONS: [(&str, &str); 9] = [
+const API_VERSIONS: [(&str, &str); 10] = [
     ("Namespace", "v1"),
     ("ConfigMap", "v1"),
     ("Secret", "v1"),
@@ -60,7 +101,14 @@ const API_VERSIONS: [(&str, &str); 9] = [
     ("PodDisruptionBudget", "policy/v1"),
     ("HorizontalPodAutoscaler", "autoscaling/v2"),
     ("Ingress", "networking.k8s.io/v1"),
+    ("NetworkPolicy", "networking.k8s.io/v1"),
 ];
+
+/// The namespace Prometheus scrapes from, admitted on every service's port.
+const MONITORING_NAMESPACE: &str = "monitoring";
+
+/// The feature `shop serve <service>` needs, which the image must be built with.
+const REQUIRED_FEATURE: &str = "real-servers";
 
 /// The drain deadline when `SHOP_HOST__DRAIN_TIMEOUT` is not set.
 const DEFAULT_DRAIN_SECONDS: f64 = 30.0;
@@ -137,6 +185,8 @@ struct PodSpec {
     security_context: SecurityContext,
     containers: Vec<Container>,
     #[serde(default)]
+    init_containers: Vec<Container>,
+    #[serde(default)]
     volumes: Vec<Volume>,
 }
 
@@ -147,6 +197,16 @@ struct SecurityContext {
     run_as_user: Option<i64>,
     read_only_root_filesystem: Option<bool>,
     allow_privilege_escalation: Option<bool>,
+    privileged: Option<bool>,
+    capabilities: Option<Capabilities>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Capabilities {
+    #[serde(default)]
+    drop: Vec<String>,
+    #[serde(default)]
+    add: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -314,6 +374,51 @@ struct ServicePort {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NetworkPolicySpec {
+    pod_selector: Selector,
+    policy_types: Option<Vec<String>>,
+    #[serde(default)]
+    ingress: Vec<IngressRule>,
+    #[serde(default)]
+    egress: Vec<Value>,
+}
+
+/// A label selector; `matchExpressions` is kept to be refused, as the checks don't read it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Selector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+    match_expressions: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngressRule {
+    #[serde(default)]
+    from: Vec<Peer>,
+    #[serde(default)]
+    ports: Vec<PolicyPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Peer {
+    pod_selector: Option<Selector>,
+    namespace_selector: Option<Selector>,
+    ip_block: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicyPort {
+    port: Option<IntOrString>,
+    protocol: Option<String>,
+    end_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct HpaSpec {
     scale_target_ref: TargetRef,
@@ -464,8 +569,15 @@ impl Objects {
             .map(|(_, (_, object))| object)
     }
 
-    /// The keys of a ConfigMap or Secret, with their values.
+    /// The keys of a ConfigMap or Secret, with their values; those of the documented
+    /// [`SECRET`], which is not in the manifests, for it.
     fn keys(&self, kind: &str, name: &str) -> Option<BTreeMap<String, String>> {
+        if kind == "Secret" && name == SECRET {
+            let keys = SECRET_KEYS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+            return Some(keys.collect());
+        }
         let object = self.get(kind, name)?;
         let mut keys = object.data.clone();
         keys.extend(object.string_data.clone());
@@ -495,6 +607,20 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
         if object.metadata.namespace.as_deref() != Some("shop") {
             problems.push(format!(
                 "{file}: {kind} {name} is not in the shop namespace"
+            ));
+        }
+    }
+    for secret in objects.of_kind("Secret") {
+        if !secret.data.is_empty() || !secret.string_data.is_empty() {
+            problems.push(format!(
+                "Secret {} is committed with values: create it by hand, as the docs show",
+                secret.metadata.name
+            ));
+        }
+        if secret.metadata.name == SECRET {
+            problems.push(format!(
+                "Secret {SECRET} is in the manifests: applying them would overwrite the one \
+                 created by hand"
             ));
         }
     }
@@ -532,6 +658,10 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
 
     let known: BTreeSet<&str> = SERVICES.iter().map(|(_, name, _)| *name).collect();
     for deployment in objects.of_kind("Deployment") {
+        let at = format!("Deployment {}", deployment.metadata.name);
+        if let Some(spec) = typed::<DeploymentSpec>(&deployment.spec, &at, &mut Vec::new()) {
+            check_pod_security(&at, &spec.template.spec, &mut problems);
+        }
         if !known.contains(deployment.metadata.name.as_str()) {
             problems.push(format!(
                 "Deployment {} runs no shop service",
@@ -539,6 +669,8 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
             ));
         }
     }
+
+    problems.extend(check_network_policies(&objects, CALLERS));
 
     for hpa in objects.of_kind("HorizontalPodAutoscaler") {
         let what = format!("HorizontalPodAutoscaler {}", hpa.metadata.name);
@@ -749,28 +881,8 @@ fn check_deployment(
         Some(_) => {}
     }
 
-    // Security: non-root, no escalation, a read-only root with writable volumes where needed.
-    let non_root = container
-        .security_context
-        .run_as_non_root
-        .or(pod.security_context.run_as_non_root);
-    if non_root != Some(true) {
-        problems.push(format!("{at}: runAsNonRoot is not set"));
-    }
-    let user = container
-        .security_context
-        .run_as_user
-        .or(pod.security_context.run_as_user);
-    if user == Some(0) {
-        problems.push(format!("{at}: runs as root"));
-    }
-    if container.security_context.allow_privilege_escalation != Some(false) {
-        problems.push(format!("{at}: allowPrivilegeEscalation is not false"));
-    }
-    if container.security_context.read_only_root_filesystem != Some(true) {
-        problems.push(format!("{at}: the root filesystem is writable"));
-    }
-
+    // Security (non-root, read-only root) is checked for every Deployment, by
+    // check_pod_security; here, the writable volumes the service needs.
     let volumes: BTreeMap<&str, &Volume> =
         pod.volumes.iter().map(|v| (v.name.as_str(), v)).collect();
     for mount in &container.volume_mounts {
@@ -834,6 +946,38 @@ fn check_deployment(
     }
 }
 
+/// Every container of the pod, init containers included, runs as a user other than root
+/// (`runAsNonRoot`), cannot gain privileges, has every capability dropped and a read-only
+/// root filesystem.
+fn check_pod_security(at: &str, pod: &PodSpec, problems: &mut Vec<String>) {
+    for container in pod.init_containers.iter().chain(&pod.containers) {
+        let at = format!("{at}, container {}", container.name);
+        let context = &container.security_context;
+        let non_root = context
+            .run_as_non_root
+            .or(pod.security_context.run_as_non_root);
+        if non_root != Some(true) {
+            problems.push(format!("{at}: runAsNonRoot is not set"));
+        }
+        let user = context.run_as_user.or(pod.security_context.run_as_user);
+        if user == Some(0) {
+            problems.push(format!("{at}: runs as root"));
+        }
+        if context.allow_privilege_escalation != Some(false) || context.privileged == Some(true) {
+            problems.push(format!(
+                "{at}: allowPrivilegeEscalation is not false, or the container is privileged"
+            ));
+        }
+        let capabilities = context.capabilities.as_ref();
+        if !capabilities.is_some_and(|c| c.drop.iter().any(|d| d == "ALL") && c.add.is_empty()) {
+            problems.push(format!("{at}: capabilities are not all dropped"));
+        }
+        if context.read_only_root_filesystem != Some(true) {
+            problems.push(format!("{at}: the root filesystem is writable"));
+        }
+    }
+}
+
 /// The container's environment resolved (ConfigMaps and Secrets read); records unknown
 /// names, dangling references and values `ShopConfig` rejects.
 fn check_env(
@@ -845,6 +989,8 @@ fn check_env(
     problems: &mut Vec<String>,
 ) -> (BTreeMap<String, String>, Option<ShopConfig>) {
     let mut env = BTreeMap::new();
+    // The names whose value comes from a Secret.
+    let mut secret = BTreeSet::new();
     for from in &container.env_from {
         let (kind, reference) = match (&from.config_map_ref, &from.secret_ref) {
             (Some(r), None) => ("ConfigMap", r),
@@ -863,7 +1009,15 @@ fn check_env(
             )),
             Some(keys) => {
                 let prefix = from.prefix.clone().unwrap_or_default();
-                env.extend(keys.into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)));
+                for (key, value) in keys {
+                    let name = format!("{prefix}{key}");
+                    if kind == "Secret" {
+                        secret.insert(name.clone());
+                    } else {
+                        secret.remove(&name);
+                    }
+                    env.insert(name, value);
+                }
             }
         }
     }
@@ -917,7 +1071,30 @@ fn check_env(
             }
         };
         if let Some(value) = value {
+            if var
+                .value_from
+                .as_ref()
+                .is_some_and(|source| source.secret_key_ref.is_some())
+            {
+                secret.insert(var.name.clone());
+            } else {
+                secret.remove(&var.name);
+            }
             env.insert(var.name.clone(), value);
+        }
+    }
+
+    // Secret settings: each service has those it uses, from the Secret, and no other.
+    for (setting, users) in SECRET_USERS {
+        match (users.contains(&service), env.contains_key(setting)) {
+            (true, false) => problems.push(format!(
+                "{at}: {setting} is not set, and `shop serve {service}` needs it"
+            )),
+            (false, true) => problems.push(format!("{at}: gets {setting}, which it does not use")),
+            _ => {}
+        }
+        if env.contains_key(setting) && !secret.contains(setting) {
+            problems.push(format!("{at}: {setting} is not taken from a Secret"));
         }
     }
 
@@ -945,21 +1122,15 @@ fn check_env(
 }
 
 /// Whether `ShopConfig` accepts these variables, as the binary's figment would read them.
-/// Settings announced but not in `ShopConfig` yet are left out of the load.
 fn check_env_names(env: &BTreeMap<String, String>) -> (Vec<String>, Option<ShopConfig>) {
     let mut problems = Vec::new();
-    let defaults = serde_json::to_value(ShopConfig::default()).unwrap();
     let mut toml = String::new();
     for (name, value) in env {
         if OTHER_ENV.contains(&name.as_str()) {
             continue;
         }
-        let Some(setting) = name.strip_prefix("SHOP_") else {
+        if !name.starts_with("SHOP_") {
             problems.push(format!("{name} is not a setting of the shop"));
-            continue;
-        };
-        let top = setting.split("__").next().unwrap().to_lowercase();
-        if ANNOUNCED.contains(&name.as_str()) && defaults.get(&top).is_none() {
             continue;
         }
         toml.push_str(&toml_line(name, value));
@@ -1069,6 +1240,248 @@ fn check_service(
 }
 
 // ---------------------------------------------------------------------------------------
+// Network policies.
+
+/// Where a connection comes from, as a NetworkPolicy rule admits it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    /// Any address, inside the cluster or not.
+    Anywhere,
+    /// The pods of one of the manifests' Deployments.
+    Pods(String),
+    /// Every pod of the namespaces with these labels.
+    Namespaces(String),
+    /// Anything else (an ipBlock, pods of other namespaces, pods of no Deployment).
+    Other(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Anywhere => f.write_str("anywhere"),
+            Source::Pods(name) => write!(f, "the pods of {name}"),
+            Source::Namespaces(labels) => write!(f, "the namespaces {labels}"),
+            Source::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{{{}}}", pairs.join(", "))
+}
+
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What the network policies should admit to each Deployment, derived from `callers`
+/// (callee → the services it accepts calls from, as `shop::trust::CALLERS`): on the
+/// service's port, the pods of its callers and Prometheus; the gateway admits anyone.
+fn expected_ingress(callers: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<(Source, String)>> {
+    let monitoring = Source::Namespaces(format!(
+        "{{kubernetes.io/metadata.name={MONITORING_NAMESPACE}}}"
+    ));
+    SERVICES
+        .iter()
+        .map(|(_, name, port)| {
+            let port = format!("TCP/{port}");
+            let mut admitted = BTreeSet::from([(monitoring.clone(), port.clone())]);
+            if *name == GATEWAY {
+                admitted.insert((Source::Anywhere, port));
+            } else {
+                let allowed = callers
+                    .iter()
+                    .find(|(callee, _)| callee == name)
+                    .map_or(&[][..], |(_, callers)| *callers);
+                for caller in allowed {
+                    admitted.insert((Source::Pods(caller.to_string()), port.clone()));
+                }
+            }
+            (name.to_string(), admitted)
+        })
+        .collect()
+}
+
+/// Every difference between what the NetworkPolicies admit to the shop's pods and what
+/// `callers` allows ([`expected_ingress`]); that every pod is denied by default; and that
+/// nothing the check cannot model (egress, matchExpressions, port ranges) is there.
+fn check_network_policies(objects: &Objects, callers: &[(&str, &[&str])]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let pods: BTreeMap<String, (BTreeMap<String, String>, Vec<ContainerPort>)> = objects
+        .of_kind("Deployment")
+        .filter_map(|d| {
+            let spec: DeploymentSpec = serde_yaml_ng::from_value(d.spec.clone()).ok()?;
+            let template = spec.template;
+            let ports = template
+                .spec
+                .containers
+                .into_iter()
+                .flat_map(|c| c.ports)
+                .collect();
+            Some((d.metadata.name.clone(), (template.metadata.labels, ports)))
+        })
+        .collect();
+    for (callee, callers) in callers {
+        for name in std::iter::once(callee).chain(callers.iter()) {
+            if !pods.contains_key(*name) {
+                problems.push(format!(
+                    "shop::trust::CALLERS names {name}, which no Deployment runs"
+                ));
+            }
+        }
+    }
+
+    let mut isolated = BTreeSet::new();
+    let mut admitted: BTreeMap<String, BTreeSet<(Source, String)>> = BTreeMap::new();
+    let mut default_deny = false;
+    for policy in objects.of_kind("NetworkPolicy") {
+        let at = format!("NetworkPolicy {}", policy.metadata.name);
+        let Some(spec) = typed::<NetworkPolicySpec>(&policy.spec, &at, &mut problems) else {
+            continue;
+        };
+        let types = spec.policy_types.clone().unwrap_or_else(|| {
+            let mut types = vec!["Ingress".to_owned()];
+            if !spec.egress.is_empty() {
+                types.push("Egress".to_owned());
+            }
+            types
+        });
+        if types.iter().any(|t| t == "Egress") {
+            problems.push(format!(
+                "{at}: restricts egress, which the check does not model"
+            ));
+        }
+        if !types.iter().any(|t| t == "Ingress") {
+            continue;
+        }
+        let mut selectors = vec![&spec.pod_selector];
+        for rule in &spec.ingress {
+            for peer in &rule.from {
+                selectors.extend(peer.pod_selector.iter().chain(&peer.namespace_selector));
+            }
+        }
+        if selectors.iter().any(|s| s.match_expressions.is_some()) {
+            problems.push(format!(
+                "{at}: matchExpressions, which the check does not read"
+            ));
+            continue;
+        }
+        if spec.pod_selector.match_labels.is_empty() && spec.ingress.is_empty() {
+            default_deny = true;
+        }
+        for (name, (labels, ports)) in &pods {
+            if !selects(&spec.pod_selector.match_labels, labels) {
+                continue;
+            }
+            isolated.insert(name.clone());
+            let into = admitted.entry(name.clone()).or_default();
+            for rule in &spec.ingress {
+                let sources = if rule.from.is_empty() {
+                    vec![Source::Anywhere]
+                } else {
+                    rule.from
+                        .iter()
+                        .flat_map(|peer| peer_sources(peer, &pods))
+                        .collect()
+                };
+                let ports = if rule.ports.is_empty() {
+                    vec!["every port".to_owned()]
+                } else {
+                    rule.ports.iter().map(|p| policy_port(p, ports)).collect()
+                };
+                for source in &sources {
+                    for port in &ports {
+                        into.insert((source.clone(), port.clone()));
+                    }
+                }
+            }
+        }
+    }
+    if !default_deny {
+        problems.push(
+            "no NetworkPolicy denies ingress by default (podSelector: {}, policyTypes: \
+             [Ingress], no rules)"
+                .to_owned(),
+        );
+    }
+
+    for (name, expected) in expected_ingress(callers) {
+        if !isolated.contains(&name) {
+            problems.push(format!(
+                "Deployment {name}: no NetworkPolicy selects its pods, so anything may connect"
+            ));
+            continue;
+        }
+        let found = admitted.remove(&name).unwrap_or_default();
+        for (source, port) in expected.difference(&found) {
+            problems.push(format!(
+                "Deployment {name}: {source} may not connect on {port}, which \
+                 shop::trust::CALLERS allows"
+            ));
+        }
+        for (source, port) in found.difference(&expected) {
+            problems.push(format!(
+                "Deployment {name}: {source} may connect on {port}, which \
+                 shop::trust::CALLERS does not allow"
+            ));
+        }
+    }
+    problems
+}
+
+/// Whom one `from` entry admits, by the Deployments whose pods it selects.
+fn peer_sources(
+    peer: &Peer,
+    pods: &BTreeMap<String, (BTreeMap<String, String>, Vec<ContainerPort>)>,
+) -> Vec<Source> {
+    match (&peer.pod_selector, &peer.namespace_selector, &peer.ip_block) {
+        (Some(selector), None, None) => {
+            let matched: Vec<Source> = pods
+                .iter()
+                .filter(|(_, (labels, _))| selects(&selector.match_labels, labels))
+                .map(|(name, _)| Source::Pods(name.clone()))
+                .collect();
+            if matched.is_empty() {
+                vec![Source::Other(format!(
+                    "pods {} (of no Deployment)",
+                    labels_text(&selector.match_labels)
+                ))]
+            } else {
+                matched
+            }
+        }
+        (None, Some(namespaces), None) => {
+            vec![Source::Namespaces(labels_text(&namespaces.match_labels))]
+        }
+        (Some(selector), Some(namespaces), None) => vec![Source::Other(format!(
+            "pods {} of the namespaces {}",
+            labels_text(&selector.match_labels),
+            labels_text(&namespaces.match_labels)
+        ))],
+        _ => vec![Source::Other(format!("the peer {peer:?}"))],
+    }
+}
+
+/// A policy port as `PROTOCOL/number`, a named one resolved on the pod's container ports.
+fn policy_port(port: &PolicyPort, container_ports: &[ContainerPort]) -> String {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let number = match &port.port {
+        None => return format!("every {protocol} port"),
+        Some(IntOrString::Int(number)) => Some(*number),
+        Some(IntOrString::String(name)) => container_ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .map(|p| p.container_port),
+    };
+    match (number, port.end_port) {
+        (Some(number), None) => format!("{protocol}/{number}"),
+        (Some(number), Some(end)) => format!("{protocol}/{number}-{end}"),
+        (None, _) => format!("{protocol}/{:?} (not a port of the pod)", port.port),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The Dockerfile.
 
 /// The Dockerfile's instructions: continuation lines joined, comments dropped.
@@ -1133,7 +1546,23 @@ fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
         })
     };
 
-    let builder = runs(0);
+    // The builder's ARG defaults, expanded in its RUN lines as a build without
+    // `--build-arg` would.
+    let args: BTreeMap<&str, String> = stages.first().map_or(BTreeMap::new(), |(_, body)| {
+        body.iter()
+            .filter(|(k, _)| k == "ARG")
+            .filter_map(|(_, rest)| rest.split_once('='))
+            .map(|(name, value)| (name.trim(), value.trim().trim_matches('"').to_owned()))
+            .collect()
+    });
+    let expand = |run: &str| {
+        args.iter().fold(run.to_owned(), |run, (name, value)| {
+            run.replace(&format!("${{{name}}}"), value)
+                .replace(&format!("${name}"), value)
+        })
+    };
+    let expanded: Vec<String> = runs(0).into_iter().map(expand).collect();
+    let builder: Vec<&str> = expanded.iter().map(String::as_str).collect();
     let installed: BTreeSet<&str> = builder
         .iter()
         .filter(|run| run.contains("apt-get install"))
@@ -1152,6 +1581,17 @@ fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
     });
     if !builds {
         problems.push("the builder does not run `cargo build --release -p shop`".to_owned());
+    }
+    let features: BTreeSet<String> = builder
+        .iter()
+        .filter(|run| run.contains("cargo build"))
+        .flat_map(|run| cargo_features(run))
+        .collect();
+    if !features.contains(REQUIRED_FEATURE) && !features.contains("--all-features") {
+        problems.push(format!(
+            "the shop is built with features {features:?}, without {REQUIRED_FEATURE}, \
+             which `shop serve` needs"
+        ));
     }
 
     let Some((_, runtime)) = stages.get(1) else {
@@ -1207,6 +1647,32 @@ fn check_dockerfile(text: &str, run_as_user: Option<i64>) -> Vec<String> {
     let (found, _) = check_env_names(&env);
     problems.extend(found.into_iter().map(|p| format!("ENV: {p}")));
     problems
+}
+
+/// The features a cargo command line asks for (`--features a,b`, `--features=a`, `-F a`);
+/// `--all-features` as itself.
+fn cargo_features(command: &str) -> Vec<String> {
+    let mut features = Vec::new();
+    let mut words = command.split_whitespace();
+    while let Some(word) = words.next() {
+        let list = match word {
+            "--features" | "-F" => words.next().unwrap_or_default(),
+            "--all-features" => {
+                features.push(word.to_owned());
+                continue;
+            }
+            _ => match word.strip_prefix("--features=") {
+                Some(list) => list,
+                None => continue,
+            },
+        };
+        features.extend(
+            list.split(',')
+                .filter(|f| !f.is_empty())
+                .map(|f| f.trim_matches('"').to_owned()),
+        );
+    }
+    features
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1451,12 +1917,22 @@ fn unknown_settings_are_caught() {
 
 #[test]
 fn a_dangling_reference_is_caught() {
-    let documents = broken("Secret", "shop-secrets", |d| {
-        remove(&mut d["stringData"], "SHOP_JWT_SECRET");
+    let documents = broken("Deployment", "gateway", |d| {
+        env_var(d, "SHOP_JWT_SECRET")["valueFrom"]["secretKeyRef"]["key"] = "SHOP_JWT_KEY".into();
     });
     assert_found(
         &check_manifests(&documents),
-        "SHOP_JWT_SECRET refers to Secret shop-secrets key SHOP_JWT_SECRET, which is not defined",
+        "SHOP_JWT_SECRET refers to Secret shop-secrets key SHOP_JWT_KEY, which is not defined",
+    );
+
+    let documents = broken("Deployment", "order-service", |d| {
+        let identity = env_var(d, "SHOP_IDENTITY_SECRET");
+        identity["valueFrom"]["secretKeyRef"]["name"] = "order-secrets".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "SHOP_IDENTITY_SECRET refers to Secret order-secrets key SHOP_IDENTITY_SECRET, \
+         which is not defined",
     );
 
     let documents = broken("Deployment", "gateway", |d| {
@@ -1469,6 +1945,276 @@ fn a_dangling_reference_is_caught() {
     );
 }
 
+/// The env var `name` of the first container of `document`, as a mutable YAML value.
+fn env_var<'a>(document: &'a mut Value, name: &str) -> &'a mut Value {
+    container(document)["env"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|var| var["name"] == name)
+        .unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn a_secret_missing_misplaced_or_committed_is_caught() {
+    let documents = broken("Deployment", "payment-service", |d| {
+        let env = container(d)["env"].as_sequence_mut().unwrap();
+        env.retain(|var| var["name"] != "SHOP_IDENTITY_SECRET");
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container payment: SHOP_IDENTITY_SECRET is not set, and `shop serve payment` needs it",
+    );
+
+    let documents = broken("Deployment", "user-service", |d| {
+        *env_var(d, "SHOP_JWT_SECRET") = serde_yaml_ng::from_str(
+            "{name: SHOP_JWT_SECRET, value: 0123456789abcdef0123456789abcdef}",
+        )
+        .unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container user: SHOP_JWT_SECRET is not taken from a Secret",
+    );
+
+    let documents = broken("Deployment", "cart-service", |d| {
+        let gateway_key = serde_yaml_ng::from_str(
+            "{name: SHOP_JWT_SECRET, valueFrom: {secretKeyRef: {name: shop-secrets, key: \
+             SHOP_JWT_SECRET}}}",
+        )
+        .unwrap();
+        container(d)["env"]
+            .as_sequence_mut()
+            .unwrap()
+            .push(gateway_key);
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container cart: gets SHOP_JWT_SECRET, which it does not use",
+    );
+
+    let mut documents = load_manifests();
+    let committed = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-secrets, namespace: \
+                     shop}\nstringData: {SHOP_JWT_SECRET: change-me}\n";
+    documents.push((
+        "03-secrets.yaml".to_owned(),
+        serde_yaml_ng::from_str(committed).unwrap(),
+    ));
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "Secret shop-secrets is committed with values");
+    assert_found(&problems, "Secret shop-secrets is in the manifests");
+}
+
+/// The keys the docs' `kubectl create secret generic shop-secrets` command gives, in the
+/// order it gives them; `None` when `text` has no such command.
+fn documented_secret_keys(text: &str) -> Option<Vec<String>> {
+    let command = format!("create secret generic {SECRET}");
+    let start = text.find(&command)?;
+    let mut keys = Vec::new();
+    for line in text[start..].lines() {
+        for word in line.split_whitespace() {
+            if let Some(literal) = word
+                .strip_prefix("--from-literal=")
+                .or_else(|| word.strip_prefix("--from-file="))
+            {
+                keys.push(literal.split('=').next().unwrap_or_default().to_owned());
+            }
+        }
+        if !line.trim_end().ends_with('\\') {
+            break;
+        }
+    }
+    Some(keys)
+}
+
+/// Every difference between the keys the docs' command creates and [`SECRET_KEYS`].
+fn check_secret_docs(file: &str, text: &str) -> Vec<String> {
+    let Some(documented) = documented_secret_keys(text) else {
+        return vec![format!(
+            "{file} does not show `kubectl -n shop create secret generic {SECRET}`"
+        )];
+    };
+    let documented: BTreeSet<&str> = documented.iter().map(String::as_str).collect();
+    let expected: BTreeSet<&str> = SECRET_KEYS.iter().map(|(key, _)| *key).collect();
+    let mut problems = Vec::new();
+    for key in expected.difference(&documented) {
+        problems.push(format!(
+            "{file}: the command that creates {SECRET} does not give {key}"
+        ));
+    }
+    for key in documented.difference(&expected) {
+        problems.push(format!(
+            "{file}: the command that creates {SECRET} gives {key}, which no service reads"
+        ));
+    }
+    problems
+}
+
+#[test]
+fn the_docs_create_the_secret_with_every_key_the_manifests_read() {
+    let root = deploy_dir().join("../../..");
+    let mut problems = Vec::new();
+    for file in SECRET_DOCS {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        problems.extend(check_secret_docs(file, &text));
+    }
+    assert_no_problem(&problems);
+    for (key, _) in SECRET_KEYS {
+        assert!(
+            SECRET_USERS.iter().any(|(setting, _)| *setting == key),
+            "no service is given {key}"
+        );
+    }
+
+    let text = std::fs::read_to_string(root.join(SECRET_DOCS[0])).unwrap();
+    let without = text.replace("--from-literal=SHOP_IDENTITY_SECRET=", "--from-literal=X=");
+    let problems = check_secret_docs("shop-deploy.md", &without);
+    assert_found(&problems, "does not give SHOP_IDENTITY_SECRET");
+    assert_found(&problems, "gives X, which no service reads");
+    assert_found(
+        &check_secret_docs("README.md", "no command here"),
+        "does not show `kubectl -n shop create secret generic shop-secrets`",
+    );
+}
+
+#[test]
+fn network_policies_other_than_the_callers_table_are_caught() {
+    // The order service cut off from payments.
+    let documents = broken("NetworkPolicy", "payment-service", |d| {
+        let peers = d["spec"]["ingress"][0]["from"].as_sequence_mut().unwrap();
+        peers.retain(|peer| {
+            peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] != "order-service"
+        });
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment payment-service: the pods of order-service may not connect on TCP/8005, \
+         which shop::trust::CALLERS allows",
+    );
+
+    // The cart service let into the inventory.
+    let documents = broken("NetworkPolicy", "inventory-service", |d| {
+        let peers = d["spec"]["ingress"][0]["from"].as_sequence_mut().unwrap();
+        peers.push(
+            serde_yaml_ng::from_str(
+                "{podSelector: {matchLabels: {app.kubernetes.io/name: cart-service}}}",
+            )
+            .unwrap(),
+        );
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment inventory-service: the pods of cart-service may connect on TCP/8006, \
+         which shop::trust::CALLERS does not allow",
+    );
+
+    // Every pod of the shop, by a broader label.
+    let documents = broken("NetworkPolicy", "user-service", |d| {
+        d["spec"]["ingress"][0]["from"][0] = serde_yaml_ng::from_str(
+            "{podSelector: {matchLabels: {app.kubernetes.io/part-of: shop}}}",
+        )
+        .unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment user-service: the pods of order-service may connect on TCP/8001",
+    );
+
+    // The wrong port; a named port is the container's.
+    let documents = broken("NetworkPolicy", "user-service", |d| {
+        d["spec"]["ingress"][0]["ports"][0]["port"] = 8080.into();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "the pods of gateway may not connect on TCP/8001");
+    assert_found(&problems, "the pods of gateway may connect on TCP/8080");
+    let documents = broken("NetworkPolicy", "user-service", |d| {
+        d["spec"]["ingress"][0]["ports"][0]["port"] = "http".into();
+    });
+    assert_no_problem(&check_manifests(&documents));
+
+    // No Prometheus; a gateway open only inside.
+    let documents = broken("NetworkPolicy", "order-service", |d| {
+        d["spec"]["ingress"].as_sequence_mut().unwrap().pop();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment order-service: the namespaces {kubernetes.io/metadata.name=monitoring} \
+         may not connect on TCP/8003",
+    );
+    let documents = broken("NetworkPolicy", "gateway", |d| {
+        d["spec"]["ingress"][0]["from"] = serde_yaml_ng::from_str("[{podSelector: {}}]").unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment gateway: anywhere may not connect on TCP/8080",
+    );
+
+    // Egress is not modelled, so not allowed through unchecked.
+    let documents = broken("NetworkPolicy", "cart-service", |d| {
+        d["spec"]["policyTypes"] = serde_yaml_ng::from_str("[Ingress, Egress]").unwrap();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "NetworkPolicy cart-service: restricts egress",
+    );
+}
+
+#[test]
+fn a_pod_left_open_is_caught() {
+    let mut documents = load_manifests();
+    documents.retain(|(_, d)| {
+        !(d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "default-deny-ingress")
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "no NetworkPolicy denies ingress by default",
+    );
+    documents.retain(|(_, d)| {
+        !(d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "notification-service")
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment notification-service: no NetworkPolicy selects its pods",
+    );
+
+    // With the default deny, a service without its policy admits nobody.
+    let mut documents = load_manifests();
+    documents.retain(|(_, d)| {
+        !(d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == "notification-service")
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "Deployment notification-service: the pods of gateway may not connect on TCP/8007",
+    );
+}
+
+#[test]
+fn the_policies_follow_a_change_of_the_callers_table() {
+    let documents = load_manifests();
+    let objects = Objects::read(&documents, &mut Vec::new());
+    assert_no_problem(&check_network_policies(&objects, CALLERS));
+
+    // The order service now calls the user service: its policy must say so.
+    let mut callers: Vec<(&str, &[&str])> = CALLERS.to_vec();
+    let with_order: &[&str] = &[GATEWAY, "order-service"];
+    callers
+        .iter_mut()
+        .find(|(callee, _)| *callee == "user-service")
+        .unwrap()
+        .1 = with_order;
+    assert_found(
+        &check_network_policies(&objects, &callers),
+        "Deployment user-service: the pods of order-service may not connect on TCP/8001, \
+         which shop::trust::CALLERS allows",
+    );
+
+    let callers: &[(&str, &[&str])] = &[("search-service", &[GATEWAY])];
+    assert_found(
+        &check_network_policies(&objects, callers),
+        "shop::trust::CALLERS names search-service, which no Deployment runs",
+    );
+}
+
 #[test]
 fn an_unsafe_security_context_is_caught() {
     let documents = broken("Deployment", "inventory-service", |d| {
@@ -1478,6 +2224,47 @@ fn an_unsafe_security_context_is_caught() {
     let problems = check_manifests(&documents);
     assert_found(&problems, "the root filesystem is writable");
     assert_found(&problems, "runs as root");
+
+    // Any Deployment, and every container of it.
+    let documents = broken("Deployment", "cart-service", |d| {
+        let init = serde_yaml_ng::from_str(
+            "{name: migrate, image: shop:0.1.0, securityContext: {runAsUser: 0}}",
+        )
+        .unwrap();
+        d["spec"]["template"]["spec"]["initContainers"] = Value::Sequence(vec![init]);
+        container(d)["securityContext"]["capabilities"]["add"] =
+            serde_yaml_ng::from_str("[NET_ADMIN]").unwrap();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "cart-service, container migrate: runs as root");
+    assert_found(
+        &problems,
+        "cart-service, container migrate: the root filesystem is writable",
+    );
+    assert_found(
+        &problems,
+        "cart-service, container cart: capabilities are not all dropped",
+    );
+    let mut documents = load_manifests();
+    let (file, mut debug) = documents
+        .iter()
+        .find(|(_, d)| d["kind"] == "Deployment" && d["metadata"]["name"] == "gateway")
+        .cloned()
+        .unwrap();
+    debug["metadata"]["name"] = "debug".into();
+    remove(&mut debug["spec"]["template"]["spec"], "securityContext");
+    remove(container(&mut debug), "securityContext");
+    documents.push((file, debug));
+    let problems = check_manifests(&documents);
+    assert_found(&problems, "Deployment debug runs no shop service");
+    assert_found(
+        &problems,
+        "Deployment debug, container gateway: runAsNonRoot is not set",
+    );
+    assert_found(
+        &problems,
+        "Deployment debug, container gateway: the root filesystem is writable",
+    );
 }
 
 #[test]
@@ -1529,6 +2316,69 @@ fn a_broken_dockerfile_is_caught() {
         &check_dockerfile(&text, user),
         "cargo build --release -p shop",
     );
+
+    let text = good.replace(
+        r#"ARG SHOP_FEATURES="--features real-servers""#,
+        r#"ARG SHOP_FEATURES="""#,
+    );
+    assert_found(
+        &check_dockerfile(&text, user),
+        "without real-servers, which `shop serve` needs",
+    );
+    let text = good.replace("--features real-servers", "--features=real-servers,extra");
+    assert_no_problem(&check_dockerfile(&text, user));
+}
+
+/// Runs lint.sh on the manifests in `k8s` (its own k8s/ when `None`), installing its
+/// tools from PyPI the first time; whether it passed, and what it printed.
+fn lint(k8s: Option<&Path>) -> (bool, String) {
+    let mut command = std::process::Command::new("bash");
+    command.arg(deploy_dir().join("lint.sh"));
+    command.args(k8s);
+    let output = command.output().expect("bash runs lint.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn the_linters_pass() {
+    let (passed, output) = lint(None);
+    assert!(passed, "lint.sh failed:\n{output}");
+    for step in [
+        "manifests against Kubernetes 1.37.0",
+        "Failed checks: 0",
+        "lint.sh: no problem",
+    ] {
+        assert!(
+            output.contains(step),
+            "lint.sh did not say `{step}`:\n{output}"
+        );
+    }
+}
+
+#[test]
+fn checkov_catches_what_the_checks_here_do_not() {
+    // Not a hidden directory (tempdir's default `.tmp`), which checkov would not scan.
+    let dir = tempfile::Builder::new().prefix("k8s").tempdir().unwrap();
+    for file in manifest_files() {
+        let text = std::fs::read_to_string(deploy_dir().join("k8s").join(&file)).unwrap();
+        // The host's network namespace: valid Kubernetes, but no isolation.
+        let text = text.replace(
+            "      automountServiceAccountToken: false\n",
+            "      automountServiceAccountToken: false\n      hostNetwork: true\n",
+        );
+        std::fs::write(dir.path().join(file), text).unwrap();
+    }
+    let (passed, output) = lint(Some(dir.path()));
+    assert!(
+        !passed,
+        "lint.sh passed a pod on the host's network:\n{output}"
+    );
+    assert!(output.contains("CKV_K8S_19"), "{output}");
 }
 
 #[test]
