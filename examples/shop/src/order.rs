@@ -491,14 +491,29 @@ fn order_saga(
 }
 
 impl Orders {
+    /// How long an order-service replica's hold on a saga lasts without renewal, on a
+    /// log shared by replicas (PostgreSQL): a replica that dies leaves its sagas to the
+    /// others this long after its last renewal.
+    pub const SAGA_LEASE: Duration = Duration::from_secs(10);
+
     /// The service: orders and their outbox in `ledger`, sagas in `saga_log`.
+    ///
+    /// On a log that holds leases (PostgreSQL, shared by every replica), each saga is
+    /// leased to this replica while it drives it ([`Self::SAGA_LEASE`]), so two replicas
+    /// never drive one saga, and one that dies has its sagas taken over.
     pub fn new(
         ledger: Ledger,
         saga_log: Arc<dyn SagaLog>,
         upstreams: Upstreams,
     ) -> anyhow::Result<Self> {
         let saga = order_saga(ledger.clone(), upstreams.clone())?;
-        let orchestrator = Orchestrator::builder(saga_log).definition(&saga).build()?;
+        let leases = saga_log.supports_leases();
+        let mut orchestrator = Orchestrator::builder(saga_log).definition(&saga);
+        if leases {
+            let owner = format!("order-service-{}", uuid::Uuid::new_v4().simple());
+            orchestrator = orchestrator.lease(owner, Self::SAGA_LEASE);
+        }
+        let orchestrator = orchestrator.build()?;
         Ok(Self {
             inner: Arc::new(Inner {
                 ledger,
@@ -915,6 +930,8 @@ impl Service for Orders {
             while let Some(handle) = sweeping.resumed().await {
                 let this = this.clone();
                 tokio::spawn(async move {
+                    // A saga another replica took over ends here with a fenced or
+                    // lapsed lease: it is no longer this replica's to settle.
                     if let Ok(saga) = handle.finished().await {
                         this.settle(&saga).await;
                     }

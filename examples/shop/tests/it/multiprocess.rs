@@ -176,6 +176,10 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         }
         processes.push(KillOnDrop(child));
     }
+    // A second order-service replica on the same PostgreSQL saga log: the gateway
+    // spreads checkouts over both, and their leases keep each saga to one of them.
+    let (replica, _) = serve("order", &env);
+    processes.push(KillOnDrop(replica));
     let client = HttpClient::builder(&gateway)
         .timeout(Duration::from_secs(30))
         .build()
