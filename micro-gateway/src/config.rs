@@ -91,6 +91,11 @@ pub struct DeclarativeConfig {
     /// Kong's consumers; their `jwt_secrets` are keys of every `jwt` plugin.
     #[serde(default)]
     pub consumers: Vec<JwtConsumer>,
+    /// The proxies in front of the gateway whose `X-Forwarded-For` and `Forwarded` are
+    /// believed (Kong's `trusted_ips`, in kong.conf there; addresses or CIDR ranges);
+    /// from anyone else those headers are dropped. See [`ProxyConfig::trusted_proxies`].
+    #[serde(default, deserialize_with = "crate::plugins::rate_limit::nets")]
+    pub trusted_ips: Vec<ipnet::IpNet>,
 }
 
 /// A composition route (our addition): matched like a route, answered by calling each
@@ -675,7 +680,7 @@ impl DeclarativeConfig {
             .iter()
             .enumerate()
             .map(|(index, service)| {
-                proxy(service, resources)
+                proxy(service, resources, &self.trusted_ips)
                     .map_err(|reason| ConfigError::at(format!("services[{index}]"), reason))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -843,8 +848,13 @@ fn with_plugins(
 }
 
 /// The proxy to a service: its fixed URL, or its instances in discovery.
-fn proxy(service: &ServiceSpec, resources: &Resources) -> Result<Proxy, String> {
+fn proxy(
+    service: &ServiceSpec,
+    resources: &Resources,
+    trusted_ips: &[ipnet::IpNet],
+) -> Result<Proxy, String> {
     let mut config = ProxyConfig::new()
+        .trusted_proxies(trusted_ips.iter().copied())
         .http2(service.http2)
         .retries(service.retries.unwrap_or(0));
     if let Some(ms) = service.read_timeout {

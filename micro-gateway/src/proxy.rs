@@ -65,6 +65,13 @@ pub struct ProxyConfig {
     /// see [`ClientTlsConfig`]); the system trust store when unset. For URL upstreams
     /// ([`Proxy::new`]); discovered instances are called over `http`.
     pub tls: Option<ClientTlsConfig>,
+    /// Proxies (load balancers) in front of the gateway whose forwarding headers are
+    /// believed, as Kong's `trusted_ips`. A request from any other peer has its
+    /// `X-Forwarded-For`, `X-Forwarded-Host`, `X-Forwarded-Proto`, `X-Real-IP` and
+    /// `Forwarded` removed before the gateway adds its own, so a client can't spoof the
+    /// address upstreams see. Empty (the default): no one is believed.
+    #[serde(skip)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ProxyConfig {
@@ -78,6 +85,7 @@ impl Default for ProxyConfig {
             retries: 0,
             circuit_breaker: None,
             tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -91,6 +99,12 @@ impl ProxyConfig {
     /// Sets the response-headers timeout.
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.timeout = timeout.into();
+        self
+    }
+
+    /// Sets [`trusted_proxies`](Self::trusted_proxies).
+    pub fn trusted_proxies(mut self, proxies: impl IntoIterator<Item = ipnet::IpNet>) -> Self {
+        self.trusted_proxies = proxies.into_iter().collect();
         self
     }
 
@@ -424,6 +438,16 @@ impl Proxy {
         });
 
         remove_hop_by_hop(&mut parts.headers);
+        let trusted = peer.is_some_and(|peer| {
+            let peer = peer.to_canonical();
+            self.config
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&peer))
+        });
+        if !trusted {
+            remove_forwarding_headers(&mut parts.headers);
+        }
         set_forwarding_headers(&mut parts.headers, peer, host.as_ref());
         parts.headers.remove(IDENTITY_HEADER);
         if let Some(identity) = &self.identity {
@@ -845,6 +869,20 @@ pub fn set_forwarding_headers(
     if let Ok(forwarded) = HeaderValue::from_str(&value) {
         headers.insert(header::FORWARDED, forwarded);
     }
+}
+
+/// Removes the forwarding headers a client sent, which only a trusted proxy may set.
+pub fn remove_forwarding_headers(headers: &mut HeaderMap) {
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-real-ip",
+    ] {
+        headers.remove(name);
+    }
+    headers.remove(header::FORWARDED);
 }
 
 /// A host fit to be quoted in `Forwarded` without escaping.

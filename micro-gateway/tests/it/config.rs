@@ -241,3 +241,54 @@ mod any_file {
         }
     }
 }
+
+#[tokio::test]
+async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
+    let upstream = echo().await;
+    let build = |trusted: &str| {
+        let yaml = format!(
+            "{trusted}services:\n  - name: a\n    url: http://{}\n    routes: [{{ name: a, paths: [/a] }}]\n",
+            upstream.addr
+        );
+        DeclarativeConfig::from_yaml(&yaml)
+            .unwrap()
+            .build()
+            .unwrap()
+    };
+    let spoofed = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9"),
+        ("x-real-ip", "203.0.113.9"),
+        ("x-forwarded-host", "evil.example"),
+    ];
+
+    // From a peer nobody trusts (this test, on loopback): the client's claims are gone.
+    let (_host, addr) = gateway(build("").into_router()).await;
+    let (status, seen) = get_json(addr, "/a", &spoofed).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert!(
+        !seen["headers"]["forwarded"]
+            .as_str()
+            .unwrap()
+            .contains("203.0.113.9"),
+        "{seen}"
+    );
+    assert!(seen["headers"].get("x-real-ip").is_none(), "{seen}");
+    assert_ne!(seen["headers"]["x-forwarded-host"], "evil.example");
+
+    // From a trusted load balancer: its chain is kept, the peer appended.
+    let (_host, addr) = gateway(build("trusted_ips: [127.0.0.0/8]\n").into_router()).await;
+    let (_, seen) = get_json(addr, "/a", &spoofed).await;
+    assert_eq!(
+        seen["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
+        "{seen}"
+    );
+    assert!(seen["headers"]["forwarded"]
+        .as_str()
+        .unwrap()
+        .starts_with("for=203.0.113.9, for=127.0.0.1"));
+
+    let refused = DeclarativeConfig::from_yaml("trusted_ips: [not-an-address]\n").unwrap_err();
+    assert!(refused.to_string().contains("not-an-address"), "{refused}");
+}

@@ -16,7 +16,9 @@ fn proxy_to(addr: std::net::SocketAddr, config: ProxyConfig) -> Router {
 #[tokio::test]
 async fn forwards_path_query_and_headers_and_strips_hop_by_hop_ones() {
     let upstream = echo().await;
-    let (_host, addr) = gateway(proxy_to(upstream.addr, ProxyConfig::new())).await;
+    // The test is the load balancer in front: its forwarding headers are believed.
+    let config = ProxyConfig::new().trusted_proxies(["127.0.0.0/8".parse().unwrap()]);
+    let (_host, addr) = gateway(proxy_to(upstream.addr, config)).await;
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (status, seen) = get_json(
         addr,

@@ -46,6 +46,7 @@ use micro_core::service::BoxFuture;
 use tower_layer::Layer;
 use tower_service::Service;
 
+pub(crate) use self::config::nets;
 pub use self::config::{RateLimitConfig, RateLimitConfigError, RedisSettings};
 pub use self::gcra::{Decision, Quota};
 #[cfg(feature = "redis")]
