@@ -451,14 +451,29 @@ impl ServiceHost {
                         .0
                 }
             };
-            bound.push((service, listener, limits.unwrap_or_default(), security));
+            let limits = limits.unwrap_or_default();
+            let admin = match limits.admin {
+                Some(addr) => Some(
+                    serve::bind(addr)
+                        .await
+                        .map_err(|source| HostError::Bind {
+                            service: format!("{} (admin)", service.name()),
+                            addr,
+                            source,
+                        })?
+                        .0,
+                ),
+                None => None,
+            };
+            bound.push((service, listener, limits, security, admin));
         }
 
         let phase = Arc::new(Phase::new());
         let stop = Shutdown::new();
         let mut started: Vec<Arc<dyn DynService>> = Vec::new();
         let mut servers = Vec::new();
-        for (service, listener, limits, security) in bound {
+        let mut admins = Vec::new();
+        for (service, listener, limits, security, admin) in bound {
             if let Err(source) = service.start().await {
                 let error = HostError::Start {
                     service: service.name().to_owned(),
@@ -472,7 +487,29 @@ impl ServiceHost {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 source,
             })?;
-            let app = app(&service, phase.clone(), metrics.clone());
+            let (app, ops) = app(&service, phase.clone(), metrics.clone(), admin.is_some());
+            if let (Some(admin), Some(ops)) = (admin, ops) {
+                let admin_addr = admin.local_addr().map_err(|source| HostError::Bind {
+                    service: format!("{} (admin)", service.name()),
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+                let task = tokio::spawn(serve::serve(
+                    admin,
+                    ops,
+                    ListenerConfig::default(),
+                    Security::Plain,
+                    stop.wait(),
+                    config.drain_timeout,
+                ));
+                tracing::info!(service = service.name(), addr = %admin_addr, "admin endpoints listening");
+                admins.push(Server {
+                    name: service.name().to_owned(),
+                    addr: admin_addr,
+                    security: Security::Plain,
+                    task,
+                });
+            }
             let tls = match &security {
                 Security::Plain => false,
                 #[cfg(feature = "tls")]
@@ -499,6 +536,7 @@ impl ServiceHost {
 
         let mut running = RunningHost {
             servers,
+            admins,
             services: started,
             phase,
             stop,
@@ -551,6 +589,8 @@ struct Server {
 /// A started [`ServiceHost`]: its services are serving.
 pub struct RunningHost {
     servers: Vec<Server>,
+    /// The admin listeners of the services that have one.
+    admins: Vec<Server>,
     services: Vec<Arc<dyn DynService>>,
     phase: Arc<Phase>,
     stop: Shutdown,
@@ -564,6 +604,15 @@ impl RunningHost {
     /// The address a service listens on.
     pub fn local_addr(&self, service: &str) -> Option<SocketAddr> {
         self.servers
+            .iter()
+            .find(|server| server.name == service)
+            .map(|server| server.addr)
+    }
+
+    /// The address of a service's admin listener (its host endpoints), when its
+    /// [`ListenerConfig::admin`] is set.
+    pub fn admin_addr(&self, service: &str) -> Option<SocketAddr> {
+        self.admins
             .iter()
             .find(|server| server.name == service)
             .map(|server| server.addr)
@@ -621,7 +670,7 @@ impl RunningHost {
             tokio::time::sleep(self.config.readiness_grace).await;
         }
         self.stop.trigger();
-        for server in self.servers {
+        for server in self.servers.into_iter().chain(self.admins) {
             match server.task.await {
                 Ok(drained) => report.aborted_connections += drained.aborted,
                 Err(error) => tracing::error!(service = %server.name, %error, "server task failed"),
@@ -727,8 +776,14 @@ struct OpsState {
     metrics: PrometheusHandle,
 }
 
-/// The service's router, with metrics recorded per route and the host's own endpoints.
-fn app(service: &Arc<dyn DynService>, phase: Arc<Phase>, metrics: PrometheusHandle) -> Router {
+/// The service's router, with metrics recorded per route and the host's own endpoints;
+/// with `admin`, the host's endpoints apart, for the admin listener.
+fn app(
+    service: &Arc<dyn DynService>,
+    phase: Arc<Phase>,
+    metrics: PrometheusHandle,
+    admin: bool,
+) -> (Router, Option<Router>) {
     let http_metrics = HttpMetrics::new(service.name(), service.version());
     let ops = OpsState {
         name: service.name().into(),
@@ -743,13 +798,23 @@ fn app(service: &Arc<dyn DynService>, phase: Arc<Phase>, metrics: PrometheusHand
         .route("/health/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .with_state(ops);
+    if admin {
+        let public = Router::new().fallback_service(SetRequestId::new(RequestSpan::new(
+            service_routes,
+            service.name(),
+        )));
+        return (public, Some(ops));
+    }
     let routes = HostRoutes {
         ops,
         service: service_routes,
     };
     // One stack under one route, rather than `Router::layer`, which boxes each layer
     // again and clones every box per request.
-    Router::new().fallback_service(SetRequestId::new(RequestSpan::new(routes, service.name())))
+    (
+        Router::new().fallback_service(SetRequestId::new(RequestSpan::new(routes, service.name()))),
+        None,
+    )
 }
 
 /// The host's endpoints sit in front of the service's router, so probes and scrapes are

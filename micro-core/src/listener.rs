@@ -69,6 +69,13 @@ pub struct ListenerConfig {
     /// TLS termination; `None` (the default) serves plain TCP.
     #[cfg(feature = "tls")]
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Where the host's own endpoints of this service (`/health/live`,
+    /// `/health/ready`, `/metrics`) are served instead of on this listener: an admin
+    /// listener, plain HTTP, kept off the public port (bind it to loopback or a private
+    /// network). `None` (the default) serves them here, beside the service's routes.
+    /// With it, the public port answers those paths as the service's own (its fallback,
+    /// usually `404`).
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 impl Default for ListenerConfig {
@@ -83,6 +90,7 @@ impl Default for ListenerConfig {
             http2: Http2Limits::default(),
             #[cfg(feature = "tls")]
             tls: None,
+            admin: None,
         }
     }
 }
@@ -177,6 +185,13 @@ impl ListenerConfig {
     #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Serves the host's endpoints on an admin listener at `addr`; see
+    /// [`admin`](Self::admin).
+    pub fn admin(mut self, addr: std::net::SocketAddr) -> Self {
+        self.admin = Some(addr);
         self
     }
 

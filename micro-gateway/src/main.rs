@@ -1,6 +1,9 @@
 //! `micro-gateway --config gateway.yaml [--listen 127.0.0.1:8080] [--reload-interval 2s]
-//! [--runtime multi-thread|current-thread] [--workers N]`: the gateway as a process, with
-//! `/health/live`, `/health/ready`, `/metrics` and graceful shutdown on SIGTERM. The file
+//! [--runtime multi-thread|current-thread] [--workers N] [--admin 127.0.0.1:9901]`: the
+//! gateway as a process, with `/health/live`, `/health/ready`, `/metrics` and graceful
+//! shutdown on SIGTERM. With `--admin`, those three are served on that admin listener
+//! only (keep it on loopback or a private network) and the public port serves routes
+//! alone; without it they share the public port. The file
 //! is read again when it changes (checked every reload interval, `0s` for never) and at
 //! once on SIGHUP; a file that does not load leaves the running configuration in place.
 //!
@@ -25,7 +28,8 @@ use micro_gateway::reload::{ConfigWatcher, Reloadable};
 
 const USAGE: &str = "usage: micro-gateway --config <gateway.yaml> [--listen <addr:port>] \
                      [--reload-interval <duration, e.g. 2s; 0s never>] \
-                     [--runtime multi-thread|current-thread] [--workers <n>]";
+                     [--runtime multi-thread|current-thread] [--workers <n>] \
+                     [--admin <addr:port>]";
 
 struct Args {
     config: PathBuf,
@@ -33,6 +37,7 @@ struct Args {
     reload_interval: Duration,
     runtime: Flavor,
     workers: Option<usize>,
+    admin: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -47,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
     let mut reload_interval = Duration::from_secs(2);
     let mut runtime = Flavor::MultiThread;
     let mut workers = None;
+    let mut admin = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -86,6 +92,13 @@ fn parse_args() -> Result<Args, String> {
                         .ok_or_else(|| format!("--workers: `{value}` is not a positive number"))?,
                 );
             }
+            "--admin" => {
+                let value = args.next().ok_or("--admin needs an address")?;
+                admin =
+                    Some(value.parse().map_err(|_| {
+                        format!("`{value}` is not an address such as 127.0.0.1:9901")
+                    })?);
+            }
             "--help" | "-h" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         }
@@ -97,12 +110,20 @@ fn parse_args() -> Result<Args, String> {
                 .to_owned(),
         );
     }
+    if admin.is_some() && runtime == Flavor::CurrentThread && workers != Some(1) {
+        return Err(
+            "--admin with --runtime current-thread needs --workers 1: one admin listener \
+             serves one host"
+                .to_owned(),
+        );
+    }
     Ok(Args {
         config: config.ok_or_else(|| format!("--config is required\n{USAGE}"))?,
         listen,
         reload_interval,
         runtime,
         workers,
+        admin,
     })
 }
 
@@ -263,9 +284,18 @@ async fn serve(args: &Args, listener: Option<tokio::net::TcpListener>) -> ExitCo
     let watcher = ConfigWatcher::new(&args.config, resources, gateway.clone());
     let _watching = tokio::spawn(watch(watcher, args.reload_interval));
     let service = GatewayService(gateway.into_router());
+    let mut config = micro_core::host::HostConfig::default();
+    if let Some(admin) = args.admin {
+        // /health/* and /metrics leave the public port for the admin listener.
+        config.listeners.insert(
+            "gateway".to_owned(),
+            micro_core::listener::ListenerConfig::default().admin(admin),
+        );
+    }
+    let builder = ServiceHost::builder().config(config);
     let host = match listener {
-        Some(listener) => ServiceHost::builder().service_on(service, listener),
-        None => ServiceHost::builder().service(service, args.listen),
+        Some(listener) => builder.service_on(service, listener),
+        None => builder.service(service, args.listen),
     }
     .build()
     .map_err(|e| e.to_string());
@@ -280,6 +310,9 @@ async fn serve(args: &Args, listener: Option<tokio::net::TcpListener>) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
+    if let Some(admin) = running.admin_addr("gateway") {
+        tracing::info!(%admin, "health and metrics on the admin listener");
+    }
     tracing::info!(listen = %args.listen, config = %args.config.display(), "micro-gateway ready");
     let report = running.run_until(micro_core::shutdown::signal()).await;
     if report.aborted_connections > 0 {

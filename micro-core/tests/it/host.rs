@@ -148,6 +148,47 @@ async fn serves_routes_health_and_metrics() {
 }
 
 #[tokio::test]
+async fn an_admin_listener_takes_the_host_endpoints_off_the_public_port() {
+    let config: HostConfig = figment::Figment::new()
+        .merge(
+            <figment::providers::Toml as figment::providers::Format>::string(
+                "[listeners.it-admin]\nadmin = \"127.0.0.1:0\"\n",
+            ),
+        )
+        .extract()
+        .unwrap();
+    let running = ServiceHost::builder()
+        .config(config)
+        .service(TestService::new("it-admin", items()), localhost())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let public = running.local_addr("it-admin").unwrap();
+    let admin = running.admin_addr("it-admin").unwrap();
+    assert_ne!(public, admin);
+
+    assert_eq!(http_get(public, "/items/1").await.unwrap().body, "item 1");
+    for path in ["/health/live", "/health/ready", "/metrics"] {
+        assert_eq!(http_get(public, path).await.unwrap().status, 404, "{path}");
+        assert_eq!(http_get(admin, path).await.unwrap().status, 200, "{path}");
+    }
+    assert_eq!(http_get(admin, "/items/1").await.unwrap().status, 404);
+    let metrics = http_get(admin, "/metrics").await.unwrap().body;
+    assert!(
+        metrics.contains(r#"http_server_requests_total{service="it-admin",method="GET",route="/items/{id}",status="2xx"} 1"#),
+        "{metrics}"
+    );
+    assert_eq!(running.admin_addr("nobody"), None);
+
+    // Both listeners close with the host.
+    running.run_until(async {}).await;
+    until_refused(public).await;
+    until_refused(admin).await;
+}
+
+#[tokio::test]
 async fn a_failing_critical_check_makes_the_service_unready() {
     let mut service = TestService::new("it-unready", items());
     service.checks = vec![

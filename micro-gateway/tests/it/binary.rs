@@ -277,3 +277,86 @@ fn runtime_arguments_are_checked() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn with_an_admin_listener_the_public_port_serves_routes_only() {
+    let upstream = echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "services:\n  - name: echo\n    url: http://{}\n    routes:\n      - paths: [/]\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let mut child = binary()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let admin = line.contains("admin endpoints listening");
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let addr: std::net::SocketAddr =
+                    rest.split_whitespace().next().unwrap().parse().unwrap();
+                let _ = tx.send((admin, addr));
+            }
+        }
+    });
+    let mut admin = None;
+    let mut public = None;
+    while admin.is_none() || public.is_none() {
+        let (is_admin, addr) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the gateway did not report both addresses");
+        if is_admin {
+            admin = Some(addr);
+        } else {
+            public = Some(addr);
+        }
+    }
+    let (admin, public) = (admin.unwrap(), public.unwrap());
+    let _child = KillOnDrop(&mut child);
+
+    // The public port hands every path to the routes, /metrics and /health included.
+    let (_, seen) = get_json(public, "/metrics", &[]).await;
+    assert_eq!(seen["uri"], "/metrics", "{seen}");
+    let (_, seen) = get_json(public, "/health/ready", &[]).await;
+    assert_eq!(seen["uri"], "/health/ready", "{seen}");
+    // The admin listener has them, and nothing else.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, ready) = get_json(admin, "/health/ready", &[]).await;
+        if status == 200 {
+            assert_eq!(ready["service"], "gateway");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready: {ready}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let request = http::Request::get("/metrics")
+        .header("host", "admin")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let (status, metrics) = crate::support::send(admin, request).await.into_text();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("http_server_requests_total"), "{metrics}");
+    let request = http::Request::get("/anything")
+        .header("host", "admin")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let (status, _) = crate::support::send(admin, request).await.into_text();
+    assert_eq!(status, 404);
+}
