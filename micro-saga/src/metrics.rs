@@ -1,18 +1,20 @@
-//! The metrics sagas record, through the `metrics` facade.
+//! The metrics sagas record, through the `metrics` facade. Like every micro crate's,
+//! their names start `micro_<crate>_` (the host's HTTP metrics follow OpenTelemetry's
+//! `http_server_*` instead); they were `saga_*` before 0.2.
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `saga_started_total` | counter | `definition` |
-//! | `saga_completed_total` | counter | `definition` |
-//! | `saga_compensated_total` | counter | `definition` |
-//! | `saga_failed_total` | counter | `definition` |
-//! | `saga_in_flight` | gauge | `definition` |
-//! | `saga_step_duration_seconds` | histogram | `definition`, `step`, `phase`, `outcome` (`ok`, `retry`, `error`) |
-//! | `saga_compensations_total` | counter | `definition`, `step`, `outcome` (`ok`, `error`) |
-//! | `saga_log_retries_total` | counter | `definition` |
+//! | `micro_saga_started_total` | counter | `definition` |
+//! | `micro_saga_completed_total` | counter | `definition` |
+//! | `micro_saga_compensated_total` | counter | `definition` |
+//! | `micro_saga_failed_total` | counter | `definition` |
+//! | `micro_saga_in_flight` | gauge | `definition` |
+//! | `micro_saga_step_duration_seconds` | histogram | `definition`, `step`, `phase`, `outcome` (`ok`, `retry`, `error`) |
+//! | `micro_saga_compensations_total` | counter | `definition`, `step`, `outcome` (`ok`, `error`) |
+//! | `micro_saga_log_retries_total` | counter | `definition` |
 //!
-//! `saga_in_flight` counts the sagas this process is driving, recovered ones
-//! included. `saga_compensations_total` counts finished compensations, one per
+//! `micro_saga_in_flight` counts the sagas this process is driving, recovered ones
+//! included. `micro_saga_compensations_total` counts finished compensations, one per
 //! step compensated or given up on, whatever the attempts.
 
 use std::time::Duration;
@@ -20,22 +22,22 @@ use std::time::Duration;
 use crate::state::SagaStatus;
 use crate::step::Phase;
 
-/// `saga_started_total`.
-pub const STARTED: &str = "saga_started_total";
-/// `saga_completed_total`.
-pub const COMPLETED: &str = "saga_completed_total";
-/// `saga_compensated_total`.
-pub const COMPENSATED: &str = "saga_compensated_total";
-/// `saga_failed_total`.
-pub const FAILED: &str = "saga_failed_total";
-/// `saga_in_flight`.
-pub const IN_FLIGHT: &str = "saga_in_flight";
-/// `saga_step_duration_seconds`.
-pub const STEP_DURATION: &str = "saga_step_duration_seconds";
-/// `saga_compensations_total`.
-pub const COMPENSATIONS: &str = "saga_compensations_total";
-/// `saga_log_retries_total`: saga log writes retried after a transient failure.
-pub const LOG_RETRIES: &str = "saga_log_retries_total";
+/// `micro_saga_started_total`.
+pub const STARTED: &str = "micro_saga_started_total";
+/// `micro_saga_completed_total`.
+pub const COMPLETED: &str = "micro_saga_completed_total";
+/// `micro_saga_compensated_total`.
+pub const COMPENSATED: &str = "micro_saga_compensated_total";
+/// `micro_saga_failed_total`.
+pub const FAILED: &str = "micro_saga_failed_total";
+/// `micro_saga_in_flight`.
+pub const IN_FLIGHT: &str = "micro_saga_in_flight";
+/// `micro_saga_step_duration_seconds`.
+pub const STEP_DURATION: &str = "micro_saga_step_duration_seconds";
+/// `micro_saga_compensations_total`.
+pub const COMPENSATIONS: &str = "micro_saga_compensations_total";
+/// `micro_saga_log_retries_total`: saga log writes retried after a transient failure.
+pub const LOG_RETRIES: &str = "micro_saga_log_retries_total";
 
 pub(crate) fn log_retry(definition: &str) {
     metrics::counter!(LOG_RETRIES, "definition" => definition.to_owned()).increment(1);

@@ -438,21 +438,21 @@ fn records_metrics() {
                 counters.insert(format!("{}{{{}}}", key.name(), labels.join(",")), n);
             }
             DebugValue::Histogram(values) => {
-                assert_eq!(key.name(), "saga_step_duration_seconds");
+                assert_eq!(key.name(), "micro_saga_step_duration_seconds");
                 latencies += values.len();
             }
             DebugValue::Gauge(g) => gauge = Some(g.into_inner()),
         }
     }
-    assert_eq!(counters["saga_started_total{definition=place-order}"], 2);
-    assert_eq!(counters["saga_completed_total{definition=place-order}"], 1);
+    assert_eq!(counters["micro_saga_started_total{definition=place-order}"], 2);
+    assert_eq!(counters["micro_saga_completed_total{definition=place-order}"], 1);
     assert_eq!(
-        counters["saga_compensated_total{definition=place-order}"],
+        counters["micro_saga_compensated_total{definition=place-order}"],
         1
     );
-    assert!(!counters.contains_key("saga_failed_total{definition=place-order}"));
+    assert!(!counters.contains_key("micro_saga_failed_total{definition=place-order}"));
     assert_eq!(
-        counters["saga_compensations_total{definition=place-order,step=charge-payment,outcome=ok}"],
+        counters["micro_saga_compensations_total{definition=place-order,step=charge-payment,outcome=ok}"],
         1
     );
     // 4 actions, then 2 actions and 1 compensation.
