@@ -1,6 +1,6 @@
 //! The metrics sagas record, through the `metrics` facade. Like every micro crate's,
 //! their names start `micro_<crate>_` (the host's HTTP metrics follow OpenTelemetry's
-//! `http_server_*` instead); they were `saga_*` before 0.2.
+//! `http_server_*` instead); they were `saga_*` before the names were unified.
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
