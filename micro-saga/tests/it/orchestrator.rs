@@ -444,8 +444,14 @@ fn records_metrics() {
             DebugValue::Gauge(g) => gauge = Some(g.into_inner()),
         }
     }
-    assert_eq!(counters["micro_saga_started_total{definition=place-order}"], 2);
-    assert_eq!(counters["micro_saga_completed_total{definition=place-order}"], 1);
+    assert_eq!(
+        counters["micro_saga_started_total{definition=place-order}"],
+        2
+    );
+    assert_eq!(
+        counters["micro_saga_completed_total{definition=place-order}"],
+        1
+    );
     assert_eq!(
         counters["micro_saga_compensated_total{definition=place-order}"],
         1
