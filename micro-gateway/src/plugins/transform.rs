@@ -495,14 +495,22 @@ fn body_kind(headers: &HeaderMap) -> Option<BodyKind> {
     }
 }
 
+/// Why a body could not be read for an edit.
+enum Unread {
+    /// Longer than [`MAX_TRANSFORMED_BODY`].
+    TooLong,
+    /// The body failed while being read (the peer went away, a read timed out).
+    Broken,
+}
+
 /// `body` edited by `edits` when it is of a kind they apply to (`form` too, for
-/// requests); `None` when it is too long to read.
+/// requests).
 async fn edit_body(
     headers: &mut HeaderMap,
     body: Body,
     edits: &FieldEdits,
     form: bool,
-) -> Result<Body, ()> {
+) -> Result<Body, Unread> {
     let kind = match body_kind(headers) {
         Some(BodyKind::Form) if !form => return Ok(body),
         Some(kind) => kind,
@@ -511,7 +519,10 @@ async fn edit_body(
     let limited = http_body_util::Limited::new(body, MAX_TRANSFORMED_BODY);
     let bytes = match http_body_util::BodyExt::collect(limited).await {
         Ok(collected) => collected.to_bytes(),
-        Err(_) => return Err(()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return Err(Unread::TooLong)
+        }
+        Err(_) => return Err(Unread::Broken),
     };
     let edited = match kind {
         BodyKind::Json => match serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -596,7 +607,12 @@ impl<S: HttpService> Service<Request<Body>> for Transform<S> {
                     let (mut parts, body) = request.into_parts();
                     match edit_body(&mut parts.headers, body, &edits.body, true).await {
                         Ok(body) => inner.call(Request::from_parts(parts, body)).await,
-                        Err(()) => Ok(super::body_limit::too_large()),
+                        Err(Unread::TooLong) => Ok(super::body_limit::too_large()),
+                        Err(Unread::Broken) => Ok(crate::error::error_response(
+                            http::StatusCode::BAD_REQUEST,
+                            "body_unreadable",
+                            "the request body could not be read",
+                        )),
                     }
                 })
             }
@@ -611,10 +627,15 @@ impl<S: HttpService> Service<Request<Body>> for Transform<S> {
                     let (mut parts, body) = response.into_parts();
                     match edit_body(&mut parts.headers, body, &edits.json, false).await {
                         Ok(body) => Ok(Response::from_parts(parts, body)),
-                        Err(()) => Ok(crate::error::error_response(
+                        Err(Unread::TooLong) => Ok(crate::error::error_response(
                             http::StatusCode::BAD_GATEWAY,
                             "upstream_body_too_large",
                             "the upstream's answer is too large to transform",
+                        )),
+                        Err(Unread::Broken) => Ok(crate::error::error_response(
+                            http::StatusCode::BAD_GATEWAY,
+                            "upstream_failed",
+                            "the upstream's answer broke off",
                         )),
                     }
                 })
