@@ -44,7 +44,7 @@ wait_for_port() {
 
 servers_up() {
     mkdir -p "$servers_log_dir"
-    apt_install protobuf-compiler libprotobuf-dev cmake curl ca-certificates
+    apt_install protobuf-compiler libprotobuf-dev cmake curl ca-certificates prometheus
     # PostgreSQL and Redis come with the machine; start them if they stopped.
     if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && command -v pg_ctlcluster >/dev/null; then
         pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true

@@ -2392,3 +2392,62 @@ fn quantities_parse_as_kubernetes_writes_them() {
     assert_eq!(q("12 parsecs"), None);
     assert_eq!(quantity(&Value::Number(2.into())), Some(2.0));
 }
+
+/// The shop's alert rules load in Prometheus's own checker and fire as their unit tests
+/// expect (Debian's `promtool`, which scripts/servers.sh installs).
+#[test]
+fn the_alert_rules_pass_promtool_and_name_only_metrics_the_framework_records() {
+    let dir = deploy_dir().join("prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let output = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool runs (Debian's prometheus package; scripts/servers.sh installs it)");
+        assert!(
+            output.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    // Every metric an alert reads is one the framework's code records.
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let mut source = String::new();
+    let root = deploy_dir().join("../../..");
+    for krate in [
+        "micro-core",
+        "micro-events",
+        "micro-saga",
+        "micro-discovery",
+        "micro-gateway",
+    ] {
+        let mut pending = vec![root.join(krate).join("src")];
+        while let Some(path) = pending.pop() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    source.push_str(&std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+    }
+    let names: BTreeSet<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("micro_") || word.starts_with("http_server_"))
+        .collect();
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        assert!(
+            source.contains(&format!("\"{name}\"")),
+            "alerts.yml reads `{name}`, which no framework crate records"
+        );
+    }
+}
