@@ -154,6 +154,25 @@ struct RawEdits<S> {
     append: S,
 }
 
+impl<S> RawEdits<S> {
+    /// The five edits' entries of one section (`headers`, `querystring`, ...).
+    fn section<'a>(&'a self, pick: impl Fn(&'a S) -> &'a Vec<String>) -> RawEdits<&'a [String]> {
+        RawEdits {
+            remove: pick(&self.remove),
+            rename: pick(&self.rename),
+            replace: pick(&self.replace),
+            add: pick(&self.add),
+            append: pick(&self.append),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct HeaderSection {
+    headers: Vec<String>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 struct RequestSection {
@@ -180,95 +199,83 @@ fn field_pair<E: serde::de::Error>(entry: &str) -> Result<(String, String), E> {
     Ok((name.to_owned(), value.trim().to_owned()))
 }
 
-fn field_edits<E: serde::de::Error>(
-    remove: &[String],
-    rename: &[String],
-    replace: &[String],
-    add: &[String],
-    append: &[String],
-) -> Result<FieldEdits, E> {
+fn field_edits<E: serde::de::Error>(lists: RawEdits<&[String]>) -> Result<FieldEdits, E> {
     let pairs = |entries: &[String]| -> Result<Vec<(String, String)>, E> {
         entries.iter().map(|e| field_pair::<E>(e)).collect()
     };
     Ok(FieldEdits {
-        remove: remove.iter().map(|n| n.trim().to_owned()).collect(),
-        rename: pairs(rename)?,
-        replace: pairs(replace)?,
-        add: pairs(add)?,
-        append: pairs(append)?,
+        remove: lists.remove.iter().map(|n| n.trim().to_owned()).collect(),
+        rename: pairs(lists.rename)?,
+        replace: pairs(lists.replace)?,
+        add: pairs(lists.add)?,
+        append: pairs(lists.append)?,
     })
 }
 
-/// The header sections of `raw`, as Kong's shape, for [`HeaderTransform`]'s parser.
-fn header_json(
-    remove: &[String],
-    rename: &[String],
-    replace: &[String],
-    add: &[String],
-    append: &[String],
-) -> serde_json::Value {
-    serde_json::json!({
-        "remove": { "headers": remove },
-        "rename": { "headers": rename },
-        "replace": { "headers": replace },
-        "add": { "headers": add },
-        "append": { "headers": append },
+fn header_name<E: serde::de::Error>(text: &str) -> Result<HeaderName, E> {
+    HeaderName::from_bytes(text.trim().as_bytes())
+        .map_err(|_| E::custom(format!("`{text}` is not a header name")))
+}
+
+fn header_pair<E: serde::de::Error>(entry: &str) -> Result<(HeaderName, String), E> {
+    let (left, right) = entry
+        .split_once(':')
+        .ok_or_else(|| E::custom(format!("`{entry}` is not written `name:value`")))?;
+    Ok((header_name(left)?, right.trim().to_owned()))
+}
+
+fn header_values<E: serde::de::Error>(
+    entries: &[String],
+) -> Result<Vec<(HeaderName, HeaderValue)>, E> {
+    entries
+        .iter()
+        .map(|entry| {
+            let (name, value) = header_pair::<E>(entry)?;
+            let value = HeaderValue::try_from(value)
+                .map_err(|_| E::custom(format!("`{entry}` has an invalid header value")))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+fn header_transform<E: serde::de::Error>(lists: RawEdits<&[String]>) -> Result<HeaderTransform, E> {
+    Ok(HeaderTransform {
+        remove: lists
+            .remove
+            .iter()
+            .map(|text| header_name::<E>(text))
+            .collect::<Result<_, _>>()?,
+        rename: lists
+            .rename
+            .iter()
+            .map(|entry| {
+                let (old, new) = header_pair::<E>(entry)?;
+                Ok((old, header_name::<E>(&new)?))
+            })
+            .collect::<Result<_, E>>()?,
+        replace: header_values(lists.replace)?,
+        add: header_values(lists.add)?,
+        append: header_values(lists.append)?,
     })
 }
 
 impl<'de> Deserialize<'de> for RequestEdits {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
         let raw = RawEdits::<RequestSection>::deserialize(deserializer)?;
-        let headers = serde_json::from_value(header_json(
-            &raw.remove.headers,
-            &raw.rename.headers,
-            &raw.replace.headers,
-            &raw.add.headers,
-            &raw.append.headers,
-        ))
-        .map_err(D::Error::custom)?;
         Ok(Self {
-            headers,
-            querystring: field_edits(
-                &raw.remove.querystring,
-                &raw.rename.querystring,
-                &raw.replace.querystring,
-                &raw.add.querystring,
-                &raw.append.querystring,
-            )?,
-            body: field_edits(
-                &raw.remove.body,
-                &raw.rename.body,
-                &raw.replace.body,
-                &raw.add.body,
-                &raw.append.body,
-            )?,
+            headers: header_transform(raw.section(|s| &s.headers))?,
+            querystring: field_edits(raw.section(|s| &s.querystring))?,
+            body: field_edits(raw.section(|s| &s.body))?,
         })
     }
 }
 
 impl<'de> Deserialize<'de> for ResponseEdits {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
         let raw = RawEdits::<ResponseSection>::deserialize(deserializer)?;
-        let headers = serde_json::from_value(header_json(
-            &raw.remove.headers,
-            &raw.rename.headers,
-            &raw.replace.headers,
-            &raw.add.headers,
-            &raw.append.headers,
-        ))
-        .map_err(D::Error::custom)?;
         Ok(Self {
-            headers,
-            json: field_edits(
-                &raw.remove.json,
-                &raw.rename.json,
-                &raw.replace.json,
-                &raw.add.json,
-                &raw.append.json,
-            )?,
+            headers: header_transform(raw.section(|s| &s.headers))?,
+            json: field_edits(raw.section(|s| &s.json))?,
         })
     }
 }
@@ -330,69 +337,8 @@ impl HeaderTransform {
 
 impl<'de> Deserialize<'de> for HeaderTransform {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-
-        #[derive(Deserialize, Default)]
-        #[serde(default, deny_unknown_fields)]
-        struct Raw {
-            remove: Section,
-            rename: Section,
-            replace: Section,
-            add: Section,
-            append: Section,
-        }
-
-        #[derive(Deserialize, Default)]
-        #[serde(default, deny_unknown_fields)]
-        struct Section {
-            headers: Vec<String>,
-        }
-
-        fn name<E: Error>(text: &str) -> Result<HeaderName, E> {
-            HeaderName::from_bytes(text.trim().as_bytes())
-                .map_err(|_| E::custom(format!("`{text}` is not a header name")))
-        }
-
-        fn pair<E: Error>(entry: &str) -> Result<(HeaderName, String), E> {
-            let (left, right) = entry
-                .split_once(':')
-                .ok_or_else(|| E::custom(format!("`{entry}` is not written `name:value`")))?;
-            Ok((name(left)?, right.trim().to_owned()))
-        }
-
-        fn pairs<E: Error>(entries: &[String]) -> Result<Vec<(HeaderName, HeaderValue)>, E> {
-            entries
-                .iter()
-                .map(|entry| {
-                    let (name, value) = pair::<E>(entry)?;
-                    let value = HeaderValue::try_from(value)
-                        .map_err(|_| E::custom(format!("`{entry}` has an invalid header value")))?;
-                    Ok((name, value))
-                })
-                .collect()
-        }
-
-        let raw = Raw::deserialize(deserializer)?;
-        Ok(Self {
-            remove: raw
-                .remove
-                .headers
-                .iter()
-                .map(|text| name::<D::Error>(text))
-                .collect::<Result<_, _>>()?,
-            rename: raw
-                .rename
-                .headers
-                .iter()
-                .map(|entry| {
-                    let (old, new) = pair::<D::Error>(entry)?;
-                    Ok((old, name::<D::Error>(&new)?))
-                })
-                .collect::<Result<_, D::Error>>()?,
-            replace: pairs(&raw.replace.headers)?,
-            add: pairs(&raw.add.headers)?,
-            append: pairs(&raw.append.headers)?,
-        })
+        let raw = RawEdits::<HeaderSection>::deserialize(deserializer)?;
+        header_transform(raw.section(|s| &s.headers))
     }
 }
 
