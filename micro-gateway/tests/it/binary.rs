@@ -15,6 +15,23 @@ pub(crate) fn spawn(
     config: &std::path::Path,
     args: &[&str],
 ) -> (std::process::Child, std::net::SocketAddr) {
+    let (child, addrs) = spawn_reporting(config, args);
+    let addr = std::iter::from_fn(|| addrs.recv_timeout(Duration::from_secs(20)).ok())
+        .find(|(admin, _)| !admin)
+        .expect("the gateway did not report its address")
+        .1;
+    (child, addr)
+}
+
+/// Starts the binary on `config` and a free port; returns it and the addresses it logs
+/// as it binds them, each marked whether it is the admin listener's.
+fn spawn_reporting(
+    config: &std::path::Path,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<(bool, std::net::SocketAddr)>,
+) {
     let mut child = binary()
         .args([
             "--config",
@@ -32,18 +49,34 @@ pub(crate) fn spawn(
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let admin = line.contains("admin endpoints listening");
             if let Some(rest) = line.split("addr=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().to_owned();
-                let _ = addr_tx.send(addr);
+                let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+                let _ = addr_tx.send((admin, addr));
             }
         }
     });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the gateway did not report its address")
-        .parse()
+    (child, addr_rx)
+}
+
+/// Sends SIGTERM and waits (20 s at most) for the process to exit; its exit status.
+async fn terminate(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
         .unwrap();
-    (child, addr)
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not stop on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn echo_config(upstream: std::net::SocketAddr, path: &str) -> String {
@@ -153,22 +186,7 @@ async fn serves_a_config_file_and_stops_on_sigterm() {
     };
     assert_eq!(ready["service"], "gateway");
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gateway did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = terminate(&mut child, "the gateway").await;
     assert!(status.success(), "{status}");
     std::fs::remove_dir_all(dir).ok();
 }
@@ -232,22 +250,7 @@ async fn current_thread_workers_share_the_port_and_all_stop_on_sigterm() {
         assert_eq!(seen["uri"], format!("/{i}"));
     }
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a worker did not stop on SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = terminate(&mut child, "a worker").await;
     assert!(status.success(), "{status}");
 }
 
@@ -283,49 +286,14 @@ async fn with_an_admin_listener_the_public_port_serves_routes_only() {
     let upstream = echo().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "services:\n  - name: echo\n    url: http://{}\n    routes:\n      - paths: [/]\n",
-            upstream.addr
-        ),
-    )
-    .unwrap();
-    let mut child = binary()
-        .args([
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--admin", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let admin = line.contains("admin endpoints listening");
-            if let Some(rest) = line.split("addr=").nth(1) {
-                let addr: std::net::SocketAddr =
-                    rest.split_whitespace().next().unwrap().parse().unwrap();
-                let _ = tx.send((admin, addr));
-            }
-        }
-    });
-    let mut admin = None;
-    let mut public = None;
+    std::fs::write(&config, echo_config(upstream.addr, "/")).unwrap();
+    let (mut child, addrs) = spawn_reporting(&config, &["--admin", "127.0.0.1:0"]);
+    let (mut admin, mut public) = (None, None);
     while admin.is_none() || public.is_none() {
-        let (is_admin, addr) = rx
+        let (is_admin, addr) = addrs
             .recv_timeout(Duration::from_secs(20))
             .expect("the gateway did not report both addresses");
-        if is_admin {
-            admin = Some(addr);
-        } else {
-            public = Some(addr);
-        }
+        *if is_admin { &mut admin } else { &mut public } = Some(addr);
     }
     let (admin, public) = (admin.unwrap(), public.unwrap());
     let _child = KillOnDrop(&mut child);
