@@ -133,11 +133,8 @@ async fn the_guide_s_example_file_builds() {
         .expect("the guide has the example");
     // The example's CA bundle, made here.
     let dir = tempfile::tempdir().unwrap();
-    let ca_path = dir.path().join("internal-ca.pem");
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let key = rcgen::KeyPair::generate().unwrap();
-    std::fs::write(&ca_path, ca.self_signed(&key).unwrap().pem()).unwrap();
+    crate::support::test_ca(dir.path());
+    let ca_path = dir.path().join("ca.pem");
     let example = example.replace("/etc/micro/tls/internal-ca.pem", ca_path.to_str().unwrap());
     let config = DeclarativeConfig::from_yaml(&example).unwrap();
     let discover = config.discovery.as_ref().unwrap().connect().await.unwrap();

@@ -685,24 +685,8 @@ async fn a_stale_jwks_is_refetched_and_kept_when_the_endpoint_fails() {
 }
 
 /// A JWKS endpoint served over TLS by a real micro-core listener, with a certificate for
-/// `127.0.0.1` issued by a CA made here. Returns the host, the URL and the CA's PEM file.
+/// `127.0.0.1` issued by a CA made here (`ca.pem` in `dir`). Returns the host and the URL.
 async fn jwks_over_https(keys: Vec<Jwk>, dir: &std::path::Path) -> (RunningHost, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "jwks test ca");
-    let ca_key = KeyPair::generate().unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-
     let app = Router::new().route(
         "/.well-known/jwks.json",
         get(move || {
@@ -710,19 +694,7 @@ async fn jwks_over_https(keys: Vec<Jwk>, dir: &std::path::Path) -> (RunningHost,
             async move { Json(JwkSet { keys }) }
         }),
     );
-    let tls = micro_core::tls::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"));
-    let host = micro_core::host::ServiceHost::builder()
-        .service_with(
-            crate::support::Gateway(app),
-            "127.0.0.1:0".parse().unwrap(),
-            micro_core::listener::ListenerConfig::default().tls(tls),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    let addr = host.local_addr("gateway").unwrap();
+    let (host, addr) = crate::support::serve_tls(app, dir).await;
     (host, format!("https://{addr}/.well-known/jwks.json"))
 }
 

@@ -200,34 +200,8 @@ async fn a_slow_upstream_is_a_504() {
 async fn tls_upstream(
     dir: &std::path::Path,
 ) -> (micro_core::host::RunningHost, std::net::SocketAddr) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
     let app = Router::new().route("/hello", get(|| async { "hello over tls" }));
-    let tls = micro_core::tls::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"));
-    let host = micro_core::host::ServiceHost::builder()
-        .service_with(
-            crate::support::Gateway(app),
-            "127.0.0.1:0".parse().unwrap(),
-            micro_core::listener::ListenerConfig::default().tls(tls),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    let addr = host.local_addr("gateway").unwrap();
-    (host, addr)
+    crate::support::serve_tls(app, dir).await
 }
 
 async fn body_of(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

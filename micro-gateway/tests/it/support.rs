@@ -132,3 +132,40 @@ impl IntoText for (http::StatusCode, http::HeaderMap, bytes::Bytes) {
         (self.0, String::from_utf8_lossy(&self.2).into_owned())
     }
 }
+
+/// A CA made for the test, its certificate written to `dir/ca.pem`.
+pub(crate) fn test_ca(dir: &std::path::Path) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    Issuer::new(ca, ca_key)
+}
+
+/// Serves `app` over TLS only, on a real micro-core listener on loopback, with a
+/// certificate for 127.0.0.1 issued by a [`test_ca`] (`ca.pem` in `dir`).
+pub(crate) async fn serve_tls(app: Router, dir: &std::path::Path) -> (RunningHost, SocketAddr) {
+    let issuer = test_ca(dir);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let tls = micro_core::tls::TlsConfig::new(dir.join("server.pem"), dir.join("server.key"));
+    let host = ServiceHost::builder()
+        .service_with(
+            Gateway(app),
+            "127.0.0.1:0".parse().unwrap(),
+            micro_core::listener::ListenerConfig::default().tls(tls),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = host.local_addr("gateway").unwrap();
+    (host, addr)
+}
