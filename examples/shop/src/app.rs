@@ -609,13 +609,12 @@ const SIGNS_OR_CHECKS_TOKENS: [&str; 2] = ["user", "gateway"];
 /// in the repository), anything shorter than 32 bytes, or a known placeholder. Only the
 /// one-process mode on loopback (`cargo run -p shop`) runs with the default.
 fn check_jwt_secret(secret: &str) -> anyhow::Result<()> {
-    micro_core::identity::Secret::new(secret.as_bytes()).map_err(|error| {
-        anyhow::anyhow!(
-            "the setting `jwt_secret` (SHOP_JWT_SECRET) is unusable outside the one-process \
-             mode: {error}; it must be at least 32 random bytes, e.g. \
-             `openssl rand -base64 48`"
-        )
-    })?;
+    trust::secret_setting(
+        "jwt_secret",
+        "SHOP_JWT_SECRET",
+        " outside the one-process mode",
+        secret,
+    )?;
     Ok(())
 }
 

@@ -134,13 +134,25 @@ pub fn random_keys() -> anyhow::Result<KeyRing> {
 
 /// One key from the `identity_secret` setting, refused when short or a placeholder.
 pub fn keys_from_secret(secret: &str) -> anyhow::Result<KeyRing> {
-    let secret = Secret::new(secret.as_bytes()).map_err(|error| {
-        anyhow::anyhow!(
-            "the setting `identity_secret` (SHOP_IDENTITY_SECRET) is unusable: {error}; it \
-             must be at least 32 random bytes, e.g. `openssl rand -base64 48`"
-        )
-    })?;
+    let secret = secret_setting("identity_secret", "SHOP_IDENTITY_SECRET", "", secret)?;
     Ok(KeyRing::new(KeySet::new("shop", secret)))
+}
+
+/// The secret setting `name` (from the variable `variable`), refused with an error naming
+/// both when it is short or a known placeholder; `when` says where it is refused (`""`
+/// for everywhere).
+pub fn secret_setting(
+    name: &str,
+    variable: &str,
+    when: &str,
+    value: &str,
+) -> anyhow::Result<Secret> {
+    Secret::new(value.as_bytes()).map_err(|error| {
+        anyhow::anyhow!(
+            "the setting `{name}` ({variable}) is unusable{when}: {error}; it must be at \
+             least 32 random bytes, e.g. `openssl rand -base64 48`"
+        )
+    })
 }
 
 /// The service keys in a file, one key per line: `<key id> <secret>`. The first line's

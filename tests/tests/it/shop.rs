@@ -39,6 +39,15 @@ async fn spawn_shop() -> TestShop {
     spawn_shop_with(test_config()).await
 }
 
+/// The shop with the services' key `secret`, so the test can sign as a service.
+async fn spawn_shop_keyed(secret: &str) -> TestShop {
+    spawn_shop_with(ShopConfig {
+        identity_secret: Some(shop::trust::SecretString::new(secret)),
+        ..test_config()
+    })
+    .await
+}
+
 async fn spawn_shop_with(config: ShopConfig) -> TestShop {
     let shop = app::start(&config).await.expect("the shop starts");
     let client = HttpClient::builder(&format!("http://{}", shop.gateway()))
@@ -231,11 +240,7 @@ impl TestShop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_is_charged_reserved_confirmed_and_notified() {
     const SECRET: &str = "the services' key of this test, 4be1d0c7a9f25e36";
-    let shop = spawn_shop_with(ShopConfig {
-        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
-        ..test_config()
-    })
-    .await;
+    let shop = spawn_shop_keyed(SECRET).await;
     shop.add("alice", "SKU-1001", 2).await;
     shop.add("alice", "SKU-1004", 1).await;
     shop.add("alice", "SKU-1001", 1).await;
@@ -673,11 +678,7 @@ async fn every_route_answers_a_second_user_with_the_first_users_ids_not_found() 
 async fn internal_endpoints_refuse_calls_without_identity_or_from_the_wrong_service() {
     use micro_core::identity::{Caller, KeyRing, KeySet, Secret, IDENTITY_HEADER};
     const SECRET: &str = "the services' key of this test, 7d1e04b9a2c35f68";
-    let shop = spawn_shop_with(ShopConfig {
-        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
-        ..test_config()
-    })
-    .await;
+    let shop = spawn_shop_keyed(SECRET).await;
     let keys = shop::trust::keys_from_secret(SECRET).unwrap();
     let stranger = KeyRing::new(KeySet::new(
         "shop",
@@ -920,11 +921,7 @@ async fn a_registration_that_cannot_prove_its_service_draws_no_traffic() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     const SECRET: &str = "the services' key of this test, 1c9a7e5f3b2d4068";
-    let shop = spawn_shop_with(ShopConfig {
-        identity_secret: Some(shop::trust::SecretString::new(SECRET)),
-        ..test_config()
-    })
-    .await;
+    let shop = spawn_shop_keyed(SECRET).await;
     // Two impostors of the user service, each counting what reaches it.
     let impostor = || async {
         let hits = Arc::new(AtomicUsize::new(0));
