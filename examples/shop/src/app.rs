@@ -151,6 +151,20 @@ impl Default for Listen {
 }
 
 impl Listen {
+    /// Each service's name with where it listens, the gateway first.
+    pub fn each(&self) -> [(&'static str, SocketAddr); 8] {
+        [
+            ("gateway", self.gateway),
+            ("user", self.user),
+            ("product", self.product),
+            ("order", self.order),
+            ("cart", self.cart),
+            ("payment", self.payment),
+            ("inventory", self.inventory),
+            ("notification", self.notification),
+        ]
+    }
+
     /// Every service on a free loopback port, for tests.
     pub fn ephemeral() -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -607,14 +621,10 @@ const SIGNS_OR_CHECKS_TOKENS: [&str; 2] = ["user", "gateway"];
 
 /// Refuses a `jwt_secret` that anyone could guess: the built-in development default (it is
 /// in the repository), anything shorter than 32 bytes, or a known placeholder. Only the
-/// one-process mode on loopback (`cargo run -p shop`) runs with the default.
-fn check_jwt_secret(secret: &str) -> anyhow::Result<()> {
-    trust::secret_setting(
-        "jwt_secret",
-        "SHOP_JWT_SECRET",
-        " outside the one-process mode",
-        secret,
-    )?;
+/// one-process mode on loopback (`cargo run -p shop`) runs with the default; `when` says
+/// why this one may not (" outside the one-process mode", say).
+fn check_jwt_secret(secret: &str, when: &str) -> anyhow::Result<()> {
+    trust::secret_setting("jwt_secret", "SHOP_JWT_SECRET", when, secret)?;
     Ok(())
 }
 
@@ -647,7 +657,7 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
         );
     }
     if SIGNS_OR_CHECKS_TOKENS.contains(&name) {
-        check_jwt_secret(config.jwt_secret.expose())?;
+        check_jwt_secret(config.jwt_secret.expose(), " outside the one-process mode")?;
     }
     let Some(keys) = configured_keys(config)? else {
         anyhow::bail!(
@@ -664,6 +674,19 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
 
 /// Starts every service and the gateway in this process, on embedded defaults.
 pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
+    // Reachable from other machines, the shop is no longer only its developer's: the
+    // token secret must be one nobody else knows.
+    let exposed = config
+        .listen
+        .each()
+        .into_iter()
+        .find(|(_, at)| !at.ip().is_loopback());
+    if let Some((name, at)) = exposed {
+        check_jwt_secret(
+            config.jwt_secret.expose(),
+            &format!(" with the {name} service listening off loopback ({at})"),
+        )?;
+    }
     let registry = MemoryRegistry::new();
     let bus = MemoryBus::new();
     let keys = match configured_keys(config)? {
