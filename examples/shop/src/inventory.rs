@@ -68,7 +68,7 @@ pub struct Reservation {
 }
 
 /// `POST /inventory/reservations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ReserveRequest {
     /// The order the units are for.
     pub order_id: String,
