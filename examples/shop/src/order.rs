@@ -1209,11 +1209,95 @@ mod tests {
         );
         order.transition(OrderStatus::Paid, "paid").unwrap();
         order.transition(OrderStatus::Confirmed, "ok").unwrap();
+        // A customer's cancel goes through CANCELLING, never straight to CANCELLED.
+        assert!(order.transition(OrderStatus::Cancelled, "skip").is_err());
         order
-            .transition(OrderStatus::Cancelled, "changed mind")
+            .transition(OrderStatus::Cancelling, "changed mind")
+            .unwrap();
+        assert!(order.transition(OrderStatus::Shipped, "ship").is_err());
+        order
+            .transition(OrderStatus::Cancelled, "cancelled")
             .unwrap();
         assert!(order.transition(OrderStatus::Paid, "again").is_err());
-        assert_eq!(order.history.len(), 3);
+        assert_eq!(order.history.len(), 4);
         assert_eq!(order.history[2].reason, "changed mind");
+    }
+
+    #[test]
+    fn the_status_machine_allows_exactly_these_moves() {
+        use OrderStatus::*;
+        let all = [
+            Pending,
+            Paid,
+            Confirmed,
+            Cancelling,
+            Shipped,
+            Delivered,
+            Cancelled,
+            RequiresAttention,
+        ];
+        let allowed = [
+            (Pending, Paid),
+            (Pending, Cancelled),
+            (Pending, RequiresAttention),
+            (Paid, Confirmed),
+            (Paid, Cancelled),
+            (Paid, RequiresAttention),
+            (Confirmed, Shipped),
+            (Confirmed, Cancelling),
+            (Confirmed, RequiresAttention),
+            // The cancel-order saga: done, refused (nothing was applied), or stuck.
+            (Cancelling, Cancelled),
+            (Cancelling, Confirmed),
+            (Cancelling, RequiresAttention),
+            (Shipped, Delivered),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_move_to(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+            // Final statuses move no more by themselves; the others are on their way.
+            let on_the_way = matches!(from, Pending | Paid | Cancelling);
+            assert_eq!(from.is_final(), !on_the_way, "{from:?}");
+        }
+    }
+
+    #[test]
+    fn a_cancel_saga_id_names_its_order_and_the_time_it_was_asked() {
+        let mut order = Order {
+            id: "ord-1".into(),
+            user_id: "u".into(),
+            lines: Vec::new(),
+            total: Money {
+                amount: 1,
+                currency: "USD".into(),
+            },
+            status: OrderStatus::Confirmed,
+            history: Vec::new(),
+            payment_id: Some("pay-1".into()),
+        };
+        order.transition(OrderStatus::Cancelling, "asked").unwrap();
+        let first = Cancellation::saga_id(&order);
+        assert_eq!(first, "ord-1:cancel-1");
+        assert_eq!(Cancellation::order_of(&first), Some("ord-1"));
+        // Refused, then asked again: a saga of its own.
+        order.transition(OrderStatus::Confirmed, "refused").unwrap();
+        order.transition(OrderStatus::Cancelling, "again").unwrap();
+        assert_eq!(Cancellation::saga_id(&order), "ord-1:cancel-2");
+        assert_eq!(Cancellation::order_of("ord-1"), None);
+        let cancellation = Cancellation::of(&order).unwrap();
+        assert_eq!(
+            (
+                cancellation.order_id.as_str(),
+                cancellation.payment_id.as_str()
+            ),
+            ("ord-1", "pay-1")
+        );
+        order.payment_id = None;
+        assert!(Cancellation::of(&order).is_err());
     }
 }
