@@ -50,7 +50,7 @@ use micro_core::identity::OnBehalfOf;
 
 mod ledger;
 
-pub use self::ledger::{Ledger, Moved};
+pub use self::ledger::{Ledger, Transitioned};
 
 /// Where an order is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -625,9 +625,9 @@ impl Participants {
             .await
             .map_err(unstored)?;
         match moved {
-            Moved::Moved(_) | Moved::Already(_) => Ok(StepOutput::empty()),
-            Moved::Refused(_, refused) => Err(StepError::permanent(refused.to_string())),
-            Moved::Missing => Err(StepError::permanent("the order is gone")),
+            Transitioned::Moved(_) | Transitioned::Already(_) => Ok(StepOutput::empty()),
+            Transitioned::Refused(_, refused) => Err(StepError::permanent(refused.to_string())),
+            Transitioned::Missing => Err(StepError::permanent("the order is gone")),
         }
     }
 }
@@ -962,7 +962,8 @@ impl Orders {
     /// refunds it, returns its stock and records it `CANCELLED`. Waits up to
     /// [`Self::CANCEL_WAIT`] for the saga, then answers the order as it is; the saga
     /// goes on (after a crash too, resumed by recovery). Cancelling an order already
-    /// `CANCELLING` answers it.
+    /// `CANCELLING` answers it. A refund refused for good gives the order back to
+    /// `CONFIRMED`, answered `409 cancel_refused` with the reason.
     pub async fn cancel(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
         let order = self.owned(user, order_id).await?;
         cancellable(order.status)?;
@@ -978,10 +979,15 @@ impl Orders {
             )
             .await?
         {
-            Moved::Moved(order) | Moved::Already(order) => order,
+            Transitioned::Moved(order) | Transitioned::Already(order) => order,
             // It moved on in the meantime.
-            Moved::Refused(order, _) => return Err(cancellable(order.status).unwrap_err()),
-            Moved::Missing => return Err(ApiError::not_found("order_not_found", "no such order")),
+            Transitioned::Refused(order, refused) => {
+                cancellable(order.status)?;
+                return Err(anyhow::Error::from(refused).into());
+            }
+            Transitioned::Missing => {
+                return Err(ApiError::not_found("order_not_found", "no such order"))
+            }
         };
         if let Some(finished) = self.resume_cancel(&order).await? {
             if tokio::time::timeout(Self::CANCEL_WAIT, finished)
@@ -991,9 +997,15 @@ impl Orders {
                 tracing::info!(order_id, "the cancel goes on after its answer");
             }
         }
-        self.order(order_id)
+        let order = self
+            .order(order_id)
             .await?
-            .ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))
+            .ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))?;
+        if order.status == OrderStatus::Confirmed {
+            let why = order.history.last().map_or("", |c| c.reason.as_str());
+            return Err(ApiError::conflict("cancel_refused", why));
+        }
+        Ok(order)
     }
 
     /// Starts the cancel-order saga of a `CANCELLING` order unless it runs (or ran:
@@ -1069,8 +1081,9 @@ async fn show(
     orders.owned(&user, &order_id).await.map(Json)
 }
 
-/// `200` with the order `CANCELLED` (or back to `CONFIRMED` when the refund was refused),
-/// or `202` with `Location` while it is still `CANCELLING`.
+/// `200` with the order `CANCELLED`, or `202` with `Location` while it is still
+/// `CANCELLING`; `409 cancel_refused` when the refund was refused and the order is
+/// `CONFIRMED` again.
 async fn cancel(
     State(orders): State<Orders>,
     UserId(user): UserId,

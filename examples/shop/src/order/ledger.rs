@@ -25,7 +25,7 @@ pub(super) type Pending = (String, OrderEvent);
 
 /// What came of [`Ledger::transition`].
 #[derive(Debug)]
-pub enum Moved {
+pub enum Transitioned {
     /// The order moved; here it is, moved.
     Moved(Order),
     /// It was there already: nothing was written.
@@ -36,14 +36,16 @@ pub enum Moved {
     Missing,
 }
 
-impl Moved {
+impl Transitioned {
     /// Logs a refused move or a missing order, which a caller that cannot do more
     /// about it only reports.
     pub fn warn_if_refused(&self, order_id: &str) {
         match self {
-            Moved::Refused(_, error) => tracing::warn!(order_id, %error, "status change refused"),
-            Moved::Missing => tracing::warn!(order_id, "status change of a missing order"),
-            Moved::Moved(_) | Moved::Already(_) => {}
+            Transitioned::Refused(_, error) => {
+                tracing::warn!(order_id, %error, "status change refused")
+            }
+            Transitioned::Missing => tracing::warn!(order_id, "status change of a missing order"),
+            Transitioned::Moved(_) | Transitioned::Already(_) => {}
         }
     }
 }
@@ -229,7 +231,7 @@ impl Ledger {
         reason: &str,
         payment_id: Option<&str>,
         events: impl FnOnce(&Order) -> Vec<Pending>,
-    ) -> anyhow::Result<Moved> {
+    ) -> anyhow::Result<Transitioned> {
         let mut refused = None;
         let mut already = false;
         let order = self
@@ -249,10 +251,10 @@ impl Ledger {
             })
             .await?;
         Ok(match (order, refused) {
-            (None, _) => Moved::Missing,
-            (Some(order), Some(illegal)) => Moved::Refused(order, illegal),
-            (Some(order), None) if already => Moved::Already(order),
-            (Some(order), None) => Moved::Moved(order),
+            (None, _) => Transitioned::Missing,
+            (Some(order), Some(illegal)) => Transitioned::Refused(order, illegal),
+            (Some(order), None) if already => Transitioned::Already(order),
+            (Some(order), None) => Transitioned::Moved(order),
         })
     }
 

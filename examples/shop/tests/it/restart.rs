@@ -231,6 +231,35 @@ async fn a_cancel_waits_for_the_stock_and_finishes_after_a_crash() {
         (&json!(100), &json!(0)),
         "{stock}"
     );
+    // A refund that keeps failing (the card whose refunds fail) stops the cancel at its
+    // go/no-go: nothing is half-applied, the payment kept and the units still committed,
+    // and the order needs attention.
+    let stuck = checkout(&client, &token, "three", "SKU-1006", "4000000000000341").await;
+    assert_eq!(
+        settled(&client, &token, &stuck).await["status"],
+        "CONFIRMED"
+    );
+    let (status, answer) = send(
+        &client,
+        Method::POST,
+        &format!("/api/orders/{stuck}/cancel"),
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
+    assert!(status == 200 || status == 202, "{status}: {answer}");
+    let order_now = settled(&client, &token, &stuck).await;
+    assert_eq!(order_now["status"], "REQUIRES_ATTENTION", "{order_now}");
+    let paid = get(&client, &token, &format!("/api/payments?order_id={stuck}")).await;
+    assert_eq!(paid[0]["status"], "CAPTURED", "{paid}");
+    let stock = get(&client, &token, "/api/inventory/SKU-1006").await;
+    assert_eq!(
+        (&stock["available"], &stock["committed"]),
+        (&json!(99), &json!(1)),
+        "{stock}"
+    );
+
     let (status, body) = send(&client, Method::POST, &cancel, Some(&token), None, None).await;
     assert_eq!(
         (status, &body["error"]["code"]),
