@@ -269,7 +269,14 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         .iter()
         .position(|s| *s == "inventory")
         .unwrap();
-    drop(processes.remove(inventory));
+    // Stopped (SIGTERM), so that it leaves etcd and no caller keeps its address.
+    let mut stopped = processes.remove(inventory);
+    let sent = Command::new("kill")
+        .args(["-TERM", &stopped.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    stopped.0.wait().unwrap();
     let (status, body) = send(
         &client,
         Method::POST,
@@ -310,6 +317,25 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     processes.push(KillOnDrop(restarted));
     let cancelled = settled(&client, &token, &waited).await;
     assert_eq!(cancelled["status"], "CANCELLED", "{cancelled}");
+    // The gateway finds the new inventory too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while send(
+        &client,
+        Method::GET,
+        "/api/inventory",
+        Some(&token),
+        None,
+        None,
+    )
+    .await
+    .0 != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never found the inventory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, _) = send(&client, Method::GET, "/api/orders", None, None, None).await;
     assert_eq!(status, 401);
     let mut statuses = Vec::new();
