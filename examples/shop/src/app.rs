@@ -66,6 +66,10 @@ pub struct ShopConfig {
     pub payment_hang: Duration,
     /// Units of each product in stock when the inventory starts empty.
     pub initial_stock: i64,
+    /// A fault for demos and tests: the inventory service refuses every release of
+    /// stock (`503`), as if it were down for them, so that cancels wait in `CANCELLING`
+    /// until an inventory without it runs. Off by default.
+    pub inventory_refuses_releases: bool,
     /// The HS256 secret the user service signs tokens with and the gateway checks them
     /// with. Set your own (`SHOP_JWT_SECRET`) anywhere but on your machine: `shop serve`
     /// refuses the built-in one.
@@ -198,6 +202,7 @@ impl Default for ShopConfig {
             gateway_config: None,
             payment_hang: Duration::from_secs(30),
             initial_stock: 100,
+            inventory_refuses_releases: false,
             jwt_secret: SecretString::new(DEVELOPMENT_JWT_SECRET),
             identity_secret: None,
             identity_keys_file: None,
@@ -541,7 +546,8 @@ async fn add(
                 .iter()
                 .map(|p| (p.id.clone(), config.initial_stock))
                 .collect();
-            let inventory = Inventory::new(store(config, "inventory")?, &initial)?;
+            let inventory = Inventory::new(store(config, "inventory")?, &initial)?
+                .refusing_releases(config.inventory_refuses_releases);
             handles.inventory = Some(inventory.clone());
             hosted(builder, infra, config, inventory, listen.inventory).await?
         }
