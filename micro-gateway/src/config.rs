@@ -57,7 +57,7 @@ use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
 use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
 use crate::plugins::transform::{RequestEdits, ResponseEdits, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
-use crate::release::{Split, StickyKey};
+use crate::release::{RolloutPolicy, Split, StickyKey};
 
 type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
@@ -228,6 +228,7 @@ impl DiscoverySpec {
 pub struct Resources {
     discover: Option<Arc<dyn Discover>>,
     identity: Option<(KeyRing, Arc<str>)>,
+    rollouts: crate::release::Rollouts,
 }
 
 impl Resources {
@@ -356,6 +357,64 @@ pub struct ReleaseSpec {
     pub remember: Option<RememberSpec>,
     /// A header and/or cookie naming the subset a request must go to.
     pub force: Option<ForceSpec>,
+    /// A canary release the gateway runs by itself: steps, and the limits that roll the
+    /// canary back; see [`RolloutSpec`].
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// A rollout of a [`ReleaseSpec`], with the rules of a
+/// [`RolloutPolicy`]; the weights of its two subsets are
+/// then the rollout's to set:
+///
+/// ```yaml
+/// rollout:
+///   stable: stable
+///   canary: canary
+///   steps: [5, 25, 50, 100]     # the canary's share, percent
+///   step_time: 5m               # at least this long per step
+///   step_requests: 200          # and at least this many canary answers
+///   max_error_rate: 0.01        # above stable's; else rolled back
+///   max_latency_ratio: 1.5      # times stable's mean; else rolled back
+/// ```
+///
+/// A reload with the same rollout (subsets' versions and policy) continues it where it
+/// stood; a changed one starts again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RolloutSpec {
+    /// The subset that runs the current version.
+    pub stable: String,
+    /// The subset that runs the new one.
+    pub canary: String,
+    /// The canary's share at each step, rising to 100 (default 5, 25, 50, 100).
+    pub steps: Option<Vec<u32>>,
+    /// The shortest time a step lasts (default `1m`).
+    #[serde(default, with = "optional_duration")]
+    pub step_time: Option<Duration>,
+    /// The fewest canary answers per step (default 100).
+    pub step_requests: Option<u64>,
+    /// How far above stable's the canary's error rate may be (default 0.01).
+    pub max_error_rate: Option<f64>,
+    /// How many times stable's mean latency the canary's may be (default 1.5).
+    pub max_latency_ratio: Option<f64>,
+}
+
+/// An optional duration written with a unit (`30s`).
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?;
+        text.map(|text| {
+            micro_core::config::duration::parse(&text).map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
 }
 
 /// One subset of a [`ReleaseSpec`].
@@ -1060,6 +1119,33 @@ fn split(
     if let Some(remember) = &release.remember {
         builder = builder.remember(remember.cookie.as_str(), remember.lifetime);
     }
+    if let Some(rollout) = &release.rollout {
+        let defaults = RolloutPolicy::default();
+        let mut policy = defaults.clone();
+        policy.steps = rollout.steps.clone().unwrap_or(defaults.steps);
+        policy.step_time = rollout.step_time.unwrap_or(defaults.step_time);
+        policy.step_requests = rollout.step_requests.unwrap_or(defaults.step_requests);
+        policy.max_error_rate = rollout.max_error_rate.unwrap_or(defaults.max_error_rate);
+        policy.max_latency_ratio = rollout
+            .max_latency_ratio
+            .unwrap_or(defaults.max_latency_ratio);
+        let version = |name: &str| {
+            release
+                .subsets
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.version.clone())
+                .ok_or_else(|| at(".rollout", format!("there is no subset `{name}`")))
+        };
+        let id = format!(
+            "{name}: {} -> {} {policy:?}",
+            version(&rollout.stable)?,
+            version(&rollout.canary)?
+        );
+        builder = builder
+            .rollout(rollout.stable.as_str(), rollout.canary.as_str(), policy)
+            .rollout_kept_in(&resources.rollouts, id);
+    }
     if let Some(force) = &release.force {
         if let Some(header) = &force.header {
             let name = http::HeaderName::try_from(header.as_str())
@@ -1073,6 +1159,7 @@ fn split(
     builder.build().map_err(|error| {
         let field = match &error {
             crate::release::SplitError::CookieName(_) => "",
+            crate::release::SplitError::Rollout(_) => ".rollout",
             _ => ".subsets",
         };
         at(field, error.to_string())

@@ -28,12 +28,30 @@
 //! Each subset's requests and answers are counted in
 //! `micro_gateway_subset_responses_total{service, subset, class}` (`class` is `2xx`,
 //! `5xx`, ...).
+//!
+//! # Rollouts
+//!
+//! With a [`RolloutPolicy`] ([`SplitBuilder::rollout`]) the split runs a canary release
+//! by itself, judged by what it measures: the canary subset gets each step's share in
+//! turn (say 5, 25, 50 and 100%); a step is passed once it has lasted its
+//! [minimum time](RolloutPolicy::step_time) and the canary answered its
+//! [minimum number of requests](RolloutPolicy::step_requests) within the limits (the
+//! step to 100% completes the rollout), and the canary is rolled back to 0% the moment, past that minimum of requests, its error
+//! rate (5xx answers, the gateway's own 502/503/504 included) exceeds the stable
+//! subset's by more than [`max_error_rate`](RolloutPolicy::max_error_rate) or its mean
+//! latency exceeds the stable one's by more than
+//! [`max_latency_ratio`](RolloutPolicy::max_latency_ratio). Every decision is logged,
+//! counted in `micro_gateway_rollout_decisions_total{service, decision}` (`promoted`
+//! to the next step, `completed`, `rolled_back`, `aborted`) and readable with
+//! [`Split::rollout`]. So a bad canary costs at most about
+//! [`step_requests`](RolloutPolicy::step_requests) user requests (plus those in flight)
+//! before it is rolled back.
 
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use http::header::{COOKIE, SET_COOKIE};
@@ -72,6 +90,9 @@ pub enum SplitError {
     /// Every weight would be 0, so no request could be sent anywhere.
     #[error("every subset's weight is 0: at least one must be above 0")]
     NoWeight,
+    /// A rollout policy that can't be followed.
+    #[error("rollout: {0}")]
+    Rollout(String),
     /// A cookie name that is not a cookie name.
     #[error("`{0}` is not a cookie name")]
     CookieName(String),
@@ -86,6 +107,23 @@ pub struct SplitBuilder {
     remember: Option<(String, Duration)>,
     force_header: Option<HeaderName>,
     force_cookie: Option<String>,
+    rollout: Option<(String, String, RolloutPolicy)>,
+    kept_in: Option<(Rollouts, String)>,
+}
+
+/// Rollouts that outlive the splits running them: a split built again (a configuration
+/// reload) with the same store and id continues its rollout where it stood, so a reload
+/// neither restarts a rollout nor brings back a canary that was rolled back.
+#[derive(Debug, Clone, Default)]
+pub struct Rollouts {
+    by_id: Arc<Mutex<std::collections::HashMap<String, Arc<Mutex<Rollout>>>>>,
+}
+
+impl Rollouts {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
 }
 
 impl SplitBuilder {
@@ -122,13 +160,35 @@ impl SplitBuilder {
         self
     }
 
+    /// Runs a canary release of the subset `canary` against `stable` under `policy`
+    /// (see the [module](self)): their weights start at the policy's first step, and the
+    /// split moves them from then on.
+    pub fn rollout(
+        mut self,
+        stable: impl Into<String>,
+        canary: impl Into<String>,
+        policy: RolloutPolicy,
+    ) -> Self {
+        self.rollout = Some((stable.into(), canary.into(), policy));
+        self
+    }
+
+    /// Keeps the [rollout](Self::rollout) in `store` under `id` (which should change
+    /// whenever the rollout does: the versions, the policy), continuing the one already
+    /// there under that id.
+    pub fn rollout_kept_in(mut self, store: &Rollouts, id: impl Into<String>) -> Self {
+        self.kept_in = Some((store.clone(), id.into()));
+        self
+    }
+
     /// The split.
     ///
     /// # Errors
     ///
-    /// A [`SplitError`]: no subset, two of one name, every weight 0, or a cookie name
-    /// with characters a cookie name can't have.
-    pub fn build(self) -> Result<Split, SplitError> {
+    /// A [`SplitError`]: no subset, two of one name, every weight 0, a cookie name with
+    /// characters a cookie name can't have, or a rollout naming a missing subset or
+    /// with steps that don't rise to 100.
+    pub fn build(mut self) -> Result<Split, SplitError> {
         if self.subsets.is_empty() {
             return Err(SplitError::NoSubset);
         }
@@ -150,6 +210,39 @@ impl SplitBuilder {
                 return Err(SplitError::CookieName(name.clone()));
             }
         }
+        let rollout = match self.rollout.take() {
+            None => None,
+            Some((stable, canary, policy)) => {
+                let find = |name: &str| {
+                    self.subsets
+                        .iter()
+                        .position(|(n, ..)| &**n == name)
+                        .ok_or_else(|| SplitError::Rollout(format!("there is no subset `{name}`")))
+                };
+                let (stable, canary) = (find(&stable)?, find(&canary)?);
+                if stable == canary {
+                    return Err(SplitError::Rollout(
+                        "the stable and canary subsets are one".to_owned(),
+                    ));
+                }
+                policy.check()?;
+                let fresh = || Arc::new(Mutex::new(Rollout::new(stable, canary, policy)));
+                let rollout = match &self.kept_in {
+                    None => fresh(),
+                    Some((store, id)) => {
+                        let mut by_id = store.by_id.lock().unwrap_or_else(|e| e.into_inner());
+                        by_id.entry(id.clone()).or_insert_with(fresh).clone()
+                    }
+                };
+                let weight = rollout
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .canary_weight();
+                self.subsets[stable].2 = 100 - weight;
+                self.subsets[canary].2 = weight;
+                Some(rollout)
+            }
+        };
         let weights: Vec<u32> = self.subsets.iter().map(|(_, _, weight)| *weight).collect();
         if weights.iter().all(|w| *w == 0) {
             return Err(SplitError::NoWeight);
@@ -173,6 +266,7 @@ impl SplitBuilder {
                 force_header: self.force_header,
                 force_cookie: self.force_cookie,
             }),
+            rollout,
         })
     }
 }
@@ -185,6 +279,7 @@ pub struct Split {
     subsets: Vec<Subset>,
     weights: Arc<RwLock<Arc<[u32]>>>,
     rules: Arc<Rules>,
+    rollout: Option<Arc<Mutex<Rollout>>>,
 }
 
 #[derive(Clone)]
@@ -225,7 +320,37 @@ impl Split {
             remember: None,
             force_header: None,
             force_cookie: None,
+            rollout: None,
+            kept_in: None,
         }
+    }
+
+    /// Where the rollout stands, if the split runs one.
+    pub fn rollout(&self) -> Option<RolloutStatus> {
+        let rollout = self.rollout.as_ref()?;
+        let rollout = rollout.lock().unwrap_or_else(|e| e.into_inner());
+        Some(rollout.status())
+    }
+
+    /// Stops the rollout where it is and sends everything to the stable subset.
+    /// Nothing happens when there is no rollout or it has ended.
+    pub fn abort_rollout(&self) {
+        if let Some(rollout) = &self.rollout {
+            let mut rollout = rollout.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(weights) = rollout.end(RolloutState::Aborted, "aborted by hand") {
+                self.apply(&rollout, weights);
+            }
+        }
+    }
+
+    /// Sets a rollout's two weights; called with the rollout's lock held, so decisions
+    /// apply in the order they are taken.
+    fn apply(&self, rollout: &Rollout, canary: u32) {
+        let mut guard = self.weights.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = guard.to_vec();
+        next[rollout.stable] = 100 - canary;
+        next[rollout.canary] = canary;
+        *guard = next.into();
     }
 
     /// The service this split belongs to.
@@ -375,17 +500,297 @@ impl Service<Request<Body>> for Split {
             Choice::Forced | Choice::Remembered => None,
         };
         let service = self.service.clone();
+        let split = self.rollout.is_some().then(|| self.clone());
         Box::pin(async move {
+            let started = Instant::now();
             let mut proxy = subset.proxy.clone();
             let Ok(mut response) = proxy.call(request).await;
             subset
                 .counts
                 .record(&service, &subset.name, response.status());
+            if let Some(split) = split {
+                split.observe(index, response.status(), started.elapsed());
+            }
             if let Some(cookie) = set_cookie {
                 response.headers_mut().append(SET_COOKIE, cookie);
             }
             Ok(response)
         })
+    }
+}
+
+impl Split {
+    /// Counts one answer of subset `index` in the rollout, and takes the decision it
+    /// calls for, if any.
+    fn observe(&self, index: usize, status: http::StatusCode, took: Duration) {
+        let Some(rollout) = &self.rollout else {
+            return;
+        };
+        let mut rollout = rollout.lock().unwrap_or_else(|e| e.into_inner());
+        let error = status.is_server_error();
+        let Some(canary) = rollout.observe(index, error, took, Instant::now()) else {
+            return;
+        };
+        self.apply(&rollout, canary);
+        let decision = match rollout.state {
+            RolloutState::Running => "promoted",
+            RolloutState::Completed => "completed",
+            RolloutState::RolledBack => "rolled_back",
+            RolloutState::Aborted => "aborted",
+        };
+        metrics::counter!(
+            "micro_gateway_rollout_decisions_total",
+            "service" => self.service.clone(),
+            "decision" => decision,
+        )
+        .increment(1);
+        let reason = rollout.decisions.last().map_or("", |d| d.reason.as_str());
+        if rollout.state == RolloutState::RolledBack {
+            tracing::warn!(service = %self.service, canary_weight = canary, reason, "canary rolled back");
+        } else {
+            tracing::info!(service = %self.service, canary_weight = canary, reason, decision, "rollout step");
+        }
+    }
+}
+
+/// How a [`Split`] runs a canary release by itself; see the [module](self).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RolloutPolicy {
+    /// The canary's share at each step, in percent, rising to 100.
+    pub steps: Vec<u32>,
+    /// The shortest time a step lasts.
+    pub step_time: Duration,
+    /// The fewest canary answers a step needs, before passing it or judging the canary.
+    pub step_requests: u64,
+    /// How much higher than the stable subset's the canary's error rate may be (0.05:
+    /// five points).
+    pub max_error_rate: f64,
+    /// How many times the stable subset's mean latency the canary's may be.
+    pub max_latency_ratio: f64,
+}
+
+impl Default for RolloutPolicy {
+    /// Steps of 5, 25, 50 and 100%, each at least a minute and 100 canary answers; the
+    /// canary may fail 1 point more often and be 50% slower than stable.
+    fn default() -> Self {
+        Self {
+            steps: vec![5, 25, 50, 100],
+            step_time: Duration::from_secs(60),
+            step_requests: 100,
+            max_error_rate: 0.01,
+            max_latency_ratio: 1.5,
+        }
+    }
+}
+
+impl RolloutPolicy {
+    fn check(&self) -> Result<(), SplitError> {
+        let refuse = |reason: &str| Err(SplitError::Rollout(reason.to_owned()));
+        if self.steps.last() != Some(&100) {
+            return refuse("the last step must be 100");
+        }
+        if self.steps.len() < 2 {
+            return refuse("give at least one step before 100");
+        }
+        if self.steps.windows(2).any(|w| w[0] >= w[1]) || self.steps[0] == 0 {
+            return refuse("steps must rise, from above 0");
+        }
+        if self.step_requests == 0 {
+            return refuse("`step_requests` must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return refuse("`max_error_rate` is a fraction, from 0 to 1");
+        }
+        if self.max_latency_ratio.is_nan() || self.max_latency_ratio < 1.0 {
+            return refuse("`max_latency_ratio` must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RolloutState {
+    /// Steps are being taken.
+    Running,
+    /// The canary reached 100%.
+    Completed,
+    /// The canary breached a limit and was sent back to 0%.
+    RolledBack,
+    /// Stopped by [`Split::abort_rollout`], the canary at 0%.
+    Aborted,
+}
+
+/// One decision a rollout took.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RolloutDecision {
+    /// The canary's share after it, in percent.
+    pub canary_weight: u32,
+    /// Why: the step's figures, or the limit breached.
+    pub reason: String,
+}
+
+/// A rollout's state, step and decisions so far; see [`Split::rollout`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RolloutStatus {
+    /// Running or ended, and how.
+    pub state: RolloutState,
+    /// The canary's share now, in percent.
+    pub canary_weight: u32,
+    /// Every decision, oldest first.
+    pub decisions: Vec<RolloutDecision>,
+}
+
+/// A subset's answers during one step.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    answers: u64,
+    errors: u64,
+    time: Duration,
+}
+
+impl Tally {
+    fn error_rate(&self) -> f64 {
+        if self.answers == 0 {
+            return 0.0;
+        }
+        self.errors as f64 / self.answers as f64
+    }
+
+    fn mean(&self) -> Option<Duration> {
+        let answers = u32::try_from(self.answers).ok().filter(|n| *n > 0)?;
+        Some(self.time / answers)
+    }
+}
+
+#[derive(Debug)]
+struct Rollout {
+    stable: usize,
+    canary: usize,
+    policy: RolloutPolicy,
+    state: RolloutState,
+    step: usize,
+    step_started: Instant,
+    /// Stable's, then the canary's.
+    tallies: [Tally; 2],
+    decisions: Vec<RolloutDecision>,
+}
+
+impl Rollout {
+    fn new(stable: usize, canary: usize, policy: RolloutPolicy) -> Self {
+        Self {
+            stable,
+            canary,
+            policy,
+            state: RolloutState::Running,
+            step: 0,
+            step_started: Instant::now(),
+            tallies: [Tally::default(); 2],
+            decisions: Vec::new(),
+        }
+    }
+
+    fn canary_weight(&self) -> u32 {
+        match self.state {
+            RolloutState::Running => self.policy.steps[self.step],
+            RolloutState::Completed => 100,
+            RolloutState::RolledBack | RolloutState::Aborted => 0,
+        }
+    }
+
+    fn status(&self) -> RolloutStatus {
+        RolloutStatus {
+            state: self.state,
+            canary_weight: self.canary_weight(),
+            decisions: self.decisions.clone(),
+        }
+    }
+
+    /// Ends a running rollout as `state`; the canary's new weight, or `None` if it had
+    /// ended already.
+    fn end(&mut self, state: RolloutState, reason: impl Into<String>) -> Option<u32> {
+        if self.state != RolloutState::Running {
+            return None;
+        }
+        self.state = state;
+        let canary_weight = self.canary_weight();
+        self.decisions.push(RolloutDecision {
+            canary_weight,
+            reason: reason.into(),
+        });
+        Some(canary_weight)
+    }
+
+    /// Counts an answer of subset `index`; the canary's new weight when it calls for a
+    /// decision.
+    fn observe(&mut self, index: usize, error: bool, took: Duration, now: Instant) -> Option<u32> {
+        if self.state != RolloutState::Running {
+            return None;
+        }
+        let which = match index {
+            i if i == self.stable => 0,
+            i if i == self.canary => 1,
+            _ => return None,
+        };
+        let tally = &mut self.tallies[which];
+        tally.answers += 1;
+        tally.errors += u64::from(error);
+        tally.time += took;
+
+        let [stable, canary] = self.tallies;
+        if canary.answers < self.policy.step_requests {
+            return None;
+        }
+        if canary.error_rate() - stable.error_rate() > self.policy.max_error_rate {
+            let reason = format!(
+                "canary error rate {:.3} against stable {:.3} over {} canary answers: more \
+                 than {:.3} above",
+                canary.error_rate(),
+                stable.error_rate(),
+                canary.answers,
+                self.policy.max_error_rate
+            );
+            return self.end(RolloutState::RolledBack, reason);
+        }
+        if let (Some(slow), Some(base)) = (canary.mean(), stable.mean()) {
+            let ratio = slow.as_secs_f64() / base.as_secs_f64().max(1e-6);
+            let judged = stable.answers >= self.policy.step_requests;
+            if judged && ratio > self.policy.max_latency_ratio {
+                let reason = format!(
+                    "canary mean latency {slow:?} is {ratio:.2} times stable's {base:?}: more \
+                     than {}",
+                    self.policy.max_latency_ratio
+                );
+                return self.end(RolloutState::RolledBack, reason);
+            }
+        }
+        if now.duration_since(self.step_started) < self.policy.step_time {
+            return None;
+        }
+        let reason = format!(
+            "step {}% passed: {} canary answers, error rate {:.3} (stable {:.3})",
+            self.policy.steps[self.step],
+            canary.answers,
+            canary.error_rate(),
+            stable.error_rate()
+        );
+        self.step += 1;
+        if self.step + 1 == self.policy.steps.len() {
+            // The last step is 100%: nothing is left to compare the canary with.
+            return self.end(RolloutState::Completed, reason);
+        }
+        self.step_started = now;
+        self.tallies = [Tally::default(); 2];
+        let canary_weight = self.canary_weight();
+        self.decisions.push(RolloutDecision {
+            canary_weight,
+            reason,
+        });
+        Some(canary_weight)
     }
 }
 
@@ -490,6 +895,103 @@ mod tests {
         // FNV-1a's published test vectors.
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    fn policy() -> RolloutPolicy {
+        RolloutPolicy {
+            steps: vec![10, 50, 100],
+            step_time: Duration::from_secs(10),
+            step_requests: 20,
+            max_error_rate: 0.05,
+            max_latency_ratio: 2.0,
+        }
+    }
+
+    const FAST: Duration = Duration::from_millis(10);
+
+    #[test]
+    fn a_healthy_canary_is_promoted_step_by_step_once_each_step_has_lasted() {
+        let mut rollout = Rollout::new(0, 1, policy());
+        let start = rollout.step_started;
+        for _ in 0..50 {
+            assert_eq!(rollout.observe(1, false, FAST, start), None, "too early");
+            assert_eq!(rollout.observe(0, false, FAST, start), None);
+        }
+        let later = start + Duration::from_secs(11);
+        assert_eq!(rollout.observe(1, false, FAST, later), Some(50));
+        // The next step counts afresh: 20 more canary answers, 10 more seconds.
+        let mut at = later;
+        for _ in 0..19 {
+            at += Duration::from_secs(1);
+            assert_eq!(rollout.observe(1, false, FAST, at), None);
+        }
+        assert_eq!(rollout.observe(1, false, FAST, at), Some(100));
+        assert_eq!(rollout.state, RolloutState::Completed);
+        assert_eq!(
+            rollout.observe(1, true, FAST, at),
+            None,
+            "ended rollouts decide nothing"
+        );
+        assert_eq!(rollout.status().decisions.len(), 2);
+    }
+
+    #[test]
+    fn a_failing_canary_is_rolled_back_once_it_has_enough_answers() {
+        let mut rollout = Rollout::new(0, 1, policy());
+        let now = rollout.step_started;
+        for i in 0..19 {
+            assert_eq!(
+                rollout.observe(1, i % 5 == 0, FAST, now),
+                None,
+                "judged too early"
+            );
+        }
+        assert_eq!(rollout.observe(1, false, FAST, now), Some(0));
+        assert_eq!(rollout.state, RolloutState::RolledBack);
+        let reason = &rollout.status().decisions[0].reason;
+        assert!(reason.contains("canary error rate 0.200"), "{reason}");
+
+        // Failing no more than stable does is not a breach.
+        let mut rollout = Rollout::new(0, 1, policy());
+        for i in 0..40 {
+            rollout.observe(0, i % 5 == 0, FAST, now);
+            assert_eq!(rollout.observe(1, i % 5 == 0, FAST, now), None);
+        }
+    }
+
+    #[test]
+    fn a_slow_canary_is_rolled_back() {
+        let mut rollout = Rollout::new(0, 1, policy());
+        let now = rollout.step_started;
+        for _ in 0..20 {
+            rollout.observe(0, false, FAST, now);
+        }
+        for _ in 0..19 {
+            assert_eq!(rollout.observe(1, false, FAST * 3, now), None);
+        }
+        assert_eq!(rollout.observe(1, false, FAST * 3, now), Some(0));
+        let reason = &rollout.status().decisions[0].reason;
+        assert!(reason.contains("3.00 times stable"), "{reason}");
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_followed_is_refused() {
+        for (steps, expected) in [
+            (vec![5, 50], "the last step must be 100"),
+            (vec![50, 25, 100], "steps must rise"),
+            (vec![0, 100], "steps must rise"),
+            (vec![], "the last step must be 100"),
+            (vec![100], "at least one step before 100"),
+        ] {
+            let policy = RolloutPolicy { steps, ..policy() };
+            let error = policy.check().unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        let policy = RolloutPolicy {
+            max_latency_ratio: 0.5,
+            ..policy()
+        };
+        assert!(policy.check().is_err());
     }
 
     #[test]

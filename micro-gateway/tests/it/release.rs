@@ -408,3 +408,119 @@ async fn the_token_subject_keeps_a_user_on_one_subset() {
         [("stable".to_owned(), 0), ("canary".to_owned(), 100)]
     );
 }
+
+/// An instance of `product-service` at `version` that answers 500 to one request in
+/// `fail_one_in` (never, for 0).
+async fn flaky_instance(
+    registry: &MemoryRegistry,
+    id: &str,
+    version: &'static str,
+    fail_one_in: usize,
+) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let app = Router::new().route(
+        "/v1/whoami",
+        get(move || {
+            let count = count.clone();
+            async move {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                if fail_one_in > 0 && n.is_multiple_of(fail_one_in) {
+                    (http::StatusCode::INTERNAL_SERVER_ERROR, version)
+                } else {
+                    (http::StatusCode::OK, version)
+                }
+            }
+        }),
+    );
+    let upstream = serve_counting(app).await;
+    let instance = Instance::new("product-service", id, "127.0.0.1", upstream.addr.port())
+        .with_version(version);
+    registry
+        .register(&Registration::new(instance))
+        .await
+        .unwrap();
+}
+
+fn rollout_release(step_time: &str) -> String {
+    format!(
+        r#"      subsets:
+        - {{name: stable, version: "1.0", weight: 100}}
+        - {{name: canary, version: "2.0", weight: 0}}
+      rollout:
+        stable: stable
+        canary: canary
+        steps: [20, 50, 100]
+        step_time: {step_time}
+        step_requests: 20
+        max_error_rate: 0.05
+        max_latency_ratio: 20"#
+    )
+}
+
+#[tokio::test]
+async fn a_canary_failing_one_request_in_five_is_rolled_back_and_stays_back_across_a_reload() {
+    let registry = MemoryRegistry::new();
+    flaky_instance(&registry, "stable-1", "1.0", 0).await;
+    flaky_instance(&registry, "canary-1", "2.0", 5).await;
+    let resources = resources(&registry);
+    let reloadable = Reloadable::new(
+        config(&rollout_release("1s"))
+            .build_with(&resources)
+            .unwrap(),
+    );
+    let (_host, addr) = gateway(reloadable.clone().into_router()).await;
+
+    let mut failed = 0;
+    let mut canary_after = None;
+    for i in 0..600 {
+        let (status, version, _) = whoami(addr, &[]).await;
+        if status != 200 {
+            failed += 1;
+        }
+        if i >= 500 {
+            *canary_after.get_or_insert(0) += usize::from(version == "2.0");
+        }
+    }
+    // Rolled back after the first step's 20 canary answers: at most their one in five
+    // failed, 4 (and none once rolled back).
+    assert!(failed <= 4, "{failed} user requests failed");
+    assert_eq!(canary_after, Some(0), "the canary still gets requests");
+
+    // A reload with the same rollout keeps it rolled back.
+    reloadable.replace(
+        config(&rollout_release("1s"))
+            .build_with(&resources)
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        let (status, version, _) = whoami(addr, &[]).await;
+        assert_eq!((status, version.as_str()), (200, "1.0"));
+    }
+}
+
+#[tokio::test]
+async fn a_healthy_canary_reaches_all_the_traffic() {
+    let registry = MemoryRegistry::new();
+    flaky_instance(&registry, "stable-1", "1.0", 0).await;
+    flaky_instance(&registry, "canary-1", "2.0", 0).await;
+    let built = config(&rollout_release("200ms"))
+        .build_with(&resources(&registry))
+        .unwrap();
+    let (_host, addr) = gateway(built.into_router()).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last_canary_run = 0;
+    while last_canary_run < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the canary never reached 100%"
+        );
+        let (status, version, _) = whoami(addr, &[]).await;
+        assert_eq!(status, 200);
+        last_canary_run = if version == "2.0" {
+            last_canary_run + 1
+        } else {
+            0
+        };
+    }
+}
