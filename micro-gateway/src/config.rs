@@ -934,8 +934,17 @@ impl DeclarativeConfig {
                         format!("no service is named `{}`", leg.service),
                     )
                 })?;
-                let mut built = Leg::new(&leg.name, &leg.path, proxy_of(service_index)?.boxed())
-                    .optional(leg.optional);
+                // A leg goes through the plugins of the service it calls (its JWT, IP
+                // rules and limits), so a composition can't reach a service around them.
+                let service = &self.services[service_index];
+                let through = with_plugins(
+                    proxy_of(service_index)?.boxed(),
+                    &[],
+                    Some((&format!("services[{service_index}]"), &service.plugins)),
+                    (&leg_place, &[]),
+                    &self.consumers,
+                )?;
+                let mut built = Leg::new(&leg.name, &leg.path, through).optional(leg.optional);
                 if let Some(timeout) = leg.timeout {
                     built = built.timeout(timeout);
                 }
