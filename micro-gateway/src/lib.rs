@@ -78,6 +78,7 @@
 pub mod compose;
 pub mod config;
 pub mod error;
+mod forwarded;
 pub mod gateway;
 pub mod path;
 pub mod plugins;

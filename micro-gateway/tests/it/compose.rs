@@ -215,7 +215,10 @@ compositions:
       - {{ name: maybe, service: payments, path: "/payments/{{id}}", optional: true }}
 "#
     );
-    let built = DeclarativeConfig::from_yaml(&yaml).unwrap().build().unwrap();
+    let built = DeclarativeConfig::from_yaml(&yaml)
+        .unwrap()
+        .build()
+        .unwrap();
     let (_host, addr) = gateway(built.into_router()).await;
 
     // The service's own route refuses this client...
