@@ -35,7 +35,8 @@
 //!     .create_timeout(Some(Duration::from_secs(2)))
 //!     .build()?;
 //! let outbox = PgOutbox::new("orders.outbox")?;
-//! outbox.create_table(&pool.get().await?).await?;
+//! let client = pool.get().await?;
+//! outbox.create_table(&client).await?;
 //! # Ok(())
 //! # }
 //! ```
