@@ -326,18 +326,18 @@ async fn postgres_order_storage(
     url: &str,
 ) -> anyhow::Result<(Ledger, Arc<dyn SagaLog>)> {
     let prefix = &config.postgres_schema;
+    // One pool for the orders, their outbox and relay, and the saga log: one readiness
+    // check covers them all.
+    let pool = crate::store::postgres::pool(url, "order-service")?;
     let ledger = Ledger::postgres(
-        url,
+        pool.clone(),
         &format!("{prefix}_orders"),
         infra.order_publisher(),
         config.order_events(),
     )
     .await?;
-    let client = crate::store::postgres::connect(url).await?;
-    let sagas = micro_saga::log::PostgresSagaLog::with_schema(
-        Arc::new(client),
-        format!("{prefix}_order_sagas"),
-    )?;
+    let sagas =
+        micro_saga::log::PostgresSagaLog::with_schema(pool, format!("{prefix}_order_sagas"))?;
     sagas.install().await?;
     Ok((ledger, Arc::new(sagas)))
 }

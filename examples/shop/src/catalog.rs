@@ -47,7 +47,7 @@ pub struct Catalog {
 /// A `products` table in PostgreSQL.
 #[cfg(feature = "real-servers")]
 struct PgCatalog {
-    client: tokio_postgres::Client,
+    pool: micro_events::postgres::Pool,
     schema: String,
 }
 
@@ -78,7 +78,8 @@ impl Catalog {
     /// When PostgreSQL cannot be reached or the schema is not a plain name.
     #[cfg(feature = "real-servers")]
     pub async fn in_postgres(url: &str, schema: &str, seed: &Catalog) -> anyhow::Result<Self> {
-        let client = crate::store::postgres::connect_to_schema(url, schema).await?;
+        let pool = crate::store::postgres::pool_with_schema(url, schema, "product-service").await?;
+        let client = pool.get().await?;
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.products (
@@ -101,7 +102,7 @@ impl Catalog {
         Ok(Self {
             products: seed.products.clone(),
             postgres: Some(Arc::new(PgCatalog {
-                client,
+                pool,
                 schema: schema.to_owned(),
             })),
         })
@@ -119,8 +120,8 @@ impl Catalog {
             let s = &pg.schema;
             let filter = "$1::text IS NULL OR strpos(lower(doc->>'name'), $1) > 0 \
                           OR strpos(lower(doc->>'description'), $1) > 0";
-            let total: i64 = pg
-                .client
+            let client = pg.pool.get().await?;
+            let total: i64 = client
                 .query_one(
                     &format!("SELECT count(*) FROM {s}.products WHERE {filter}"),
                     &[&needle],
@@ -131,8 +132,7 @@ impl Catalog {
                 i64::try_from(per_page)?,
                 i64::try_from((page - 1) * per_page)?,
             );
-            let rows = pg
-                .client
+            let rows = client
                 .query(
                     &format!(
                         "SELECT doc FROM {s}.products WHERE {filter} ORDER BY id LIMIT $2 OFFSET $3"
@@ -168,7 +168,9 @@ impl Catalog {
         #[cfg(feature = "real-servers")]
         if let Some(pg) = &self.postgres {
             let row = pg
-                .client
+                .pool
+                .get()
+                .await?
                 .query_opt(
                     &format!("SELECT doc FROM {}.products WHERE id = $1", pg.schema),
                     &[&id],
@@ -395,7 +397,8 @@ impl Service for Catalog {
 
     fn health_checks(&self) -> Vec<HealthCheck> {
         let products = self.products.clone();
-        vec![HealthCheck::new("catalog", move || {
+        #[cfg_attr(not(feature = "real-servers"), allow(unused_mut))]
+        let mut checks = vec![HealthCheck::new("catalog", move || {
             let loaded = !products.is_empty();
             async move {
                 if loaded {
@@ -404,7 +407,12 @@ impl Service for Catalog {
                     Err("the catalog is empty".into())
                 }
             }
-        })]
+        })];
+        #[cfg(feature = "real-servers")]
+        if let Some(pg) = &self.postgres {
+            checks.push(crate::store::postgres::health_check(&pg.pool));
+        }
+        checks
     }
 }
 
@@ -501,7 +509,10 @@ mod tests {
         );
         assert!(pg.get("SKU-9").await.unwrap().is_none());
         let pg = pg.postgres.unwrap();
-        pg.client
+        pg.pool
+            .get()
+            .await
+            .unwrap()
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await
             .unwrap();

@@ -743,6 +743,13 @@ impl Orders {
         let index = format!("{user}/{key}");
         let ledger = &self.inner.ledger;
         if let Some(order) = ledger.by_key(&index).await? {
+            // A try whose saga did not start (its log was unreachable, answered 503)
+            // starts it now; a saga that exists is left as it is.
+            if order.status == OrderStatus::Pending {
+                if let Some(checkout) = ledger.checkout(&order.id).await? {
+                    self.start_saga(checkout).await?;
+                }
+            }
             return Ok(order);
         }
         let cart: CartView = self
@@ -1133,6 +1140,10 @@ impl Service for Orders {
             .route("/orders/{id}", get(show))
             .route("/orders/{id}/cancel", post(cancel))
             .with_state(self.clone())
+    }
+
+    fn health_checks(&self) -> Vec<micro_core::health::HealthCheck> {
+        self.inner.ledger.health_checks()
     }
 
     async fn start(&self) -> Result<(), BoxError> {

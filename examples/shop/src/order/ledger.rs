@@ -98,24 +98,33 @@ impl Ledger {
         }
     }
 
-    /// Orders in PostgreSQL at `url`, in `schema` (created if missing); the relay
-    /// publishes events to `topic` with `publisher`.
+    /// Orders in PostgreSQL on connections of `pool`, in `schema` (created if
+    /// missing); the relay publishes events to `topic` with `publisher`.
     ///
     /// # Errors
     ///
     /// When PostgreSQL cannot be reached or the schema is not a plain lowercase name.
     #[cfg(feature = "real-servers")]
     pub async fn postgres(
-        url: &str,
+        pool: micro_events::postgres::Pool,
         schema: &str,
         publisher: Arc<dyn micro_events::Publisher>,
         topic: String,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             backend: Arc::new(Backend::Postgres(Box::new(
-                postgres::PgLedger::connect(url, schema, publisher, topic).await?,
+                postgres::PgLedger::new(pool, schema, publisher, topic).await?,
             ))),
         })
+    }
+
+    /// What readiness checks: that PostgreSQL can be reached, for orders kept there.
+    pub fn health_checks(&self) -> Vec<micro_core::health::HealthCheck> {
+        match &*self.backend {
+            Backend::Embedded { .. } => Vec::new(),
+            #[cfg(feature = "real-servers")]
+            Backend::Postgres(pg) => vec![crate::store::postgres::health_check(&pg.pool)],
+        }
     }
 
     /// The order with this id.
@@ -324,24 +333,19 @@ mod postgres {
     use std::sync::Arc;
 
     use anyhow::Context as _;
-    use micro_events::postgres::PgOutbox;
+    use micro_events::postgres::{PgOutbox, Pool};
     use micro_events::Publisher;
     use serde_json::Value;
-    use tokio::sync::Mutex;
-    use tokio_postgres::Client;
 
     use super::Pending;
     use crate::order::{Checkout, Order};
-    use crate::store::postgres::{connect, connect_to_schema};
 
     /// Orders in PostgreSQL: a table of documents with their idempotency index, and
-    /// micro-events' outbox in the same schema.
+    /// micro-events' outbox in the same schema. Each read and each transaction takes a
+    /// connection of the pool.
     pub(super) struct PgLedger {
-        url: String,
+        pub(super) pool: Pool,
         schema: String,
-        /// Writes take turns on one connection; transactions need it to themselves.
-        writer: Mutex<Client>,
-        reader: Client,
         outbox: PgOutbox,
         publisher: Arc<dyn Publisher>,
         topic: String,
@@ -361,17 +365,21 @@ mod postgres {
     }
 
     impl PgLedger {
-        pub(super) async fn connect(
-            url: &str,
+        pub(super) async fn new(
+            pool: Pool,
             schema: &str,
             publisher: Arc<dyn Publisher>,
             topic: String,
         ) -> anyhow::Result<Self> {
-            let writer = connect_to_schema(url, schema).await?;
-            let reader = connect(url).await?;
-            writer
+            anyhow::ensure!(
+                crate::store::postgres::plain(schema),
+                "`{schema}` is not a plain lowercase schema name"
+            );
+            let client = pool.get().await.context("connecting to PostgreSQL")?;
+            client
                 .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS {schema}.orders (
+                    "CREATE SCHEMA IF NOT EXISTS {schema};
+                     CREATE TABLE IF NOT EXISTS {schema}.orders (
                          id text PRIMARY KEY,
                          user_id text NOT NULL,
                          idempotency text NOT NULL UNIQUE,
@@ -382,12 +390,11 @@ mod postgres {
                 ))
                 .await?;
             let outbox = PgOutbox::new(&format!("{schema}.outbox"))?;
-            outbox.create_table(&writer).await?;
+            outbox.create_table(&client).await?;
+            drop(client);
             Ok(Self {
-                url: url.to_owned(),
+                pool,
                 schema: schema.to_owned(),
-                writer: Mutex::new(writer),
-                reader,
                 outbox,
                 publisher,
                 topic,
@@ -397,7 +404,9 @@ mod postgres {
         pub(super) async fn order(&self, id: &str) -> anyhow::Result<Option<Order>> {
             let s = &self.schema;
             let row = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query_opt(&format!("SELECT doc FROM {s}.orders WHERE id = $1"), &[&id])
                 .await?;
             row.map(|r| doc(r.get(0))).transpose()
@@ -406,7 +415,9 @@ mod postgres {
         pub(super) async fn all(&self) -> anyhow::Result<Vec<Order>> {
             let s = &self.schema;
             let rows = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query(
                     &format!("SELECT doc FROM {s}.orders ORDER BY created_at"),
                     &[],
@@ -418,7 +429,9 @@ mod postgres {
         pub(super) async fn by_key(&self, index: &str) -> anyhow::Result<Option<Order>> {
             let s = &self.schema;
             let row = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query_opt(
                     &format!("SELECT doc FROM {s}.orders WHERE idempotency = $1"),
                     &[&index],
@@ -430,7 +443,9 @@ mod postgres {
         pub(super) async fn checkout(&self, id: &str) -> anyhow::Result<Option<Checkout>> {
             let s = &self.schema;
             let row = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query_opt(
                     &format!("SELECT checkout FROM {s}.orders WHERE id = $1"),
                     &[&id],
@@ -460,8 +475,8 @@ mod postgres {
             events: Vec<Pending>,
         ) -> anyhow::Result<(Order, bool)> {
             let s = &self.schema;
-            let mut writer = self.writer.lock().await;
-            let tx = writer.transaction().await?;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
             let inserted = tx
                 .execute(
                     &format!(
@@ -499,8 +514,8 @@ mod postgres {
             change: impl FnOnce(&mut Order) -> Option<Vec<Pending>>,
         ) -> anyhow::Result<Option<Order>> {
             let s = &self.schema;
-            let mut writer = self.writer.lock().await;
-            let tx = writer.transaction().await?;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
             let Some(row) = tx
                 .query_opt(
                     &format!("SELECT doc FROM {s}.orders WHERE id = $1 FOR UPDATE"),
@@ -529,31 +544,25 @@ mod postgres {
             id: String,
             event: crate::events::OrderEvent,
         ) -> anyhow::Result<()> {
-            let mut writer = self.writer.lock().await;
-            let tx = writer.transaction().await?;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
             self.write_events(&tx, vec![(id, event)]).await?;
             tx.commit().await?;
             Ok(())
         }
 
         pub(super) async fn undelivered(&self) -> anyhow::Result<usize> {
-            Ok(usize::try_from(self.outbox.unsent(&self.reader).await?)?)
+            let client = self.pool.get().await?;
+            Ok(usize::try_from(self.outbox.unsent(&client).await?)?)
         }
 
-        /// micro-events' relay on a connection of its own: claims unsent rows with
-        /// `FOR UPDATE SKIP LOCKED`, so several order processes can each run one.
+        /// micro-events' relay on connections of the pool: claims unsent rows with
+        /// `FOR UPDATE SKIP LOCKED`, so several order processes can each run one. A lost
+        /// connection fails one round, and the relay goes on with a new one.
         pub(super) async fn relay(&self) {
-            loop {
-                match connect(&self.url).await {
-                    Ok(client) => {
-                        let relay = self.outbox.relay(client, self.publisher.clone());
-                        if let Err(error) = relay.run(std::future::pending::<()>()).await {
-                            tracing::error!(%error, "the outbox relay stopped");
-                        }
-                    }
-                    Err(error) => tracing::error!(%error, "the outbox relay cannot connect"),
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let relay = self.outbox.relay(self.pool.clone(), self.publisher.clone());
+            if let Err(error) = relay.run(std::future::pending::<()>()).await {
+                tracing::error!(%error, "the outbox relay stopped");
             }
         }
     }

@@ -3,5 +3,7 @@
 mod manifests;
 #[cfg(feature = "real-servers")]
 mod multiprocess;
+#[cfg(feature = "real-servers")]
+mod postgres_outage;
 mod restart;
 mod support;
