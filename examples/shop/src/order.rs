@@ -660,6 +660,10 @@ fn order_saga(participants: &Participants) -> micro_saga::Result<SagaDefinition<
             with(p, Participants::reserve),
             with(p, Participants::release_reservation),
         )
+        // Past the pivot the order is kept: a step that can't tell (a call or a write of
+        // our own that failed for now, a database blip) is retried until it can, never
+        // turned into an order that needs attention.
+        .policy(calls().max_backoff(Duration::from_secs(2)).until_done())
         .pivot("confirm-order", with(p, Participants::confirm))
         .final_step("notify", with(p, Participants::notify))
         .build()
@@ -925,9 +929,26 @@ impl Orders {
             _ => Vec::new(),
         };
         let ledger = &self.inner.ledger;
-        match ledger.transition(order_id, to, &reason, None, events).await {
-            Ok(moved) => moved.warn_if_refused(order_id),
-            Err(error) => tracing::error!(%error, order_id, "the order's outcome was not recorded"),
+        // Written until it is: an outcome left unwritten would leave the order PENDING
+        // (or CANCELLING) for good while its saga has ended.
+        let backoff =
+            micro_core::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 0.. {
+            match ledger
+                .transition(order_id, to, &reason, None, &events)
+                .await
+            {
+                Ok(moved) => return moved.warn_if_refused(order_id),
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        order_id,
+                        attempt,
+                        "the order's outcome was not recorded yet"
+                    );
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                }
+            }
         }
     }
 
