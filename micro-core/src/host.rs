@@ -826,7 +826,11 @@ fn app(
         .route("/health/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .with_state(ops);
-    let (ops, admin_routes) = if admin { (None, Some(ops)) } else { (Some(ops), None) };
+    let (ops, admin_routes) = if admin {
+        (None, Some(ops))
+    } else {
+        (Some(ops), None)
+    };
     let routes = HostRoutes {
         ops,
         grpc,

@@ -28,7 +28,9 @@ pub const SERVICE: &str = "shop.product.v1.ProductService";
 /// The product service's gRPC services, for [`micro_core::service::Service::grpc`].
 pub fn services(catalog: Catalog) -> GrpcServices {
     GrpcServices::new()
-        .add_service(pb::product_service_server::ProductServiceServer::new(Products(catalog)))
+        .add_service(pb::product_service_server::ProductServiceServer::new(
+            Products(catalog),
+        ))
         .file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
 }
 
@@ -104,7 +106,11 @@ impl pb::product_service_server::ProductService for Products {
                 "page starts at 1 and per_page is between 1 and 100",
             ));
         }
-        let (items, total) = self.0.find(None, page, per_page).await.map_err(unavailable)?;
+        let (items, total) = self
+            .0
+            .find(None, page, per_page)
+            .await
+            .map_err(unavailable)?;
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Ok(Response::new(pb::ListProductsResponse {
             items: items.into_iter().map(Into::into).collect(),

@@ -365,7 +365,9 @@ impl GrpcChannelBuilder {
         caller: impl Into<Arc<str>>,
         audience: impl Into<Arc<str>>,
     ) -> Self {
-        self.layer(crate::identity::SignCallerLayer::new(keys, caller, audience))
+        self.layer(crate::identity::SignCallerLayer::new(
+            keys, caller, audience,
+        ))
     }
 
     /// Verifies servers and shows a client certificate as `tls` says, for an `https`
@@ -468,9 +470,8 @@ impl Service<GrpcRequest> for Transport {
             parts.headers.insert(GRPC_TIMEOUT, format_timeout(attempt));
         }
         let Some(body) = body.take() else {
-            let error = CallError::invalid(Status::internal(
-                "a streaming request can't be sent twice",
-            ));
+            let error =
+                CallError::invalid(Status::internal("a streaming request can't be sent twice"));
             return Box::pin(async move { Err(error.into()) });
         };
         let exchange = self.client.request(Request::from_parts(parts, body));
@@ -571,9 +572,9 @@ where
             return Poll::Ready(None);
         }
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|frame| {
-                frame.map_err(|err| Status::from_error(err.into()))
-            }));
+            return Poll::Ready(
+                frame.map(|frame| frame.map_err(|err| Status::from_error(err.into()))),
+            );
         }
         ready!(this.sleep.poll(cx));
         *this.expired = true;

@@ -135,7 +135,9 @@ where
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         let code = match &frame {
-            Some(Ok(frame)) => frame.trailers_ref().map(|trailers| code_in(trailers).unwrap_or(Code::Unknown)),
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|trailers| code_in(trailers).unwrap_or(Code::Unknown)),
             Some(Err(_)) => Some(Code::Internal),
             None => Some(this.head_code.unwrap_or(Code::Unknown)),
         };

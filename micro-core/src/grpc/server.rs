@@ -53,9 +53,10 @@ impl GrpcApp {
         let v1alpha = reflection().build_v1alpha()?;
         let health = HealthServer::new(HostHealth::new(
             probe,
-            names.iter().map(|name| (*name).to_owned()).chain([
-                HealthServer::<HostHealth>::NAME.to_owned(),
-            ]),
+            names
+                .iter()
+                .map(|name| (*name).to_owned())
+                .chain([HealthServer::<HostHealth>::NAME.to_owned()]),
         ));
         let known = names
             .iter()
@@ -72,10 +73,7 @@ impl GrpcApp {
             .route_service(&path_of(named(&v1)), v1)
             .route_service(&path_of(named(&v1alpha)), v1alpha)
             .fallback(unimplemented);
-        Ok(Router::new().fallback_service(GrpcHost {
-            routes,
-            metrics,
-        }))
+        Ok(Router::new().fallback_service(GrpcHost { routes, metrics }))
     }
 }
 
@@ -141,7 +139,9 @@ fn as_grpc(response: Response) -> Response {
         return response;
     }
     let status = response.status();
-    let message = status.canonical_reason().unwrap_or("the request was refused");
+    let message = status
+        .canonical_reason()
+        .unwrap_or("the request was refused");
     Status::new(code_from_http(status), message)
         .into_http::<Body>()
         .into_response()

@@ -143,9 +143,10 @@ pub fn status_from_error(err: &(dyn StdError + 'static)) -> Status {
 }
 
 fn no_retry(status: &mut Status) {
-    status
-        .metadata_mut()
-        .insert(RETRY_PUSHBACK, tonic::metadata::MetadataValue::from_static("-1"));
+    status.metadata_mut().insert(
+        RETRY_PUSHBACK,
+        tonic::metadata::MetadataValue::from_static("-1"),
+    );
 }
 
 /// The nearest error of `err`'s chain that names a status.
@@ -165,9 +166,10 @@ fn known_status(err: &(dyn StdError + 'static)) -> Option<Status> {
         }
         if err.is::<BulkheadFull>() {
             let mut status = Status::resource_exhausted(err.to_string());
-            status
-                .metadata_mut()
-                .insert(RETRY_PUSHBACK, tonic::metadata::MetadataValue::from_static("0"));
+            status.metadata_mut().insert(
+                RETRY_PUSHBACK,
+                tonic::metadata::MetadataValue::from_static("0"),
+            );
             return Some(status);
         }
         if err.is::<Elapsed>() {
@@ -177,7 +179,11 @@ fn known_status(err: &(dyn StdError + 'static)) -> Option<Status> {
             use std::io::ErrorKind::*;
             if matches!(
                 io.kind(),
-                ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | UnexpectedEof
             ) {
                 return Some(Status::unavailable(io.to_string()));
             }
@@ -407,10 +413,14 @@ mod tests {
         assert!(!is_retryable(&Status::deadline_exceeded("late")));
         let mut exhausted = Status::resource_exhausted("slow down");
         assert!(!is_retryable(&exhausted), "no pushback, no retry");
-        exhausted.metadata_mut().insert(RETRY_PUSHBACK, "250".parse().unwrap());
+        exhausted
+            .metadata_mut()
+            .insert(RETRY_PUSHBACK, "250".parse().unwrap());
         assert!(is_retryable(&exhausted));
         let mut refused = Status::unavailable("draining");
-        refused.metadata_mut().insert(RETRY_PUSHBACK, "-1".parse().unwrap());
+        refused
+            .metadata_mut()
+            .insert(RETRY_PUSHBACK, "-1".parse().unwrap());
         assert!(!is_retryable(&refused));
         let boxed: BoxError = Box::new(Status::unavailable("down"));
         assert!(is_retryable(&*boxed));
@@ -421,19 +431,33 @@ mod tests {
         let cases: Vec<(BoxError, Code)> = vec![
             (Box::new(CircuitOpen::new(None)), Code::Unavailable),
             (Box::new(BulkheadFull::new()), Code::ResourceExhausted),
-            (Box::new(Elapsed::new(Duration::from_secs(1))), Code::DeadlineExceeded),
+            (
+                Box::new(Elapsed::new(Duration::from_secs(1))),
+                Code::DeadlineExceeded,
+            ),
             (retryable("the ledger is busy"), Code::Unavailable),
-            (permanent(std::io::Error::from(std::io::ErrorKind::ConnectionReset)), Code::Unavailable),
+            (
+                permanent(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                Code::Unavailable,
+            ),
             ("validation failed".into(), Code::Internal),
-            (Box::new(Status::not_found("no such product")), Code::NotFound),
-            (retryable(Status::already_exists("twice")), Code::AlreadyExists),
+            (
+                Box::new(Status::not_found("no such product")),
+                Code::NotFound,
+            ),
+            (
+                retryable(Status::already_exists("twice")),
+                Code::AlreadyExists,
+            ),
         ];
         for (error, code) in cases {
             let status = status_from_error(&*error);
             assert_eq!(status.code(), code, "{error}");
             assert_eq!(
                 is_retryable(&status),
-                is_retryable(&*error) && code != Code::DeadlineExceeded && code != Code::AlreadyExists,
+                is_retryable(&*error)
+                    && code != Code::DeadlineExceeded
+                    && code != Code::AlreadyExists,
                 "{error} as {status:?}"
             );
         }

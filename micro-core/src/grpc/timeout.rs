@@ -66,7 +66,10 @@ mod tests {
         assert_eq!(parse_timeout("3M"), Some(Duration::from_secs(180)));
         assert_eq!(parse_timeout("250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_timeout("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(parse_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         for bad in ["", "m", "123456789m", "1x", "-1S", "1.5S", " 1S"] {
             assert_eq!(parse_timeout(bad), None, "{bad:?}");
         }

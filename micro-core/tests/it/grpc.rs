@@ -88,7 +88,10 @@ impl Echo {
             return Err(Status::new(code, "queued failure"));
         }
         if request.get_ref().fail_with != 0 {
-            return Err(Status::new(request.get_ref().fail_with.into(), "asked to fail"));
+            return Err(Status::new(
+                request.get_ref().fail_with.into(),
+                "asked to fail",
+            ));
         }
         #[cfg(feature = "identity")]
         let caller = request
@@ -138,17 +141,16 @@ impl tower::Service<http::Request<axum::body::Body>> for Echo {
                         async move {
                             let ask = request.into_inner();
                             let pause = Duration::from_millis(ask.pause_ms);
-                            let stream: CountStream =
-                                futures_util::stream::iter(1..=ask.count)
-                                    .then(move |number| async move {
-                                        tokio::time::sleep(pause).await;
-                                        Ok(pb::Answer {
-                                            name: name.to_owned(),
-                                            number,
-                                            ..Default::default()
-                                        })
+                            let stream: CountStream = futures_util::stream::iter(1..=ask.count)
+                                .then(move |number| async move {
+                                    tokio::time::sleep(pause).await;
+                                    Ok(pb::Answer {
+                                        name: name.to_owned(),
+                                        number,
+                                        ..Default::default()
                                     })
-                                    .boxed();
+                                })
+                                .boxed();
                             Ok::<_, Status>(Response::new(stream))
                         }
                     });
@@ -195,7 +197,10 @@ pub(crate) async fn whoami(
     ask: pb::Ask,
 ) -> Result<Response<pb::Answer>, Status> {
     let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await.map_err(|e| Status::from_error(e.into()))?;
+    client
+        .ready()
+        .await
+        .map_err(Status::from_error)?;
     client
         .unary(
             Request::new(ask),
@@ -211,7 +216,10 @@ async fn count(
     pause_ms: u64,
 ) -> Result<tonic::Streaming<pb::Answer>, Status> {
     let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await.map_err(|e| Status::from_error(e.into()))?;
+    client
+        .ready()
+        .await
+        .map_err(Status::from_error)?;
     let ask = pb::Ask {
         count,
         pause_ms,
@@ -272,7 +280,11 @@ async fn grpc_is_served_beside_http_with_health_reflection_metrics_and_trace() {
         .unwrap()
         .into_inner();
     assert_eq!(answer.name, "one");
-    assert_eq!(answer.trace_id, parent.trace_id().to_string(), "traceparent from the metadata");
+    assert_eq!(
+        answer.trace_id,
+        parent.trace_id().to_string(),
+        "traceparent from the metadata"
+    );
     let failed = whoami(
         grpc.clone(),
         pb::Ask {
@@ -291,9 +303,16 @@ async fn grpc_is_served_beside_http_with_health_reflection_metrics_and_trace() {
     assert_eq!(seen, [1, 2, 3]);
 
     for service in ["", "test.Echo", "grpc.health.v1.Health"] {
-        assert_eq!(health(grpc.clone(), service).await.unwrap(), ServingStatus::Serving, "{service:?}");
+        assert_eq!(
+            health(grpc.clone(), service).await.unwrap(),
+            ServingStatus::Serving,
+            "{service:?}"
+        );
     }
-    assert_eq!(health(grpc.clone(), "test.Nope").await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        health(grpc.clone(), "test.Nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -314,8 +333,14 @@ async fn grpc_is_served_beside_http_with_health_reflection_metrics_and_trace() {
         panic!("no service list");
     };
     let names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
-    assert!(names.contains(&"grpc.reflection.v1.ServerReflection".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.reflection.v1.ServerReflection".to_owned()),
+        "{names:?}"
+    );
 
     let metrics = support::get(addr, "/metrics").await.unwrap().body;
     let handled = |method: &str, code: &str| {
@@ -331,7 +356,9 @@ async fn grpc_is_served_beside_http_with_health_reflection_metrics_and_trace() {
     assert!(handled("Whoami", "NOT_FOUND"), "{metrics}");
     assert!(handled("Count", "OK"), "{metrics}");
     assert!(
-        !metrics.lines().any(|l| l.starts_with("http_server_requests_total") && l.contains("test.Echo")),
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("http_server_requests_total") && l.contains("test.Echo")),
         "gRPC calls are not HTTP routes: {metrics}"
     );
     assert!(metrics.contains(r#"route="/hello""#), "{metrics}");
@@ -379,7 +406,10 @@ async fn health_turns_not_serving_at_shutdown_and_a_stream_in_flight_finishes() 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
     let mut stream = count(grpc.clone(), 5, 300).await.unwrap();
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.number, 1);
@@ -388,8 +418,14 @@ async fn health_turns_not_serving_at_shutdown_and_a_stream_in_flight_finishes() 
     let shutdown = tokio::spawn(running.run_until(std::future::pending()));
     trigger.trigger();
 
-    assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::NotServing);
-    assert!(watch.message().await.unwrap().is_none(), "the watch ends at shutdown");
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    assert!(
+        watch.message().await.unwrap().is_none(),
+        "the watch ends at shutdown"
+    );
     let mut rest = Vec::new();
     while let Some(answer) = stream.message().await.expect("the stream ends with OK") {
         rest.push(answer.number);
@@ -450,9 +486,15 @@ async fn the_channel_retries_only_idempotent_methods_and_maps_errors() {
     assert_eq!(echo.calls.swap(0, Ordering::SeqCst), 1, "no retry");
 
     *echo.failures.lock().unwrap() = vec![Code::InvalidArgument];
-    let failed = whoami(retrying.clone(), pb::Ask::default()).await.unwrap_err();
+    let failed = whoami(retrying.clone(), pb::Ask::default())
+        .await
+        .unwrap_err();
     assert_eq!(failed.code(), Code::InvalidArgument);
-    assert_eq!(echo.calls.swap(0, Ordering::SeqCst), 1, "not a retryable code");
+    assert_eq!(
+        echo.calls.swap(0, Ordering::SeqCst),
+        1,
+        "not a retryable code"
+    );
 
     let mut late = Request::new(pb::Ask {
         count: 3,
@@ -479,7 +521,10 @@ async fn the_channel_retries_only_idempotent_methods_and_maps_errors() {
     running.run_until(std::future::pending()).await;
     let gone = whoami(channel(addr), pb::Ask::default()).await.unwrap_err();
     assert_eq!(gone.code(), Code::Unavailable, "{gone:?}");
-    assert!(micro_core::error::is_retryable(&gone), "never sent: {gone:?}");
+    assert!(
+        micro_core::error::is_retryable(&gone),
+        "never sent: {gone:?}"
+    );
 }
 
 #[cfg(feature = "identity")]

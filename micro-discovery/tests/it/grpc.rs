@@ -105,15 +105,19 @@ where
     assert_eq!(seen.len(), 3, "every instance took calls: {seen:?}");
 
     registry.deregister(SERVICE, "product-1").await.unwrap();
-    eventually(Duration::from_secs(10), "the balancer drops product-1", || {
-        let ids: Vec<String> = client
-            .balancer()
-            .endpoints()
-            .into_iter()
-            .map(|e| e.instance.id)
-            .collect();
-        async move { ids.len() == 2 && !ids.contains(&"product-1".to_owned()) }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the balancer drops product-1",
+        || {
+            let ids: Vec<String> = client
+                .balancer()
+                .endpoints()
+                .into_iter()
+                .map(|e| e.instance.id)
+                .collect();
+            async move { ids.len() == 2 && !ids.contains(&"product-1".to_owned()) }
+        },
+    )
     .await;
     for _ in 0..20 {
         assert_ne!(who(&client).await.unwrap(), "product-1");

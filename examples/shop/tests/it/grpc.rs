@@ -111,12 +111,19 @@ async fn an_independent_grpc_client_gets_the_rest_apis_data_and_carts_price_over
         .build()
         .unwrap();
     let mut get = grpc["get"].clone();
-    assert_eq!(get["display_price"], json!(49.0), "the reference's price field");
+    assert_eq!(
+        get["display_price"],
+        json!(49.0),
+        "the reference's price field"
+    );
     get.as_object_mut().unwrap().remove("display_price");
     let by_rest: Value = rest.get_json("/products/SKU-1002").await.unwrap();
     assert_eq!(get, by_rest);
     assert_eq!(grpc["missing"], "NOT_FOUND");
-    assert_eq!(grpc["anonymous"], "UNAUTHENTICATED", "identity holds for gRPC");
+    assert_eq!(
+        grpc["anonymous"], "UNAUTHENTICATED",
+        "identity holds for gRPC"
+    );
 
     let searched: Value = rest.get_json("/products?q=steel").await.unwrap();
     let mut streamed = grpc["search"].as_array().unwrap().clone();
@@ -125,9 +132,24 @@ async fn an_independent_grpc_client_gets_the_rest_apis_data_and_carts_price_over
     }
     assert_eq!(Value::Array(streamed), searched["items"]);
     let all: Value = rest.get_json("/products?per_page=100").await.unwrap();
-    let ids: Vec<&Value> = all["items"].as_array().unwrap().iter().map(|p| &p["id"]).collect();
-    assert_eq!(grpc["search_all"].as_array().unwrap().iter().collect::<Vec<_>>(), ids);
-    assert_eq!(grpc["batch"], json!({"items": ["SKU-1003"], "missing": ["SKU-9"]}));
+    let ids: Vec<&Value> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["id"])
+        .collect();
+    assert_eq!(
+        grpc["search_all"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(
+        grpc["batch"],
+        json!({"items": ["SKU-1003"], "missing": ["SKU-9"]})
+    );
 
     // The cart prices its lines by asking the product service over gRPC.
     let gateway = HttpClient::builder(&format!("http://{}", shop.gateway()))
@@ -157,7 +179,10 @@ async fn an_independent_grpc_client_gets_the_rest_apis_data_and_carts_price_over
         Some(item),
     )
     .await;
-    assert_eq!((status, &body["error"]["code"]), (404, &json!("product_not_found")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &json!("product_not_found"))
+    );
 
     shop.host.shutdown_trigger().trigger();
     shop.host.run_until(std::future::pending()).await;
