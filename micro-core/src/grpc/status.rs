@@ -43,20 +43,21 @@ impl Retryable for Status {
 
 /// The gRPC code of an HTTP status, as a service answering in HTTP means it: `400`
 /// `INVALID_ARGUMENT`, `401` `UNAUTHENTICATED`, `403` `PERMISSION_DENIED`, `404`
-/// `NOT_FOUND`, `409` `ABORTED`, `412` `FAILED_PRECONDITION`, `429` `RESOURCE_EXHAUSTED`,
+/// `NOT_FOUND`, `409` `ABORTED`, `412` `FAILED_PRECONDITION`, `413` and `429`
+/// `RESOURCE_EXHAUSTED`,
 /// `499` `CANCELLED`, `501` `UNIMPLEMENTED`, `502`/`503` `UNAVAILABLE`, `504`
 /// `DEADLINE_EXCEEDED`, other `4xx` `FAILED_PRECONDITION`, other `5xx` `INTERNAL`; `2xx`
 /// is `OK` and anything else `UNKNOWN`.
 pub fn code_from_http(status: StatusCode) -> Code {
     match status.as_u16() {
         200..=299 => Code::Ok,
-        400 | 413 | 414 | 422 => Code::InvalidArgument,
+        400 | 414 | 422 => Code::InvalidArgument,
+        413 | 429 => Code::ResourceExhausted,
         401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
         404 => Code::NotFound,
         409 => Code::Aborted,
         412 => Code::FailedPrecondition,
-        429 => Code::ResourceExhausted,
         499 => Code::Cancelled,
         501 => Code::Unimplemented,
         502 | 503 => Code::Unavailable,
