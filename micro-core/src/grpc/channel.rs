@@ -59,6 +59,10 @@ enum Kind {
 }
 
 impl CallBody {
+    fn is_buffered(&self) -> bool {
+        matches!(self.0, Kind::Buffered(_))
+    }
+
     fn take(&self) -> Option<Body> {
         match &self.0 {
             Kind::Buffered(bytes) => Some(Body::new(Full::new(bytes.clone()))),
@@ -469,6 +473,7 @@ impl Service<GrpcRequest> for Transport {
         if let Some(attempt) = attempt {
             parts.headers.insert(GRPC_TIMEOUT, format_timeout(attempt));
         }
+        let resendable = body.is_buffered();
         let Some(body) = body.take() else {
             let error =
                 CallError::invalid(Status::internal("a streaming request can't be sent twice"));
@@ -487,7 +492,8 @@ impl Service<GrpcRequest> for Transport {
                 Ok(response) => response,
                 Err(error) => {
                     let sent = !error.is_connect();
-                    return Err(CallError::transport(error.into(), sent, replay_safe).into());
+                    let error = CallError::transport(error.into(), sent, replay_safe, resendable);
+                    return Err(error.into());
                 }
             };
             if let Some(status) = Status::from_header_map(response.headers()) {

@@ -243,7 +243,11 @@ fn clone_status(status: &Status) -> Status {
 #[derive(Debug)]
 pub struct CallError {
     status: Status,
+    /// Whether this channel may send the call again (it is repeatable and its request
+    /// can still be sent).
     retryable: bool,
+    /// Whether sending the same call again is safe, for whoever makes it anew.
+    repeatable: bool,
     instance_failure: bool,
     source: Option<BoxError>,
 }
@@ -259,18 +263,27 @@ impl CallError {
         Self {
             status,
             retryable,
+            repeatable: replay_safe,
             instance_failure,
             source: None,
         }
     }
 
     /// A call that failed on the connection; `sent` says whether the request may have
-    /// reached the server.
-    pub(crate) fn transport(source: BoxError, sent: bool, replay_safe: bool) -> Self {
+    /// reached the server, `resendable` whether its request can be sent again (it was
+    /// buffered).
+    pub(crate) fn transport(
+        source: BoxError,
+        sent: bool,
+        replay_safe: bool,
+        resendable: bool,
+    ) -> Self {
         let status = Status::unavailable(source.to_string());
+        let repeatable = !sent || replay_safe;
         Self {
             status,
-            retryable: !sent || replay_safe,
+            retryable: repeatable && resendable,
+            repeatable,
             instance_failure: true,
             source: Some(source),
         }
@@ -281,6 +294,7 @@ impl CallError {
         Self {
             status: Status::deadline_exceeded(format!("no answer within {after:?}")),
             retryable: replay_safe,
+            repeatable: replay_safe,
             instance_failure: true,
             source: None,
         }
@@ -291,6 +305,7 @@ impl CallError {
         Self {
             status,
             retryable: false,
+            repeatable: false,
             instance_failure: false,
             source: None,
         }
@@ -306,9 +321,17 @@ impl CallError {
         self.status.code()
     }
 
-    /// Whether sending the same call again may succeed and is safe.
+    /// Whether the channel may send the same call again: it is safe, may succeed, and
+    /// its request can still be sent.
     pub fn is_retryable(&self) -> bool {
         self.retryable
+    }
+
+    /// Whether making the same call anew is safe (a call that was never sent, or of an
+    /// idempotent method), whatever this channel can still do; the [`Status`] it becomes
+    /// says so.
+    pub fn is_repeatable(&self) -> bool {
+        self.repeatable
     }
 
     /// Whether the failure says the instance is unwell (it could not be reached, broke
@@ -346,9 +369,9 @@ impl Retryable for CallError {
 
 impl From<CallError> for Status {
     fn from(error: CallError) -> Self {
-        let retryable = error.retryable;
+        let repeatable = error.repeatable;
         let mut status = error.status;
-        if !retryable && status.code() == Code::Unavailable && pushback(&status).is_none() {
+        if !repeatable && status.code() == Code::Unavailable && pushback(&status).is_none() {
             no_retry(&mut status);
         }
         status
@@ -475,10 +498,14 @@ mod tests {
         assert!(!is_retryable(&unsafe_call));
         let status = Status::from(unsafe_call);
         assert!(!is_retryable(&status), "the verdict travels as a pushback");
-        let never_sent = CallError::transport("refused".into(), false, false);
+        let never_sent = CallError::transport("refused".into(), false, false, true);
         assert!(is_retryable(&never_sent));
-        let lost = CallError::transport("reset".into(), true, false);
+        let streamed = CallError::transport("refused".into(), false, false, false);
+        assert!(!is_retryable(&streamed), "its request is gone");
+        assert!(is_retryable(&Status::from(streamed)), "but a new call is safe");
+        let lost = CallError::transport("reset".into(), true, false, true);
         assert!(!is_retryable(&lost));
+        assert!(!is_retryable(&Status::from(lost)));
         let wrapped: BoxError = Box::new(CallError::from_status(Status::not_found("no"), true));
         assert_eq!(status_from_error(&*wrapped).code(), Code::NotFound);
     }
