@@ -69,7 +69,7 @@
 //! [`ResiliencePolicy`](crate::resilience::ResiliencePolicy), the deadline, the trace
 //! context and (with the `identity` feature) the caller's signed identity. Retries are
 //! only made for methods marked [idempotent](GrpcChannelBuilder::idempotent), and only for
-//! retryable outcomes: a call that was never sent, `UNAVAILABLE`, and
+//! retryable outcomes: a refused or lost connection, `UNAVAILABLE`, and
 //! `RESOURCE_EXHAUSTED` when the server sent a retry pushback. micro-discovery's
 //! `GrpcClient` builds one that finds its service by name and balances over its healthy
 //! instances.
