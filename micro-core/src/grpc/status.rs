@@ -502,7 +502,10 @@ mod tests {
         assert!(is_retryable(&never_sent));
         let streamed = CallError::transport("refused".into(), false, false, false);
         assert!(!is_retryable(&streamed), "its request is gone");
-        assert!(is_retryable(&Status::from(streamed)), "but a new call is safe");
+        assert!(
+            is_retryable(&Status::from(streamed)),
+            "but a new call is safe"
+        );
         let lost = CallError::transport("reset".into(), true, false, true);
         assert!(!is_retryable(&lost));
         assert!(!is_retryable(&Status::from(lost)));

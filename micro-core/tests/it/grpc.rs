@@ -197,10 +197,7 @@ pub(crate) async fn whoami(
     ask: pb::Ask,
 ) -> Result<Response<pb::Answer>, Status> {
     let mut client = tonic::client::Grpc::new(channel);
-    client
-        .ready()
-        .await
-        .map_err(Status::from_error)?;
+    client.ready().await.map_err(Status::from_error)?;
     client
         .unary(
             Request::new(ask),
@@ -216,10 +213,7 @@ async fn count(
     pause_ms: u64,
 ) -> Result<tonic::Streaming<pb::Answer>, Status> {
     let mut client = tonic::client::Grpc::new(channel);
-    client
-        .ready()
-        .await
-        .map_err(Status::from_error)?;
+    client.ready().await.map_err(Status::from_error)?;
     let ask = pb::Ask {
         count,
         pause_ms,
