@@ -129,6 +129,17 @@ pub fn code_name(code: Code) -> &'static str {
 /// message is the error's own for the kinds above, and `internal error` otherwise, so no
 /// internals leak to the caller; log the error itself.
 pub fn status_from_error(err: &(dyn StdError + 'static)) -> Status {
+    if let Some(call) = find_call_error(err) {
+        // Its own verdict: whether a new call is safe, which its retry flag (this
+        // channel's) may not say.
+        return Status::from(CallError {
+            status: clone_status(&call.status),
+            retryable: call.retryable,
+            repeatable: call.repeatable,
+            instance_failure: call.instance_failure,
+            source: None,
+        });
+    }
     let retryable = crate::error::is_retryable(err);
     let mut status = known_status(err).unwrap_or_else(|| {
         if retryable {
@@ -148,6 +159,22 @@ fn no_retry(status: &mut Status) {
         RETRY_PUSHBACK,
         tonic::metadata::MetadataValue::from_static("-1"),
     );
+}
+
+/// The nearest [`CallError`] of `err`'s chain, unless a status or a retry marker (whose
+/// verdict wins) comes first.
+fn find_call_error<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a CallError> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(call) = err.downcast_ref::<CallError>() {
+            return Some(call);
+        }
+        if err.is::<Status>() || err.is::<Transient>() || err.is::<Permanent>() {
+            return None;
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// The nearest error of `err`'s chain that names a status.

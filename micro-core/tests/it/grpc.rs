@@ -572,3 +572,37 @@ async fn identity_layers_answer_in_grpc_terms_and_signed_calls_pass() {
     running.shutdown_trigger().trigger();
     running.run_until(std::future::pending()).await;
 }
+
+#[tokio::test]
+async fn a_stream_quieter_than_the_idle_timeout_keeps_its_connection() {
+    let config = HostConfig {
+        listener: micro_core::listener::ListenerConfig::default()
+            .idle_timeout(Duration::from_millis(200)),
+        ..HostConfig::default()
+    };
+    let running = ServiceHost::builder()
+        .config(config)
+        .service(
+            Hosted {
+                echo: Echo::new("one"),
+                layer: None,
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = running.local_addr("echo-service").unwrap();
+
+    let mut stream = count(channel(addr), 3, 500).await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(answer) = stream.message().await.expect("the stream is not cut") {
+        seen.push(answer.number);
+    }
+    assert_eq!(seen, [1, 2, 3]);
+
+    running.shutdown_trigger().trigger();
+    running.run_until(std::future::pending()).await;
+}
