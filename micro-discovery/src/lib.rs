@@ -109,6 +109,7 @@ pub mod host;
 pub mod identity;
 pub mod memory;
 pub mod static_list;
+pub mod subset;
 
 pub use self::cache::CachedDiscover;
 

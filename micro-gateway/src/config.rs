@@ -57,6 +57,7 @@ use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
 use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
 use crate::plugins::transform::{RequestEdits, ResponseEdits, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
+use crate::release::{Split, StickyKey};
 
 type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
@@ -310,6 +311,9 @@ pub struct ServiceSpec {
     /// [`ClientTlsConfig`](micro_core::tls::ClientTlsConfig). Refused for `http` and
     /// `discovery` services.
     pub tls: Option<micro_core::tls::ClientTlsConfig>,
+    /// A `discovery` service's traffic split between versions of its instances (our
+    /// addition): a canary or blue-green release; see [`ReleaseSpec`].
+    pub release: Option<ReleaseSpec>,
     /// The service's routes.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
@@ -319,6 +323,129 @@ pub struct ServiceSpec {
     /// Kong's tags; accepted and ignored.
     #[serde(default)]
     pub tags: Vec<String>,
+}
+
+/// How a `discovery` service's requests are split between versions (our addition), with
+/// the rules of a [`Split`]:
+///
+/// ```yaml
+/// services:
+///   - name: product
+///     discovery: product-service
+///     release:
+///       subsets:                            # stretches of points, in this order
+///         - {name: stable, version: "1.4.0", weight: 95}
+///         - {name: canary, version: "1.5.0", weight: 5}
+///       sticky: subject                     # or {header: x-session}, {cookie: session}
+///       remember: {cookie: micro-subset, lifetime: 1h}
+///       force: {header: x-micro-subset, cookie: micro-subset-force}
+/// ```
+///
+/// A blue-green switch is a reload of the file with the weights swapped (`blue: 0`,
+/// `green: 100`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReleaseSpec {
+    /// The subsets, each the instances that registered one version.
+    pub subsets: Vec<SubsetSpec>,
+    /// What keeps a user on one subset: `subject`, `{header: <name>}` or
+    /// `{cookie: <name>}`.
+    pub sticky: Option<StickySpec>,
+    /// A cookie that remembers each client's subset for a while.
+    pub remember: Option<RememberSpec>,
+    /// A header and/or cookie naming the subset a request must go to.
+    pub force: Option<ForceSpec>,
+}
+
+/// One subset of a [`ReleaseSpec`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SubsetSpec {
+    /// Its name (`stable`, `canary`, `blue`).
+    pub name: String,
+    /// The version its instances registered with.
+    pub version: String,
+    /// Its share of the requests, relative to the others' weights.
+    pub weight: u32,
+}
+
+/// The sticky key of a [`ReleaseSpec`]; see [`StickyKey`]. Written `subject`,
+/// `{header: <name>}` or `{cookie: <name>}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "StickyForm")]
+#[non_exhaustive]
+pub enum StickySpec {
+    /// The verified token's subject.
+    Subject,
+    /// A request header's value.
+    Header(String),
+    /// A request cookie's value.
+    Cookie(String),
+}
+
+/// How a [`StickySpec`] is written.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a sticky key: `subject`, `{header: <name>}` or `{cookie: <name>}`"
+)]
+enum StickyForm {
+    Word(String),
+    Header(ByHeader),
+    Cookie(ByCookie),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByHeader {
+    header: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByCookie {
+    cookie: String,
+}
+
+impl TryFrom<StickyForm> for StickySpec {
+    type Error = String;
+
+    fn try_from(form: StickyForm) -> Result<Self, String> {
+        match form {
+            StickyForm::Word(word) if word == "subject" => Ok(Self::Subject),
+            StickyForm::Word(word) => Err(format!(
+                "`{word}` is not a sticky key: write `subject`, `{{header: <name>}}` or \
+                 `{{cookie: <name>}}`"
+            )),
+            StickyForm::Header(ByHeader { header }) => Ok(Self::Header(header)),
+            StickyForm::Cookie(ByCookie { cookie }) => Ok(Self::Cookie(cookie)),
+        }
+    }
+}
+
+/// The remember cookie of a [`ReleaseSpec`]; see [`SplitBuilder::remember`](crate::release::SplitBuilder::remember).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RememberSpec {
+    /// The cookie's name.
+    pub cookie: String,
+    /// How long a client stays on its subset (`30m`, `1h`).
+    #[serde(with = "micro_core::config::duration")]
+    pub lifetime: Duration,
+}
+
+/// Where a [`ReleaseSpec`] reads a forced subset's name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ForceSpec {
+    /// A request header.
+    pub header: Option<String>,
+    /// A request cookie.
+    pub cookie: Option<String>,
 }
 
 /// A route: what it matches and how it changes the path.
@@ -680,18 +807,25 @@ impl DeclarativeConfig {
             .iter()
             .enumerate()
             .map(|(index, service)| {
-                proxy(service, resources, &self.trusted_ips)
-                    .map_err(|reason| ConfigError::at(format!("services[{index}]"), reason))
+                let place = format!("services[{index}]");
+                match &service.release {
+                    None => proxy(service, resources, &self.trusted_ips)
+                        .map(Upstreams::One)
+                        .map_err(|reason| ConfigError::at(place, reason)),
+                    Some(release) => split(service, release, resources, &self.trusted_ips, &place)
+                        .map(Upstreams::Split),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let proxy_of = |index: usize| -> Result<Proxy, ConfigError> { Ok(proxies[index].clone()) };
+        let proxy_of =
+            |index: usize| -> Result<Upstreams, ConfigError> { Ok(proxies[index].clone()) };
 
         for (place, route, service_index) in routes {
             let service = &self.services[service_index];
             let service_place = format!("services[{service_index}]");
             let proxy = proxy_of(service_index)?.with_preserve_host(route.preserve_host);
             let stack = with_plugins(
-                BoxCloneSyncService::new(proxy),
+                proxy.boxed(),
                 &global,
                 Some((&service_place, &service.plugins)),
                 (&place, &route.plugins),
@@ -741,8 +875,8 @@ impl DeclarativeConfig {
                         format!("no service is named `{}`", leg.service),
                     )
                 })?;
-                let mut built =
-                    Leg::new(&leg.name, &leg.path, proxy_of(service_index)?).optional(leg.optional);
+                let mut built = Leg::new(&leg.name, &leg.path, proxy_of(service_index)?.boxed())
+                    .optional(leg.optional);
                 if let Some(timeout) = leg.timeout {
                     built = built.timeout(timeout);
                 }
@@ -845,6 +979,104 @@ fn with_plugins(
         stack = plugin.wrap(stack);
     }
     Ok(stack)
+}
+
+/// Where a service's requests go: one proxy, or a split between versions.
+#[derive(Clone)]
+enum Upstreams {
+    One(Proxy),
+    Split(Split),
+}
+
+impl Upstreams {
+    fn with_preserve_host(self, preserve: bool) -> Self {
+        match self {
+            Self::One(proxy) => Self::One(proxy.with_preserve_host(preserve)),
+            Self::Split(split) => Self::Split(split.with_preserve_host(preserve)),
+        }
+    }
+
+    fn boxed(self) -> RouteService {
+        match self {
+            Self::One(proxy) => BoxCloneSyncService::new(proxy),
+            Self::Split(split) => BoxCloneSyncService::new(split),
+        }
+    }
+}
+
+/// The split of a `discovery` service between its versions' instances, one discovered
+/// proxy per subset.
+fn split(
+    service: &ServiceSpec,
+    release: &ReleaseSpec,
+    resources: &Resources,
+    trusted_ips: &[ipnet::IpNet],
+    place: &str,
+) -> Result<Split, ConfigError> {
+    let at =
+        |field: &str, reason: String| ConfigError::at(format!("{place}.release{field}"), reason);
+    let Some(name) = &service.discovery else {
+        return Err(at(
+            "",
+            "`release` splits a service's instances by version: it needs `discovery`".to_owned(),
+        ));
+    };
+    let mut builder = Split::builder(name.as_str());
+    for (index, subset) in release.subsets.iter().enumerate() {
+        // The service itself is checked (and its proxy built) the usual way, once per
+        // subset, over that version's instances only.
+        let discover = resources.discover.clone().map(|all| {
+            Arc::new(micro_discovery::subset::VersionSubset::new(
+                all,
+                subset.version.as_str(),
+            )) as Arc<dyn Discover>
+        });
+        let resources = Resources {
+            discover,
+            ..resources.clone()
+        };
+        let proxy = proxy(service, &resources, trusted_ips)
+            .map_err(|reason| ConfigError::at(place, reason))?;
+        if subset.name.is_empty() {
+            return Err(at(
+                &format!(".subsets[{index}].name"),
+                "a subset needs a name".to_owned(),
+            ));
+        }
+        builder = builder.subset(subset.name.as_str(), proxy, subset.weight);
+    }
+    match &release.sticky {
+        None => {}
+        Some(StickySpec::Subject) => builder = builder.sticky(StickyKey::Subject),
+        Some(StickySpec::Header(header)) => {
+            let header = http::HeaderName::try_from(header.as_str())
+                .map_err(|_| at(".sticky.header", format!("`{header}` is not a header name")))?;
+            builder = builder.sticky(StickyKey::Header(header));
+        }
+        Some(StickySpec::Cookie(cookie)) => {
+            builder = builder.sticky(StickyKey::Cookie(cookie.clone()));
+        }
+    }
+    if let Some(remember) = &release.remember {
+        builder = builder.remember(remember.cookie.as_str(), remember.lifetime);
+    }
+    if let Some(force) = &release.force {
+        if let Some(header) = &force.header {
+            let name = http::HeaderName::try_from(header.as_str())
+                .map_err(|_| at(".force.header", format!("`{header}` is not a header name")))?;
+            builder = builder.force_header(name);
+        }
+        if let Some(cookie) = &force.cookie {
+            builder = builder.force_cookie(cookie.as_str());
+        }
+    }
+    builder.build().map_err(|error| {
+        let field = match &error {
+            crate::release::SplitError::CookieName(_) => "",
+            _ => ".subsets",
+        };
+        at(field, error.to_string())
+    })
 }
 
 /// The proxy to a service: its fixed URL, or its instances in discovery.

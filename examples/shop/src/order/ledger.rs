@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{Checkout, Order, OrderStatus};
+use super::{Checkout, IllegalTransition, Order, OrderStatus};
 use crate::events::{EventSink, OrderEvent};
 use crate::store::{Store, Tx};
 
@@ -22,6 +22,33 @@ const META: &str = "meta";
 /// An event to write, with the seed of its id (so that writing it again after a crash
 /// gives the same id, which consumers drop).
 pub(super) type Pending = (String, OrderEvent);
+
+/// What came of [`Ledger::transition`].
+#[derive(Debug)]
+pub enum Transitioned {
+    /// The order moved; here it is, moved.
+    Moved(Order),
+    /// It was there already: nothing was written.
+    Already(Order),
+    /// The status machine forbids the move: nothing was written.
+    Refused(Order, IllegalTransition),
+    /// There is no such order.
+    Missing,
+}
+
+impl Transitioned {
+    /// Logs a refused move or a missing order, which a caller that cannot do more
+    /// about it only reports.
+    pub fn warn_if_refused(&self, order_id: &str) {
+        match self {
+            Transitioned::Refused(_, error) => {
+                tracing::warn!(order_id, %error, "status change refused")
+            }
+            Transitioned::Missing => tracing::warn!(order_id, "status change of a missing order"),
+            Transitioned::Moved(_) | Transitioned::Already(_) => {}
+        }
+    }
+}
 
 /// The order store with its outbox.
 #[derive(Clone)]
@@ -166,8 +193,9 @@ impl Ledger {
     }
 
     /// Applies `change` to the order, writing the order and the events it returns
-    /// together. A change that returns `None` writes nothing.
-    pub async fn update(
+    /// together. A change that returns `None` writes nothing. Only
+    /// [`transition`](Self::transition) changes orders.
+    async fn update(
         &self,
         order_id: &str,
         change: impl FnOnce(&mut Order) -> Option<Vec<Pending>>,
@@ -191,31 +219,43 @@ impl Ledger {
         Ok(written)
     }
 
-    /// Moves the order to `to` with its event, unless it is there already (a step run
-    /// again after a crash) or the move is illegal (logged).
-    pub async fn moved(
+    /// Moves the order to `to` for `reason`, the one place where an order's status is
+    /// written: the move is checked by the status machine ([`Order::transition`]), and
+    /// the order, the `payment_id` it records (when given) and the events `events`
+    /// makes of the moved order are written in one transaction. An order already at
+    /// `to` (a step run again after a crash) or whose move is illegal is left as it is.
+    pub async fn transition(
         &self,
         order_id: &str,
         to: OrderStatus,
         reason: &str,
-        event: Option<Pending>,
         payment_id: Option<&str>,
-    ) -> anyhow::Result<()> {
-        self.update(order_id, |order| {
-            if order.status == to {
-                return None;
-            }
-            if let Err(error) = order.transition(to, reason) {
-                tracing::warn!(order_id, %error, "status change refused");
-                return None;
-            }
-            if let Some(id) = payment_id {
-                order.payment_id = Some(id.to_owned());
-            }
-            Some(event.into_iter().collect())
+        events: impl FnOnce(&Order) -> Vec<Pending>,
+    ) -> anyhow::Result<Transitioned> {
+        let mut refused = None;
+        let mut already = false;
+        let order = self
+            .update(order_id, |order| {
+                if order.status == to {
+                    already = true;
+                    return None;
+                }
+                if let Err(illegal) = order.transition(to, reason) {
+                    refused = Some(illegal);
+                    return None;
+                }
+                if let Some(id) = payment_id {
+                    order.payment_id = Some(id.to_owned());
+                }
+                Some(events(order))
+            })
+            .await?;
+        Ok(match (order, refused) {
+            (None, _) => Transitioned::Missing,
+            (Some(order), Some(illegal)) => Transitioned::Refused(order, illegal),
+            (Some(order), None) if already => Transitioned::Already(order),
+            (Some(order), None) => Transitioned::Moved(order),
         })
-        .await?;
-        Ok(())
     }
 
     /// Writes one event.
