@@ -10,11 +10,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use micro_core::client::HttpClient;
+use micro_core::grpc::GrpcChannel;
 use micro_core::host::{HostConfig, RunningHost, ServiceHost, ServiceHostBuilder};
 use micro_core::identity::KeyRing;
+use micro_core::resilience::{ResiliencePolicy, RetryConfig};
 use micro_core::service::Service;
 use micro_core::telemetry::TelemetryConfig;
 use micro_discovery::client::ServiceClient;
+use micro_discovery::grpc::GrpcClient;
 use micro_discovery::host::ServiceHostBuilderExt;
 use micro_discovery::identity::ProvenOnly;
 use micro_discovery::memory::MemoryRegistry;
@@ -428,6 +431,19 @@ fn client(infra: &Infra, from: &str, to: &str) -> anyhow::Result<HttpClient> {
         .into_http())
 }
 
+/// A gRPC channel to the service `to` found in discovery, signing each call as `from`;
+/// the product service's reads are idempotent, so they are retried on another instance.
+fn grpc_client(infra: &Infra, from: &str, to: &str) -> anyhow::Result<GrpcChannel> {
+    let client = GrpcClient::builder(infra.discover.clone(), to)
+        .idempotent(crate::product_grpc::SERVICE)
+        .policy(ResiliencePolicy::new().retry(RetryConfig::new().max_attempts(3)))
+        .timeout(Duration::from_secs(5))
+        .sign_as(infra.keys.clone(), from)
+        .build()
+        .map_err(|error| anyhow::anyhow!("the grpc client of {to}: {error}"))?;
+    Ok(client.channel())
+}
+
 /// Where the services find each other and send their events.
 struct Infra {
     keys: KeyRing,
@@ -579,7 +595,7 @@ async fn add(
             };
             let carts = Carts::new(
                 carts_store,
-                client(infra, "cart-service", "product-service")?,
+                grpc_client(infra, "cart-service", "product-service")?,
             );
             hosted(builder, infra, config, carts, listen.cart).await?
         }

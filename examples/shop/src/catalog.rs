@@ -109,7 +109,7 @@ impl Catalog {
     }
 
     /// The products matching `needle` (lowercase), a page of them and how many in all.
-    async fn find(
+    pub(crate) async fn find(
         &self,
         needle: Option<&str>,
         page: usize,
@@ -164,7 +164,8 @@ impl Catalog {
         Ok((items, matching.len()))
     }
 
-    async fn get(&self, id: &str) -> anyhow::Result<Option<Product>> {
+    /// The product `id`, if there is one.
+    pub(crate) async fn get(&self, id: &str) -> anyhow::Result<Option<Product>> {
         #[cfg(feature = "real-servers")]
         if let Some(pg) = &self.postgres {
             let row = pg
@@ -234,8 +235,15 @@ fn first_page() -> usize {
 }
 
 fn default_per_page() -> usize {
-    20
+    DEFAULT_PER_PAGE
 }
+
+/// Products per page when the caller does not say.
+pub(crate) const DEFAULT_PER_PAGE: usize = 20;
+/// The most products per page, and per search page streamed over gRPC.
+pub(crate) const MAX_PER_PAGE: usize = 100;
+/// The most ids of one batch get.
+pub(crate) const MAX_BATCH: usize = 100;
 
 /// A page of products.
 #[derive(Debug, Serialize, Deserialize)]
@@ -274,7 +282,7 @@ async fn list(
         code: "invalid_query",
         message: rejection.body_text(),
     })?;
-    if query.page == 0 || !(1..=100).contains(&query.per_page) {
+    if query.page == 0 || !(1..=MAX_PER_PAGE).contains(&query.per_page) {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_paging",
@@ -351,7 +359,7 @@ async fn batch(
         .map(str::trim)
         .filter(|id| !id.is_empty())
         .collect();
-    if ids.is_empty() || ids.len() > 100 {
+    if ids.is_empty() || ids.len() > MAX_BATCH {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_ids",
@@ -393,6 +401,11 @@ impl Service for Catalog {
             .route("/products/batch", get(batch))
             .route("/products/{id}", get(product))
             .with_state(self.clone())
+    }
+
+    /// `shop.product.v1.ProductService`, from the same catalog; see [`crate::product_grpc`].
+    fn grpc(&self) -> Option<micro_core::grpc::GrpcServices> {
+        Some(crate::product_grpc::services(self.clone()))
     }
 
     fn health_checks(&self) -> Vec<HealthCheck> {

@@ -87,6 +87,17 @@ impl<S: Service> Service for Verified<S> {
             .layer(VerifyCallerLayer::new(self.keys.clone(), name))
     }
 
+    /// The inner service's gRPC services, behind the same caller checks; the host's gRPC
+    /// health and reflection stay open, as its HTTP probes do.
+    fn grpc(&self) -> Option<micro_core::grpc::GrpcServices> {
+        let name = self.inner.name().to_owned();
+        self.inner.grpc().map(|services| {
+            services
+                .layer(AllowCallersLayer::new(callers_of(&name).iter().copied()))
+                .layer(VerifyCallerLayer::new(self.keys.clone(), name))
+        })
+    }
+
     fn health_checks(&self) -> Vec<HealthCheck> {
         self.inner.health_checks()
     }

@@ -1,5 +1,6 @@
 //! The `shop` binary as processes.
 
+mod grpc;
 mod manifests;
 #[cfg(feature = "real-servers")]
 mod multiprocess;
