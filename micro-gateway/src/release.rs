@@ -369,7 +369,9 @@ impl Split {
     }
 
     /// Sets the weights of the named subsets, the others keeping theirs, all in one step
-    /// that every clone of this split sees at once.
+    /// that every clone of this split sees at once. A running rollout owns its two
+    /// subsets' weights: its next decision sets them again (stop it with
+    /// [`abort_rollout`](Self::abort_rollout) first).
     ///
     /// # Errors
     ///
