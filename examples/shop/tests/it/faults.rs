@@ -33,7 +33,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use micro_discovery::etcd::{EtcdConfig, EtcdRegistry};
-use micro_discovery::{Instance, Registrar, Registration};
+use micro_discovery::host::Registrar;
+use micro_discovery::{Instance, Registration};
 use shop::events::OrderEvent;
 use shop::inventory::{Reservation, ReservationState};
 use shop::loadgen::{Journey, LoadgenConfig, Weights};
@@ -531,7 +532,7 @@ async fn settle(shop: &Shop, deadline: Duration) -> bool {
                 )
                 .await
                 .map(|row| row.get::<_, i64>(0));
-            if busy == Ok(0) {
+            if busy.is_ok_and(|n| n == 0) {
                 return true;
             }
         }
