@@ -92,6 +92,11 @@ pub struct ShopConfig {
     /// Kafka bootstrap servers (`127.0.0.1:9092`): the event bus of `shop serve`. Needs
     /// the `real-servers` feature.
     pub kafka_brokers: Option<String>,
+    /// How long a silent member of the shop's consumer groups keeps its partitions
+    /// (Kafka's `session.timeout.ms`, default 45 s): after a consumer crashes, its
+    /// partitions wait this long before its restarted successor gets them.
+    #[serde(with = "micro_core::config::duration")]
+    pub kafka_session_timeout: Duration,
     /// PostgreSQL (`postgres://user@host/db`): where the order service keeps its orders,
     /// outbox and saga log. Needs the `real-servers` feature.
     pub postgres_url: Option<String>,
@@ -192,6 +197,7 @@ impl Default for ShopConfig {
             etcd_endpoints: None,
             etcd_prefix: "/micro/shop/".to_owned(),
             kafka_brokers: None,
+            kafka_session_timeout: Duration::from_secs(45),
             advertise_host: None,
             event_prefix: String::new(),
             postgres_url: None,
@@ -451,7 +457,9 @@ impl Infra {
         let mut etcd = EtcdConfig::new(endpoints.split(',').map(str::trim));
         etcd.prefix = config.etcd_prefix.clone();
         let registry = EtcdRegistry::connect(&etcd).await?;
-        let bus = KafkaBus::new(KafkaConfig::new(brokers.as_str()))?;
+        let bus = KafkaBus::new(
+            KafkaConfig::new(brokers.as_str()).session_timeout(config.kafka_session_timeout),
+        )?;
         bus.create_topic(&config.order_events(), 4, 1).await?;
         Ok(Self {
             discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),

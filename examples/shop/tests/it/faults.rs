@@ -259,6 +259,8 @@ impl Shop {
             ("SHOP_POSTGRES_URL", shop_url),
             ("SHOP_POSTGRES_SCHEMA", schema.clone()),
             ("SHOP_INITIAL_STOCK", INITIAL_STOCK.to_string()),
+            // A killed notification service's successor gets its partitions quickly.
+            ("SHOP_KAFKA_SESSION_TIMEOUT", "6s".to_owned()),
         ];
         let hidden = format!("{prefix}behind-proxy/");
         let mut processes = BTreeMap::new();
