@@ -84,6 +84,20 @@ impl Tansu {
         with_database(&self.server, &self.database)
     }
 
+    /// The broker's `--storage-engine`: its database, without TLS unless the server's
+    /// URL asks for it (tansu tries TLS by default, and a loopback server's certificate
+    /// names `localhost`, not the address).
+    fn storage_engine(&self) -> String {
+        let url = with_database(&self.server, &self.database);
+        if url.contains("sslmode=") {
+            url
+        } else if url.contains('?') {
+            format!("{url}&sslmode=disable")
+        } else {
+            format!("{url}?sslmode=disable")
+        }
+    }
+
     /// Where the broker writes its log (appended to across restarts).
     pub(crate) fn log(&self) -> &std::path::Path {
         &self.log
@@ -110,10 +124,7 @@ impl Tansu {
         let child = Command::new(&self.bin)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args([
-                "--storage-engine",
-                &with_database(&self.server, &self.database),
-            ])
+            .args(["--storage-engine", &self.storage_engine()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
