@@ -16,6 +16,7 @@
 //! | `MICRO_FAULT_SEED` | seed of the driver's choices, printed by each run | the clock |
 //! | `MICRO_FAULT_PG_TERMINATE` | `1`: also `pg_terminate_backend` the shop's connections | off |
 //! | `MICRO_FAULT_USERS` | the load generator's virtual users | `6` |
+//! | `MICRO_FAULT_VICTIMS` | the services that may be killed, comma-separated | all but the gateway |
 //!
 //! Service discovery places the proxies: payment and inventory register under a key
 //! prefix of their own, which nobody resolves, and the driver registers each proxy
@@ -100,6 +101,8 @@ pub(crate) struct Plan {
     pub(crate) pg_terminate: bool,
     /// The load generator's virtual users.
     pub(crate) users: usize,
+    /// The services the driver may kill.
+    pub(crate) victims: Vec<&'static str>,
 }
 
 impl Plan {
@@ -122,11 +125,27 @@ impl Plan {
         );
         let pg_terminate = var("MICRO_FAULT_PG_TERMINATE").is_some_and(|v| v == "1");
         let users = var("MICRO_FAULT_USERS").map_or(6, |u| u.parse().expect("a number"));
+        let victims = var("MICRO_FAULT_VICTIMS").map_or_else(
+            || VICTIMS.to_vec(),
+            |list| {
+                list.split(',')
+                    .map(|name| {
+                        *VICTIMS
+                            .iter()
+                            .find(|v| **v == name.trim())
+                            .unwrap_or_else(|| {
+                                panic!("MICRO_FAULT_VICTIMS: `{name}` is not one of {VICTIMS:?}")
+                            })
+                    })
+                    .collect()
+            },
+        );
         Self {
             duration,
             seed,
             pg_terminate,
             users,
+            victims,
         }
     }
 }
@@ -439,7 +458,7 @@ async fn inject(
         tokio::time::sleep(rng.millis(2000, 5000)).await;
         match rng.below(10) {
             0..=6 => {
-                let victim = VICTIMS[rng.below(VICTIMS.len() as u64) as usize];
+                let victim = plan.victims[rng.below(plan.victims.len() as u64) as usize];
                 *injected.kills.entry(victim).or_default() += 1;
                 let down = rng.millis(200, 3000);
                 shop.kill(victim, down).await;
@@ -758,7 +777,9 @@ fn violations(f: &Findings) -> Vec<String> {
         let kinds = seen.get(o.id.as_str()).cloned().unwrap_or_default();
         let outcome = match o.status {
             OrderStatus::Confirmed => "OrderConfirmed",
-            _ => "OrderCancelled",
+            OrderStatus::Cancelled => "OrderCancelled",
+            // Counted above: it did not end.
+            _ => continue,
         };
         for needed in ["OrderCreated", outcome] {
             if !kinds.contains(needed) {

@@ -73,19 +73,25 @@ pub(crate) fn serve_at(
         .env("SHOP_PASSWORD_ITERATIONS", "10000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped());
-    if let Some(log) = log {
-        let file = std::fs::OpenOptions::new()
+    let mut log = log.map(|log| {
+        std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
-            .unwrap();
-        command.stderr(file);
+            .unwrap()
+    });
+    if let Some(file) = &log {
+        command.stderr(file.try_clone().unwrap());
     }
     let mut child = command.spawn().expect("the shop binary starts");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        use std::io::Write as _;
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(file) = &mut log {
+                let _ = writeln!(file, "{line}");
+            }
             if let Some((_, url)) = line.split_once("http://") {
                 let _ = tx.send(format!("http://{}", url.trim()));
             }
