@@ -97,6 +97,12 @@ pub struct ShopConfig {
     /// partitions wait this long before its restarted successor gets them.
     #[serde(with = "micro_core::config::duration")]
     pub kafka_session_timeout: Duration,
+    /// How long a member of the shop's consumer groups may go between polls, and how
+    /// long a rebalance waits for the members to rejoin (Kafka's
+    /// `max.poll.interval.ms`, default 300 s): a crashed member the broker no longer
+    /// times out by its session (tansu after a restart) holds a rebalance this long.
+    #[serde(with = "micro_core::config::duration")]
+    pub kafka_max_poll_interval: Duration,
     /// PostgreSQL (`postgres://user@host/db`): where the order service keeps its orders,
     /// outbox and saga log. Needs the `real-servers` feature.
     pub postgres_url: Option<String>,
@@ -198,6 +204,7 @@ impl Default for ShopConfig {
             etcd_prefix: "/micro/shop/".to_owned(),
             kafka_brokers: None,
             kafka_session_timeout: Duration::from_secs(45),
+            kafka_max_poll_interval: Duration::from_secs(300),
             advertise_host: None,
             event_prefix: String::new(),
             postgres_url: None,
@@ -458,7 +465,9 @@ impl Infra {
         etcd.prefix = config.etcd_prefix.clone();
         let registry = EtcdRegistry::connect(&etcd).await?;
         let bus = KafkaBus::new(
-            KafkaConfig::new(brokers.as_str()).session_timeout(config.kafka_session_timeout),
+            KafkaConfig::new(brokers.as_str())
+                .session_timeout(config.kafka_session_timeout)
+                .max_poll_interval(config.kafka_max_poll_interval),
         )?;
         bus.create_topic(&config.order_events(), 4, 1).await?;
         Ok(Self {

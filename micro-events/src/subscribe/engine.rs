@@ -157,7 +157,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
                     Err(Error::Closed) => break Ok(()),
                     Err(e) => {
                         read_failures += 1;
-                        tracing::warn!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %e, "reading events failed; trying again");
+                        tracing::warn!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %Chain(&e), "reading events failed; trying again");
                         let pause = backoff(&shared.options, read_failures);
                         tokio::select! {
                             _ = stop.changed() => {}

@@ -280,6 +280,9 @@ impl Shop {
             ("SHOP_INITIAL_STOCK", INITIAL_STOCK.to_string()),
             // A killed notification service's successor gets its partitions quickly.
             ("SHOP_KAFKA_SESSION_TIMEOUT", "6s".to_owned()),
+            // tansu forgets to time out a crashed member's session once it has
+            // restarted: the rebalance waits this long for it instead.
+            ("SHOP_KAFKA_MAX_POLL_INTERVAL", "10s".to_owned()),
         ];
         let hidden = format!("{prefix}behind-proxy/");
         let mut processes = BTreeMap::new();
