@@ -469,7 +469,11 @@ impl Infra {
                 .session_timeout(config.kafka_session_timeout)
                 .max_poll_interval(config.kafka_max_poll_interval),
         )?;
+        // Kafka brokers need not create topics on first use; the dead-letter topic
+        // too, or a dead letter would hold its partition up until someone made it.
         bus.create_topic(&config.order_events(), 4, 1).await?;
+        bus.create_topic(&format!("{}.dlq", config.order_events()), 4, 1)
+            .await?;
         Ok(Self {
             discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
             keys,

@@ -391,7 +391,7 @@ async fn dead_letter(
             Err(e) => {
                 failures += 1;
                 tracing::error!(
-                    topic = %shared.dead_letter_topic, error = %e,
+                    topic = %shared.dead_letter_topic, error = %Chain(&e),
                     "publishing a dead letter failed; trying again",
                 );
             }
