@@ -57,6 +57,8 @@ servers_up() {
     wait_for_port Redis 127.0.0.1 6379
     export MICRO_TEST_POSTGRES_URL="${MICRO_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
     export MICRO_TEST_REDIS_URL="${MICRO_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+    # The independent gRPC client of the shop's ProductService tests (PyPI's grpcio).
+    python3 -c "import grpc, grpc_tools" 2>/dev/null || python3 -m pip install --quiet grpcio grpcio-tools >>"$servers_log_dir/pip.log" 2>&1 || echo "warning: installing grpcio failed; the shop's grpc test will fail" >&2
 
     local script
     for script in etcd tansu; do

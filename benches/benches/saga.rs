@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use micro_saga::log::deadpool_postgres::{Manager, Pool, Runtime};
 use micro_saga::log::{EmbeddedSagaLog, PostgresSagaLog};
 use micro_saga::{MemorySagaLog, Orchestrator, SagaDefinition, SagaLog, SagaStatus, StepOutput};
 
@@ -37,21 +38,21 @@ struct Backend {
     orchestrator: Orchestrator,
 }
 
-async fn connect() -> Arc<tokio_postgres::Client> {
+/// A pool of at most `connections` connections.
+fn pool(connections: usize) -> Pool {
     let url = std::env::var("MICRO_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
-    tokio::spawn(connection);
-    Arc::new(client)
+    let config: tokio_postgres::Config = url.parse().expect("a PostgreSQL url");
+    Pool::builder(Manager::new(config, tokio_postgres::NoTls))
+        .max_size(connections)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .expect("pool")
 }
 
 async fn postgres(schema: &str, connections: usize) -> Arc<PostgresSagaLog> {
-    let mut log = PostgresSagaLog::with_schema(connect().await, schema).expect("schema");
-    for _ in 1..connections {
-        log = log.with_client(connect().await);
-    }
+    let log = PostgresSagaLog::with_schema(pool(connections), schema).expect("schema");
     log.install().await.expect("install");
     Arc::new(log)
 }
@@ -138,7 +139,10 @@ fn sagas(c: &mut Criterion) {
     group.finish();
 
     runtime.block_on(async {
-        pg.client()
+        pg.pool()
+            .get()
+            .await
+            .expect("a connection")
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await
             .expect("drop schema");

@@ -14,6 +14,8 @@
 //! | [`BulkheadFull`] | yes |
 //! | [`std::io::Error`] of kind `ConnectionRefused`, `ConnectionReset`, `ConnectionAborted`, `TimedOut`, `BrokenPipe` or `UnexpectedEof` | yes |
 //! | any other [`std::io::Error`] | no |
+//! | [`client::Error`](crate::client::Error) | as [its kind says](crate::client::Error::is_retryable) |
+//! | `tonic::Status`, `grpc::CallError` (with the `grpc` feature) | `UNAVAILABLE`, and `RESOURCE_EXHAUSTED` with a retry pushback (see the `grpc` module) |
 //!
 //! An error nobody recognises is not retryable: retrying is opt-in, because repeating a
 //! request that is not idempotent or that failed for a lasting reason does harm.
@@ -90,6 +92,10 @@ fn known_verdict(err: &(dyn StdError + 'static)) -> Option<bool> {
         verdict::<BulkheadFull>,
         verdict::<io::Error>,
         verdict::<crate::client::Error>,
+        #[cfg(feature = "grpc")]
+        verdict::<tonic::Status>,
+        #[cfg(feature = "grpc")]
+        verdict::<crate::grpc::CallError>,
     ];
     KNOWN.iter().find_map(|verdict| verdict(err))
 }

@@ -142,6 +142,17 @@ pub enum HostError {
         #[source]
         source: crate::tls::TlsError,
     },
+    /// A service's gRPC services can't be served (a file descriptor set for reflection
+    /// that does not decode).
+    #[cfg(feature = "grpc")]
+    #[error("the grpc services of service `{service}` can't be served")]
+    Grpc {
+        /// The service.
+        service: String,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
     /// [`HostConfig::listeners`] names a service the host does not run.
     #[error("`listeners.{0}` names no service of this host")]
     UnknownListener(String),
@@ -487,7 +498,14 @@ impl ServiceHost {
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                 source,
             })?;
-            let (app, ops) = app(&service, phase.clone(), metrics.clone(), admin.is_some());
+            let (app, ops) = match app(&service, phase.clone(), metrics.clone(), admin.is_some()) {
+                Ok(apps) => apps,
+                Err(error) => {
+                    started.push(service);
+                    stop_services(&started, config.hook_timeout, &mut Vec::new()).await;
+                    return Err(error);
+                }
+            };
             if let (Some(admin), Some(ops)) = (admin, ops) {
                 let admin_addr = admin.local_addr().map_err(|source| HostError::Bind {
                     service: format!("{} (admin)", service.name()),
@@ -747,19 +765,27 @@ enum PhaseValue {
 
 /// The host's lifecycle phase, read by every readiness probe.
 #[derive(Debug)]
-struct Phase(AtomicU8);
+struct Phase {
+    value: AtomicU8,
+    /// Wakes those who watch readiness (gRPC health `Watch` streams).
+    changed: Arc<tokio::sync::Notify>,
+}
 
 impl Phase {
     fn new() -> Self {
-        Self(AtomicU8::new(PhaseValue::Starting as u8))
+        Self {
+            value: AtomicU8::new(PhaseValue::Starting as u8),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     fn set(&self, value: PhaseValue) {
-        self.0.store(value as u8, Ordering::SeqCst);
+        self.value.store(value as u8, Ordering::SeqCst);
+        self.changed.notify_waiters();
     }
 
     fn readiness_override(&self) -> Option<Readiness> {
-        match self.0.load(Ordering::SeqCst) {
+        match self.value.load(Ordering::SeqCst) {
             0 => Some(Readiness::Starting),
             1 => None,
             _ => Some(Readiness::ShuttingDown),
@@ -777,13 +803,14 @@ struct OpsState {
 }
 
 /// The service's router, with metrics recorded per route and the host's own endpoints;
-/// with `admin`, the host's endpoints apart, for the admin listener.
+/// with `admin`, the host's endpoints apart, for the admin listener. With the `grpc`
+/// feature, the service's gRPC services beside them.
 fn app(
     service: &Arc<dyn DynService>,
     phase: Arc<Phase>,
     metrics: PrometheusHandle,
     admin: bool,
-) -> (Router, Option<Router>) {
+) -> Result<(Router, Option<Router>), HostError> {
     let http_metrics = HttpMetrics::new(service.name(), service.version());
     let ops = OpsState {
         name: service.name().into(),
@@ -792,39 +819,91 @@ fn app(
         phase,
         metrics,
     };
+    let grpc = grpc_app(service, &ops)?;
     let service_routes = RecordHttp::new(service.router().layer(TagRouteLayer), http_metrics);
     let ops = Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/metrics", get(render_metrics))
         .with_state(ops);
-    if admin {
-        let public = Router::new().fallback_service(SetRequestId::new(RequestSpan::new(
-            service_routes,
-            service.name(),
-        )));
-        return (public, Some(ops));
-    }
+    let (ops, admin_routes) = if admin {
+        (None, Some(ops))
+    } else {
+        (Some(ops), None)
+    };
     let routes = HostRoutes {
         ops,
+        grpc,
         service: service_routes,
     };
     // One stack under one route, rather than `Router::layer`, which boxes each layer
     // again and clones every box per request.
-    (
+    Ok((
         Router::new().fallback_service(SetRequestId::new(RequestSpan::new(routes, service.name()))),
-        None,
-    )
+        admin_routes,
+    ))
+}
+
+#[cfg(feature = "grpc")]
+fn grpc_app(service: &Arc<dyn DynService>, ops: &OpsState) -> Result<Option<Router>, HostError> {
+    use crate::grpc::{GrpcApp, ReadinessProbe, Verdict};
+    let Some(services) = service.grpc() else {
+        return Ok(None);
+    };
+    let changed = ops.phase.changed.clone();
+    let ops = ops.clone();
+    let probe = ReadinessProbe {
+        check: Arc::new(move || {
+            let ops = ops.clone();
+            Box::pin(async move {
+                let phase = ops.phase.readiness_override();
+                if phase == Some(Readiness::ShuttingDown) {
+                    return Verdict::ShuttingDown;
+                }
+                let report = health::readiness(&ops.name, &ops.version, &ops.checks, phase).await;
+                if report.is_ready() {
+                    Verdict::Serving
+                } else {
+                    Verdict::NotServing
+                }
+            })
+        }),
+        changed,
+    };
+    GrpcApp::build(service.name(), services, probe)
+        .map(Some)
+        .map_err(|source| HostError::Grpc {
+            service: service.name().to_owned(),
+            source,
+        })
+}
+
+#[cfg(not(feature = "grpc"))]
+fn grpc_app(_: &Arc<dyn DynService>, _: &OpsState) -> Result<Option<Router>, HostError> {
+    Ok(None)
 }
 
 /// The host's endpoints sit in front of the service's router, so probes and scrapes are
 /// not counted as the service's traffic, and the service keeps its own fallback. They are
 /// told apart by path alone, as a router holding the three routes with the service as its
-/// fallback would, without the service's traffic going through that router too.
+/// fallback would, without the service's traffic going through that router too. gRPC
+/// calls, told apart by their content type, go to the gRPC services, so they are counted
+/// per RPC method rather than as HTTP routes.
 #[derive(Clone)]
 struct HostRoutes<S> {
-    ops: Router,
+    /// `None` when the host's endpoints are on the admin listener.
+    ops: Option<Router>,
+    grpc: Option<Router>,
     service: S,
+}
+
+/// Whether a request is a gRPC call (any `application/grpc` content type, `+proto` and
+/// the like included).
+fn is_grpc(request: &axum::extract::Request) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
 const HOST_PATHS: [&str; 3] = ["/health/live", "/health/ready", "/metrics"];
@@ -841,22 +920,23 @@ where
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::ready!(tower::Service::<axum::extract::Request>::poll_ready(
-            &mut self.ops,
-            cx
-        ))?;
+        // The routers are always ready.
         self.service.poll_ready(cx)
     }
 
     fn call(&mut self, request: axum::extract::Request) -> Self::Future {
-        if HOST_PATHS.contains(&request.uri().path()) {
-            HostFuture::Ops {
-                future: tower::Service::call(&mut self.ops, request),
-            }
-        } else {
-            HostFuture::Service {
+        let router = match (&mut self.grpc, &mut self.ops) {
+            (Some(grpc), _) if is_grpc(&request) => Some(grpc),
+            (_, Some(ops)) if HOST_PATHS.contains(&request.uri().path()) => Some(ops),
+            _ => None,
+        };
+        match router {
+            Some(router) => HostFuture::Router {
+                future: tower::Service::call(router, request),
+            },
+            None => HostFuture::Service {
                 future: self.service.call(request),
-            }
+            },
         }
     }
 }
@@ -865,7 +945,7 @@ pin_project_lite::pin_project! {
     /// The response future of [`HostRoutes`].
     #[project = HostFutureProj]
     enum HostFuture<O, S> {
-        Ops { #[pin] future: O },
+        Router { #[pin] future: O },
         Service { #[pin] future: S },
     }
 }
@@ -882,7 +962,7 @@ where
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         match self.project() {
-            HostFutureProj::Ops { future } => future.poll(cx),
+            HostFutureProj::Router { future } => future.poll(cx),
             HostFutureProj::Service { future } => future.poll(cx),
         }
     }

@@ -81,6 +81,7 @@
 //! | [`identity`] | verified service-to-service identity: signed tokens, [`Caller`](identity::Caller), route policies |
 //! | [`tls`] | TLS termination and mTLS for listeners, HTTPS for clients (rustls) |
 //! | [`client`] | an HTTP client for calling another service, with those layers |
+//! | `grpc` | tonic services beside the router (health, reflection, metrics, lifecycle) and a channel to call them (with the `grpc` feature) |
 //! | [`error`] | [`BoxError`](error::BoxError) and which errors are worth a retry |
 //! | [`shutdown`] | shutdown triggers: OS signals and a [`Shutdown`](shutdown::Shutdown) handle |
 //!
@@ -90,6 +91,7 @@
 //! |---|---|---|
 //! | `identity` | yes | the [`identity`] module (HS256 tokens through `jsonwebtoken` on `aws-lc-rs`) |
 //! | `tls` | yes | the [`tls`] module: TLS and mTLS on listeners, HTTPS in [`client`] (rustls on `aws-lc-rs`, the same crypto as `identity`) |
+//! | `grpc` | no | the `grpc` module: tonic services hosted beside the router with health, reflection and metrics, and `GrpcChannel` (tonic, tonic-health, tonic-reflection) |
 //!
 //! Backends (Kafka, etcd, Consul, PostgreSQL, Redis) are features of the crates that use
 //! them.
@@ -109,6 +111,8 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod health;
 pub mod host;
 #[cfg(feature = "identity")]

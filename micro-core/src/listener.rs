@@ -52,7 +52,9 @@ pub struct ListenerConfig {
     /// How long a client may take to send a whole request head.
     #[serde(with = "crate::config::duration")]
     pub header_read_timeout: Duration,
-    /// How long a connection may sit with no request in flight and no bytes moving.
+    /// How long a connection may sit with no request in flight (a request is in flight
+    /// until its response body is sent: a slow stream keeps its connection) and no bytes
+    /// moving.
     #[serde(with = "crate::config::duration")]
     pub idle_timeout: Duration,
     /// How long a client may pause between two parts of a request body.

@@ -289,9 +289,17 @@ impl Serving {
                 }
                 let response = app.clone().oneshot(request);
                 async move {
+                    // The request stays in flight while its body streams (a gRPC stream, a
+                    // long download), so neither the idle timeout nor the drain cuts it.
                     let response = response.await;
-                    drop(guard);
-                    response
+                    response.map(|response| {
+                        response.map(|body| {
+                            Body::new(GuardedBody {
+                                inner: body,
+                                _guard: guard,
+                            })
+                        })
+                    })
                 }
             })
         };
@@ -405,13 +413,42 @@ impl Activity {
     }
 }
 
-/// Counts a request as in flight until its response head is ready.
+/// Counts a request as in flight until its response body is sent or dropped.
 struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request in flight until it is dropped.
+    struct GuardedBody {
+        #[pin]
+        inner: Body,
+        _guard: InFlight,
+    }
+}
+
+impl HttpBody for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -70,6 +70,15 @@ pub trait Service: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The service's tonic services, served on its listener beside the
+    /// [`router`](Self::router) with the host's health, reflection and metrics; see
+    /// [`grpc`](crate::grpc). Called once, when the host starts. `None` (the default)
+    /// serves no gRPC.
+    #[cfg(feature = "grpc")]
+    fn grpc(&self) -> Option<crate::grpc::GrpcServices> {
+        None
+    }
+
     /// Runs before the service's listener accepts its first connection. An error aborts
     /// the host's start.
     fn start(&self) -> impl Future<Output = Result<(), BoxError>> + Send {
@@ -89,6 +98,8 @@ pub(crate) trait DynService: Send + Sync + 'static {
     fn version(&self) -> &str;
     fn router(&self) -> Router;
     fn health_checks(&self) -> Vec<HealthCheck>;
+    #[cfg(feature = "grpc")]
+    fn grpc(&self) -> Option<crate::grpc::GrpcServices>;
     fn start(&self) -> BoxFuture<'_, Result<(), BoxError>>;
     fn stop(&self) -> BoxFuture<'_, Result<(), BoxError>>;
 }
@@ -108,6 +119,11 @@ impl<T: Service> DynService for T {
 
     fn health_checks(&self) -> Vec<HealthCheck> {
         Service::health_checks(self)
+    }
+
+    #[cfg(feature = "grpc")]
+    fn grpc(&self) -> Option<crate::grpc::GrpcServices> {
+        Service::grpc(self)
     }
 
     fn start(&self) -> BoxFuture<'_, Result<(), BoxError>> {

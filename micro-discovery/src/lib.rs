@@ -53,6 +53,10 @@
 //! | `etcd` | `etcd` | yes | yes | etcd v3: leases with keep-alive, watch on a key prefix; needs `protoc` to build |
 //! | `consul` | `consul` | yes | yes | Consul's HTTP API: agent register/deregister, HTTP and TTL checks, blocking health queries, ACL token, datacenter |
 //!
+//! The `grpc` feature adds the `grpc` module: `GrpcClient`, a micro-core `GrpcChannel` to
+//! a service by name, balanced over its healthy instances like
+//! [`ServiceClient`](client::ServiceClient).
+//!
 //! Every backend passes one conformance suite (`tests/it/conformance.rs`). The etcd
 //! backend runs it against a real etcd server (Debian's etcd-server, started by
 //! `scripts/etcd.sh`). The Consul backend runs it against a double of the documented
@@ -99,10 +103,13 @@ pub mod client;
 pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod host;
 pub mod identity;
 pub mod memory;
 pub mod static_list;
+pub mod subset;
 
 pub use self::cache::CachedDiscover;
 

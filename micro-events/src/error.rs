@@ -134,10 +134,18 @@ pub enum Error {
     #[error("kafka failed")]
     Kafka(#[source] rdkafka::error::KafkaError),
 
-    /// PostgreSQL failed.
+    /// PostgreSQL failed. A lost connection is retryable, and the pool
+    /// replaces it at the next operation.
     #[cfg(feature = "postgres")]
     #[error("postgresql failed")]
     Postgres(#[source] tokio_postgres::Error),
+
+    /// The pool had no PostgreSQL connection to give within its timeouts
+    /// (the database is unreachable, refuses connections, or every
+    /// connection is busy); retryable.
+    #[cfg(feature = "postgres")]
+    #[error("no postgresql connection available")]
+    PostgresPool(#[source] deadpool_postgres::PoolError),
 }
 
 impl Error {
@@ -164,6 +172,8 @@ impl Error {
             Error::Task(_) => true,
             #[cfg(feature = "kafka")]
             Error::Kafka(_) => true,
+            #[cfg(feature = "postgres")]
+            Error::PostgresPool(_) => true,
             #[cfg(feature = "postgres")]
             Error::Postgres(e) => e.code().is_none_or(|code| {
                 use tokio_postgres::error::SqlState;
@@ -197,6 +207,13 @@ impl micro_core::error::Retryable for Error {
 impl From<rdkafka::error::KafkaError> for Error {
     fn from(e: rdkafka::error::KafkaError) -> Self {
         Error::Kafka(e)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Error::PostgresPool(e)
     }
 }
 

@@ -84,7 +84,7 @@
 //! |---|---|---|
 //! | *(always)* | | the envelope, both encodings, [`Publisher`] and [`Subscriber`], the [`MemoryBus`], the [`MemoryInbox`] and the [`MemoryOutbox`] |
 //! | `kafka` | no | `kafka::KafkaBus`: rdkafka with a bundled librdkafka (building it needs cmake) |
-//! | `postgres` | no | `postgres::PgInbox` and `postgres::PgOutbox` with its relay (tokio-postgres) |
+//! | `postgres` | no | `postgres::PgInbox` and `postgres::PgOutbox` with its relay, on a deadpool-postgres pool (tokio-postgres) |
 
 mod binary;
 mod error;

@@ -1,17 +1,56 @@
 //! PostgreSQL: the transactional inbox and outbox (feature `postgres`).
 //!
-//! Both work on the caller's [`tokio_postgres`] connection and transaction,
-//! so that marking an event processed, or writing an event, commits together
-//! with the state change it belongs to. Table names are given by the caller
-//! (optionally schema-qualified) and created by `create_table`.
+//! What commits with the caller's state change works on the caller's
+//! [`tokio_postgres`] transaction: [`PgInbox::claim`] and [`PgOutbox::write`].
+//! What runs on its own, the [`PgRelay`] and the [`PgInboxStore`], takes its
+//! connections from a [`Pool`] of [`deadpool_postgres`], one per operation, so
+//! that a connection PostgreSQL closed (a restart, a failover,
+//! `pg_terminate_backend`) is replaced by a new one at the next operation: an
+//! operation that was on the lost connection fails with a retryable
+//! [`Error::Postgres`], one that finds no connection with a retryable
+//! [`Error::PostgresPool`], and the relay carries on by itself. Statements are
+//! prepared through the pool's per-connection cache, so a new connection
+//! prepares them again. [`health_check`] turns a service's readiness off while
+//! the pool cannot reach the database.
+//!
+//! Build the pool as you like (TLS, sizes, timeouts): set a `wait` and a
+//! `create` timeout on it, or an operation waits for as long as the database is
+//! unreachable. Table names are given by the caller (optionally
+//! schema-qualified) and created by `create_table`.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//!
+//! use micro_events::postgres::deadpool_postgres::{Manager, Pool, Runtime};
+//! use micro_events::postgres::PgOutbox;
+//!
+//! let mut config: tokio_postgres::Config = "postgres://postgres@127.0.0.1/shop".parse()?;
+//! config.application_name("order-service");
+//! let manager = Manager::new(config, tokio_postgres::NoTls);
+//! let pool = Pool::builder(manager)
+//!     .max_size(8)
+//!     .runtime(Runtime::Tokio1)
+//!     .wait_timeout(Some(Duration::from_secs(2)))
+//!     .create_timeout(Some(Duration::from_secs(2)))
+//!     .build()?;
+//! let outbox = PgOutbox::new("orders.outbox")?;
+//! let client = pool.get().await?;
+//! outbox.create_table(&client).await?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
+use micro_core::health::HealthCheck;
 use micro_core::service::BoxFuture;
 use serde::Serialize;
 use tokio_postgres::{Client, Transaction};
+
+pub use deadpool_postgres;
+pub use deadpool_postgres::Pool;
 
 use crate::error::{Error, Result};
 use crate::event::Event;
@@ -19,6 +58,24 @@ use crate::inbox::InboxStore;
 use crate::outbox::publish_in_order;
 use crate::publish::{to_record, with_current_trace, Publisher};
 use crate::record::Record;
+
+/// A readiness check that passes while `pool` can reach PostgreSQL: it takes
+/// a connection (a new one if the pooled ones were lost) and runs `SELECT 1`
+/// on it. Named `postgres`; critical. Return it from the service's
+/// [`health_checks`](micro_core::service::Service::health_checks), so that
+/// `/health/ready` answers `503` while the database is unreachable and turns
+/// back on by itself once it is reachable again.
+pub fn health_check(pool: &Pool) -> HealthCheck {
+    let pool = pool.clone();
+    HealthCheck::new("postgres", move || {
+        let pool = pool.clone();
+        async move {
+            let client = pool.get().await?;
+            client.simple_query("SELECT 1").await?;
+            Ok(())
+        }
+    })
+}
 
 /// A table name: one or two (schema-qualified) lowercase SQL identifiers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,19 +225,29 @@ impl PgInbox {
     }
 }
 
-/// A [`PgInbox`] on its own connection, as an [`InboxStore`] for
+/// A [`PgInbox`] on connections of a [`Pool`], as an [`InboxStore`] for
 /// [`Inbox::deduplicate`](crate::inbox::Inbox::deduplicate), when the
 /// handler's effects are not in this database.
+///
+/// Each check and each mark takes a connection from the pool. A lost
+/// connection fails that delivery with a retryable error (the consumer
+/// retries it, and a mark that committed before the loss is found by the
+/// next check); the next delivery gets a new connection.
 #[derive(Debug, Clone)]
 pub struct PgInboxStore {
-    client: Arc<Client>,
+    pool: Pool,
     inbox: PgInbox,
 }
 
 impl PgInboxStore {
-    /// The store over `inbox`, using `client`.
-    pub fn new(client: Arc<Client>, inbox: PgInbox) -> Self {
-        Self { client, inbox }
+    /// The store over `inbox`, on connections from `pool`.
+    pub fn new(pool: Pool, inbox: PgInbox) -> Self {
+        Self { pool, inbox }
+    }
+
+    /// The pool the store takes its connections from.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 }
 
@@ -190,7 +257,10 @@ impl InboxStore for PgInboxStore {
         consumer: &'a str,
         event_id: &'a str,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(self.inbox.is_processed(&self.client, consumer, event_id))
+        Box::pin(async move {
+            let client = self.pool.get().await?;
+            self.inbox.is_processed(&client, consumer, event_id).await
+        })
     }
 
     fn mark_processed<'a>(
@@ -198,7 +268,10 @@ impl InboxStore for PgInboxStore {
         consumer: &'a str,
         event_id: &'a str,
     ) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(self.inbox.mark(&self.client, consumer, event_id))
+        Box::pin(async move {
+            let client = self.pool.get().await?;
+            self.inbox.mark(&client, consumer, event_id).await
+        })
     }
 }
 
@@ -396,12 +469,28 @@ impl PgOutbox {
         Ok(deleted)
     }
 
-    /// A relay publishing this outbox's rows with `publisher`, on its own
-    /// connection `client`.
-    pub fn relay<P: Publisher>(&self, client: Client, publisher: P) -> PgRelay<P> {
+    /// A relay publishing this outbox's rows with `publisher`, on
+    /// connections from `pool` (one per round).
+    pub fn relay<P: Publisher>(&self, pool: Pool, publisher: P) -> PgRelay<P> {
+        let t = &self.table.qualified;
         PgRelay {
-            client,
-            outbox: self.clone(),
+            pool,
+            claim: format!(
+                "WITH claimed AS MATERIALIZED (
+                    SELECT id FROM {t} WHERE sent_at IS NULL
+                    ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                )
+                SELECT o.id, o.topic, o.key, o.header_names, o.header_values, o.payload
+                FROM {t} o JOIN claimed c ON c.id = o.id
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM {t} p
+                    WHERE p.sent_at IS NULL AND p.topic = o.topic
+                      AND p.key IS NOT DISTINCT FROM o.key AND p.id < o.id
+                      AND p.id NOT IN (SELECT id FROM claimed)
+                )
+                ORDER BY o.id"
+            ),
+            mark: format!("UPDATE {t} SET sent_at = now() WHERE id = ANY($1)"),
             publisher,
             batch_size: 256,
             poll_interval: Duration::from_millis(200),
@@ -424,10 +513,21 @@ impl PgOutbox {
 /// is a key's commit order, and a row never becomes visible after a
 /// higher-id row of its key was published, because writers of one key
 /// serialise (see [`PgOutbox`'s order per key](PgOutbox#order-per-key-is-commit-order)).
+///
+/// # Lost connections
+///
+/// Each round takes a connection from the relay's [`Pool`] and returns it at
+/// the end. A round whose connection is lost, or that finds none (the
+/// database is restarting, say), fails with a retryable error and leaves its
+/// rows unsent; [`run`](PgRelay::run) logs it and tries again after the poll
+/// interval, on a new connection once the database takes one. A round that
+/// published and then lost its connection before the commit publishes those
+/// rows again (at least once, as after a crash).
 #[derive(Debug)]
 pub struct PgRelay<P> {
-    client: Client,
-    outbox: PgOutbox,
+    pool: Pool,
+    claim: String,
+    mark: String,
     publisher: P,
     batch_size: i64,
     poll_interval: Duration,
@@ -452,32 +552,15 @@ impl<P: Publisher> PgRelay<P> {
     ///
     /// # Errors
     ///
+    /// [`Error::PostgresPool`] when no connection can be had,
     /// [`Error::Postgres`], a row that cannot be read back
     /// ([`Error::InvalidOutboxRow`]), or the publisher's error; the rows stay
     /// unsent.
     pub async fn relay_once(&mut self) -> Result<usize> {
-        let t = &self.outbox.table.qualified;
-        let tx = self.client.transaction().await?;
-        let rows = tx
-            .query(
-                &format!(
-                    "WITH claimed AS MATERIALIZED (
-                        SELECT id FROM {t} WHERE sent_at IS NULL
-                        ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
-                    )
-                    SELECT o.id, o.topic, o.key, o.header_names, o.header_values, o.payload
-                    FROM {t} o JOIN claimed c ON c.id = o.id
-                    WHERE NOT EXISTS (
-                        SELECT 1 FROM {t} p
-                        WHERE p.sent_at IS NULL AND p.topic = o.topic
-                          AND p.key IS NOT DISTINCT FROM o.key AND p.id < o.id
-                          AND p.id NOT IN (SELECT id FROM claimed)
-                    )
-                    ORDER BY o.id"
-                ),
-                &[&self.batch_size],
-            )
-            .await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let claim = tx.prepare_cached(&self.claim).await?;
+        let rows = tx.query(&claim, &[&self.batch_size]).await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -504,17 +587,16 @@ impl<P: Publisher> PgRelay<P> {
             ));
         }
         publish_in_order(&self.publisher, records).await?;
-        tx.execute(
-            &format!("UPDATE {t} SET sent_at = now() WHERE id = ANY($1)"),
-            &[&ids],
-        )
-        .await?;
+        let mark = tx.prepare_cached(&self.mark).await?;
+        tx.execute(&mark, &[&ids]).await?;
         tx.commit().await?;
         Ok(ids.len())
     }
 
     /// Publishes rows until `shutdown` resolves, polling when idle; then
-    /// publishes what is left once.
+    /// publishes what is left once. A failed round (a lost connection, the
+    /// database or the publisher unavailable) is logged and tried again after
+    /// the poll interval: the relay outlives any outage.
     ///
     /// # Errors
     ///

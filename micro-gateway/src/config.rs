@@ -57,6 +57,7 @@ use crate::plugins::jwt::{JwtAuthLayer, JwtConfig, JwtConsumer};
 use crate::plugins::rate_limit::{RateLimitConfig, RateLimitLayer};
 use crate::plugins::transform::{RequestEdits, ResponseEdits, TransformLayer};
 use crate::proxy::{Proxy, ProxyConfig, Upstream};
+use crate::release::{RolloutPolicy, Split, StickyKey};
 
 type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
@@ -227,6 +228,7 @@ impl DiscoverySpec {
 pub struct Resources {
     discover: Option<Arc<dyn Discover>>,
     identity: Option<(KeyRing, Arc<str>)>,
+    rollouts: crate::release::Rollouts,
 }
 
 impl Resources {
@@ -310,6 +312,9 @@ pub struct ServiceSpec {
     /// [`ClientTlsConfig`](micro_core::tls::ClientTlsConfig). Refused for `http` and
     /// `discovery` services.
     pub tls: Option<micro_core::tls::ClientTlsConfig>,
+    /// A `discovery` service's traffic split between versions of its instances (our
+    /// addition): a canary or blue-green release; see [`ReleaseSpec`].
+    pub release: Option<ReleaseSpec>,
     /// The service's routes.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
@@ -319,6 +324,187 @@ pub struct ServiceSpec {
     /// Kong's tags; accepted and ignored.
     #[serde(default)]
     pub tags: Vec<String>,
+}
+
+/// How a `discovery` service's requests are split between versions (our addition), with
+/// the rules of a [`Split`]:
+///
+/// ```yaml
+/// services:
+///   - name: product
+///     discovery: product-service
+///     release:
+///       subsets:                            # stretches of points, in this order
+///         - {name: stable, version: "1.4.0", weight: 95}
+///         - {name: canary, version: "1.5.0", weight: 5}
+///       sticky: subject                     # or {header: x-session}, {cookie: session}
+///       remember: {cookie: micro-subset, lifetime: 1h}
+///       force: {header: x-micro-subset, cookie: micro-subset-force}
+/// ```
+///
+/// A blue-green switch is a reload of the file with the weights swapped (`blue: 0`,
+/// `green: 100`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReleaseSpec {
+    /// The subsets, each the instances that registered one version.
+    pub subsets: Vec<SubsetSpec>,
+    /// What keeps a user on one subset: `subject`, `{header: <name>}` or
+    /// `{cookie: <name>}`.
+    pub sticky: Option<StickySpec>,
+    /// A cookie that remembers each client's subset for a while.
+    pub remember: Option<RememberSpec>,
+    /// A header and/or cookie naming the subset a request must go to.
+    pub force: Option<ForceSpec>,
+    /// A canary release the gateway runs by itself: steps, and the limits that roll the
+    /// canary back; see [`RolloutSpec`].
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// A rollout of a [`ReleaseSpec`], with the rules of a
+/// [`RolloutPolicy`]; the weights of its two subsets are
+/// then the rollout's to set:
+///
+/// ```yaml
+/// rollout:
+///   stable: stable
+///   canary: canary
+///   steps: [5, 25, 50, 100]     # the canary's share, percent
+///   step_time: 5m               # at least this long per step
+///   step_requests: 200          # and at least this many canary answers
+///   max_error_rate: 0.01        # above stable's; else rolled back
+///   max_latency_ratio: 1.5      # times stable's mean; else rolled back
+/// ```
+///
+/// A reload with the same rollout (subsets' versions and policy) continues it where it
+/// stood; a changed one starts again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RolloutSpec {
+    /// The subset that runs the current version.
+    pub stable: String,
+    /// The subset that runs the new one.
+    pub canary: String,
+    /// The canary's share at each step, rising to 100 (default 5, 25, 50, 100).
+    pub steps: Option<Vec<u32>>,
+    /// The shortest time a step lasts (default `1m`).
+    #[serde(default, with = "optional_duration")]
+    pub step_time: Option<Duration>,
+    /// The fewest canary answers per step (default 100).
+    pub step_requests: Option<u64>,
+    /// How far above stable's the canary's error rate may be (default 0.01).
+    pub max_error_rate: Option<f64>,
+    /// How many times stable's mean latency the canary's may be (default 1.5).
+    pub max_latency_ratio: Option<f64>,
+}
+
+/// An optional duration written with a unit (`30s`).
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(deserializer)?;
+        text.map(|text| {
+            micro_core::config::duration::parse(&text).map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
+/// One subset of a [`ReleaseSpec`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SubsetSpec {
+    /// Its name (`stable`, `canary`, `blue`).
+    pub name: String,
+    /// The version its instances registered with.
+    pub version: String,
+    /// Its share of the requests, relative to the others' weights.
+    pub weight: u32,
+}
+
+/// The sticky key of a [`ReleaseSpec`]; see [`StickyKey`]. Written `subject`,
+/// `{header: <name>}` or `{cookie: <name>}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "StickyForm")]
+#[non_exhaustive]
+pub enum StickySpec {
+    /// The verified token's subject.
+    Subject,
+    /// A request header's value.
+    Header(String),
+    /// A request cookie's value.
+    Cookie(String),
+}
+
+/// How a [`StickySpec`] is written.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a sticky key: `subject`, `{header: <name>}` or `{cookie: <name>}`"
+)]
+enum StickyForm {
+    Word(String),
+    Header(ByHeader),
+    Cookie(ByCookie),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByHeader {
+    header: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ByCookie {
+    cookie: String,
+}
+
+impl TryFrom<StickyForm> for StickySpec {
+    type Error = String;
+
+    fn try_from(form: StickyForm) -> Result<Self, String> {
+        match form {
+            StickyForm::Word(word) if word == "subject" => Ok(Self::Subject),
+            StickyForm::Word(word) => Err(format!(
+                "`{word}` is not a sticky key: write `subject`, `{{header: <name>}}` or \
+                 `{{cookie: <name>}}`"
+            )),
+            StickyForm::Header(ByHeader { header }) => Ok(Self::Header(header)),
+            StickyForm::Cookie(ByCookie { cookie }) => Ok(Self::Cookie(cookie)),
+        }
+    }
+}
+
+/// The remember cookie of a [`ReleaseSpec`]; see [`SplitBuilder::remember`](crate::release::SplitBuilder::remember).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RememberSpec {
+    /// The cookie's name.
+    pub cookie: String,
+    /// How long a client stays on its subset (`30m`, `1h`).
+    #[serde(with = "micro_core::config::duration")]
+    pub lifetime: Duration,
+}
+
+/// Where a [`ReleaseSpec`] reads a forced subset's name.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ForceSpec {
+    /// A request header.
+    pub header: Option<String>,
+    /// A request cookie.
+    pub cookie: Option<String>,
 }
 
 /// A route: what it matches and how it changes the path.
@@ -680,18 +866,25 @@ impl DeclarativeConfig {
             .iter()
             .enumerate()
             .map(|(index, service)| {
-                proxy(service, resources, &self.trusted_ips)
-                    .map_err(|reason| ConfigError::at(format!("services[{index}]"), reason))
+                let place = format!("services[{index}]");
+                match &service.release {
+                    None => proxy(service, resources, &self.trusted_ips)
+                        .map(Upstreams::One)
+                        .map_err(|reason| ConfigError::at(place, reason)),
+                    Some(release) => split(service, release, resources, &self.trusted_ips, &place)
+                        .map(Upstreams::Split),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let proxy_of = |index: usize| -> Result<Proxy, ConfigError> { Ok(proxies[index].clone()) };
+        let proxy_of =
+            |index: usize| -> Result<Upstreams, ConfigError> { Ok(proxies[index].clone()) };
 
         for (place, route, service_index) in routes {
             let service = &self.services[service_index];
             let service_place = format!("services[{service_index}]");
             let proxy = proxy_of(service_index)?.with_preserve_host(route.preserve_host);
             let stack = with_plugins(
-                BoxCloneSyncService::new(proxy),
+                proxy.boxed(),
                 &global,
                 Some((&service_place, &service.plugins)),
                 (&place, &route.plugins),
@@ -741,8 +934,17 @@ impl DeclarativeConfig {
                         format!("no service is named `{}`", leg.service),
                     )
                 })?;
-                let mut built =
-                    Leg::new(&leg.name, &leg.path, proxy_of(service_index)?).optional(leg.optional);
+                // A leg goes through the plugins of the service it calls (its JWT, IP
+                // rules and limits), so a composition can't reach a service around them.
+                let service = &self.services[service_index];
+                let through = with_plugins(
+                    proxy_of(service_index)?.boxed(),
+                    &[],
+                    Some((&format!("services[{service_index}]"), &service.plugins)),
+                    (&leg_place, &[]),
+                    &self.consumers,
+                )?;
+                let mut built = Leg::new(&leg.name, &leg.path, through).optional(leg.optional);
                 if let Some(timeout) = leg.timeout {
                     built = built.timeout(timeout);
                 }
@@ -845,6 +1047,132 @@ fn with_plugins(
         stack = plugin.wrap(stack);
     }
     Ok(stack)
+}
+
+/// Where a service's requests go: one proxy, or a split between versions.
+#[derive(Clone)]
+enum Upstreams {
+    One(Proxy),
+    Split(Split),
+}
+
+impl Upstreams {
+    fn with_preserve_host(self, preserve: bool) -> Self {
+        match self {
+            Self::One(proxy) => Self::One(proxy.with_preserve_host(preserve)),
+            Self::Split(split) => Self::Split(split.with_preserve_host(preserve)),
+        }
+    }
+
+    fn boxed(self) -> RouteService {
+        match self {
+            Self::One(proxy) => BoxCloneSyncService::new(proxy),
+            Self::Split(split) => BoxCloneSyncService::new(split),
+        }
+    }
+}
+
+/// The split of a `discovery` service between its versions' instances, one discovered
+/// proxy per subset.
+fn split(
+    service: &ServiceSpec,
+    release: &ReleaseSpec,
+    resources: &Resources,
+    trusted_ips: &[ipnet::IpNet],
+    place: &str,
+) -> Result<Split, ConfigError> {
+    let at =
+        |field: &str, reason: String| ConfigError::at(format!("{place}.release{field}"), reason);
+    let Some(name) = &service.discovery else {
+        return Err(at(
+            "",
+            "`release` splits a service's instances by version: it needs `discovery`".to_owned(),
+        ));
+    };
+    let mut builder = Split::builder(name.as_str());
+    for (index, subset) in release.subsets.iter().enumerate() {
+        // The service itself is checked (and its proxy built) the usual way, once per
+        // subset, over that version's instances only.
+        let discover = resources.discover.clone().map(|all| {
+            Arc::new(micro_discovery::subset::VersionSubset::new(
+                all,
+                subset.version.as_str(),
+            )) as Arc<dyn Discover>
+        });
+        let resources = Resources {
+            discover,
+            ..resources.clone()
+        };
+        let proxy = proxy(service, &resources, trusted_ips)
+            .map_err(|reason| ConfigError::at(place, reason))?;
+        if subset.name.is_empty() {
+            return Err(at(
+                &format!(".subsets[{index}].name"),
+                "a subset needs a name".to_owned(),
+            ));
+        }
+        builder = builder.subset(subset.name.as_str(), proxy, subset.weight);
+    }
+    match &release.sticky {
+        None => {}
+        Some(StickySpec::Subject) => builder = builder.sticky(StickyKey::Subject),
+        Some(StickySpec::Header(header)) => {
+            let header = http::HeaderName::try_from(header.as_str())
+                .map_err(|_| at(".sticky.header", format!("`{header}` is not a header name")))?;
+            builder = builder.sticky(StickyKey::Header(header));
+        }
+        Some(StickySpec::Cookie(cookie)) => {
+            builder = builder.sticky(StickyKey::Cookie(cookie.clone()));
+        }
+    }
+    if let Some(remember) = &release.remember {
+        builder = builder.remember(remember.cookie.as_str(), remember.lifetime);
+    }
+    if let Some(rollout) = &release.rollout {
+        let defaults = RolloutPolicy::default();
+        let mut policy = defaults.clone();
+        policy.steps = rollout.steps.clone().unwrap_or(defaults.steps);
+        policy.step_time = rollout.step_time.unwrap_or(defaults.step_time);
+        policy.step_requests = rollout.step_requests.unwrap_or(defaults.step_requests);
+        policy.max_error_rate = rollout.max_error_rate.unwrap_or(defaults.max_error_rate);
+        policy.max_latency_ratio = rollout
+            .max_latency_ratio
+            .unwrap_or(defaults.max_latency_ratio);
+        let version = |name: &str| {
+            release
+                .subsets
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.version.clone())
+                .ok_or_else(|| at(".rollout", format!("there is no subset `{name}`")))
+        };
+        let id = format!(
+            "{name}: {} -> {} {policy:?}",
+            version(&rollout.stable)?,
+            version(&rollout.canary)?
+        );
+        builder = builder
+            .rollout(rollout.stable.as_str(), rollout.canary.as_str(), policy)
+            .rollout_kept_in(&resources.rollouts, id);
+    }
+    if let Some(force) = &release.force {
+        if let Some(header) = &force.header {
+            let name = http::HeaderName::try_from(header.as_str())
+                .map_err(|_| at(".force.header", format!("`{header}` is not a header name")))?;
+            builder = builder.force_header(name);
+        }
+        if let Some(cookie) = &force.cookie {
+            builder = builder.force_cookie(cookie.as_str());
+        }
+    }
+    builder.build().map_err(|error| {
+        let field = match &error {
+            crate::release::SplitError::CookieName(_) => "",
+            crate::release::SplitError::Rollout(_) => ".rollout",
+            _ => ".subsets",
+        };
+        at(field, error.to_string())
+    })
 }
 
 /// The proxy to a service: its fixed URL, or its instances in discovery.

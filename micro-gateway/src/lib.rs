@@ -65,6 +65,7 @@
 //! | `micro_gateway_upstream_errors_total` | counter | `route`, `upstream`, `reason` |
 //! | `micro_gateway_rejections_total` | counter | `reason` (and `route` once matched) |
 //! | `micro_gateway_config_reloads_total` | counter | `result` (`ok`, `error`) |
+//! | `micro_gateway_subset_responses_total` | counter | `service`, `subset`, `class` (see [`release`]) |
 //!
 //! # Features
 //!
@@ -77,9 +78,11 @@
 pub mod compose;
 pub mod config;
 pub mod error;
+mod forwarded;
 pub mod gateway;
 pub mod path;
 pub mod plugins;
 pub mod proxy;
+pub mod release;
 pub mod reload;
 pub mod routing;

@@ -143,7 +143,7 @@
 //!
 //! | feature | default | what it enables |
 //! |---|---|---|
-//! | `postgres` | no | `log::PostgresSagaLog`, the saga log in PostgreSQL (tokio-postgres) |
+//! | `postgres` | no | `log::PostgresSagaLog`, the saga log in PostgreSQL, on a deadpool-postgres pool (tokio-postgres) |
 //! | `embedded` | no | `log::EmbeddedSagaLog`, the saga log in a redb file on local disk |
 //! | `testkit` | no | the `testkit` module, to drive a saga step by step in tests and inject faults |
 //!

@@ -50,7 +50,8 @@ pub struct StepPolicy {
     #[serde(with = "duration::option")]
     pub timeout: Option<Duration>,
     /// Attempts at the action in all, the first included. Default `3`; `0`
-    /// counts as `1`.
+    /// counts as `1`; [`UNBOUNDED`](Self::UNBOUNDED) sets no bound (see
+    /// [`until_done`](Self::until_done)).
     pub max_attempts: u32,
     /// The longest an action may be tried, from its first attempt as the
     /// saga log recorded it (so the bound holds across restarts), on top of
@@ -62,6 +63,7 @@ pub struct StepPolicy {
     pub resolve_within: Option<Duration>,
     /// Attempts at the compensation in all. Default `10`: a compensation
     /// that cannot run leaves an effect behind, so it is tried harder.
+    /// [`UNBOUNDED`](Self::UNBOUNDED) sets no bound.
     pub compensation_max_attempts: u32,
     /// The delay before the first retry, before jitter. Default 100 ms.
     #[serde(with = "duration")]
@@ -78,9 +80,58 @@ pub struct StepPolicy {
 }
 
 impl StepPolicy {
+    /// The attempt count that is no bound: a step with it as
+    /// [`max_attempts`](Self::max_attempts) (or a compensation, as
+    /// [`compensation_max_attempts`](Self::compensation_max_attempts)) is
+    /// tried until it gives a definite answer.
+    pub const UNBOUNDED: u32 = u32::MAX;
+
     /// The default policy.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Forward recovery: the step is retried, with backoff up to
+    /// [`max_backoff`](Self::max_backoff), until it is done. Every transient
+    /// refusal and every unknown outcome (a timeout, a connection lost in
+    /// flight) is tried again with the same idempotency key, without a bound
+    /// on the attempts or the time ([`max_attempts`](Self::max_attempts) and
+    /// [`compensation_max_attempts`](Self::compensation_max_attempts) become
+    /// [`UNBOUNDED`](Self::UNBOUNDED), [`resolve_within`](Self::resolve_within)
+    /// is removed); only a definite refusal ([`StepError::permanent`]) fails
+    /// the step.
+    ///
+    /// For the steps after a pivot that must go through once it passed (a
+    /// cancellation that refunded the payment must return the stock), and
+    /// for sagas made only of such steps. The step must be idempotent by its
+    /// key and tolerate "nothing to do" (it may have taken effect in an
+    /// attempt whose answer was lost), and the participant it calls must
+    /// come back some day: the saga waits for it, resumed by recovery after
+    /// a restart, with its attempts counted in the log.
+    ///
+    /// ```
+    /// use micro_saga::StepPolicy;
+    /// use std::time::Duration;
+    ///
+    /// let policy = StepPolicy::new().max_backoff(Duration::from_secs(5)).until_done();
+    /// assert!(policy.is_until_done());
+    /// assert_eq!(policy.max_attempts, StepPolicy::UNBOUNDED);
+    /// assert_eq!(policy.max_backoff, Duration::from_secs(5));
+    /// assert!(!StepPolicy::new().is_until_done());
+    /// ```
+    ///
+    /// [`StepError::permanent`]: crate::StepError::permanent
+    pub fn until_done(mut self) -> Self {
+        self.max_attempts = Self::UNBOUNDED;
+        self.compensation_max_attempts = Self::UNBOUNDED;
+        self.resolve_within = None;
+        self
+    }
+
+    /// Whether the action is retried until it is done
+    /// ([`until_done`](Self::until_done)): its attempts and time are unbounded.
+    pub fn is_until_done(&self) -> bool {
+        self.max_attempts == Self::UNBOUNDED && self.resolve_within.is_none()
     }
 
     /// The backoff and attempts of micro-core's [`RetryConfig`] (its retry

@@ -492,7 +492,7 @@ impl SagaInstance {
             Transition::StepStarted { step, .. } => {
                 let state = &mut self.steps[*step];
                 state.status = StepStatus::Running;
-                state.attempts += 1;
+                state.attempts = state.attempts.saturating_add(1);
             }
             Transition::StepSucceeded { step, output, .. } => {
                 let state = &mut self.steps[*step];
@@ -518,7 +518,7 @@ impl SagaInstance {
             Transition::CompensationStarted { step, .. } => {
                 let state = &mut self.steps[*step];
                 state.status = StepStatus::Compensating;
-                state.compensation_attempts += 1;
+                state.compensation_attempts = state.compensation_attempts.saturating_add(1);
             }
             Transition::CompensationSucceeded { step, .. } => {
                 self.steps[*step].status = StepStatus::Compensated;

@@ -60,8 +60,22 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// An error of the service's own: `503 service_unavailable` when its database cannot
+/// be reached now (the client may try again), else `500 internal`. The error itself
+/// goes to the log, not to the client.
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
+        if crate::store::unreachable(&error) {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "the database cannot be reached"
+            );
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the service cannot reach its data now; try again",
+            );
+        }
         tracing::error!(error = format!("{error:#}"), "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -10,11 +10,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use micro_core::client::HttpClient;
+use micro_core::grpc::GrpcChannel;
 use micro_core::host::{HostConfig, RunningHost, ServiceHost, ServiceHostBuilder};
 use micro_core::identity::KeyRing;
+use micro_core::resilience::{ResiliencePolicy, RetryConfig};
 use micro_core::service::Service;
 use micro_core::telemetry::TelemetryConfig;
 use micro_discovery::client::ServiceClient;
+use micro_discovery::grpc::GrpcClient;
 use micro_discovery::host::ServiceHostBuilderExt;
 use micro_discovery::identity::ProvenOnly;
 use micro_discovery::memory::MemoryRegistry;
@@ -66,6 +69,10 @@ pub struct ShopConfig {
     pub payment_hang: Duration,
     /// Units of each product in stock when the inventory starts empty.
     pub initial_stock: i64,
+    /// A fault for demos and tests: the inventory service refuses every release of
+    /// stock (`503`), as if it were down for them, so that cancels wait in `CANCELLING`
+    /// until an inventory without it runs. Off by default.
+    pub inventory_refuses_releases: bool,
     /// The HS256 secret the user service signs tokens with and the gateway checks them
     /// with. Set your own (`SHOP_JWT_SECRET`) anywhere but on your machine: `shop serve`
     /// refuses the built-in one.
@@ -162,6 +169,20 @@ impl Default for Listen {
 }
 
 impl Listen {
+    /// Each service's name with where it listens, the gateway first.
+    pub fn each(&self) -> [(&'static str, SocketAddr); 8] {
+        [
+            ("gateway", self.gateway),
+            ("user", self.user),
+            ("product", self.product),
+            ("order", self.order),
+            ("cart", self.cart),
+            ("payment", self.payment),
+            ("inventory", self.inventory),
+            ("notification", self.notification),
+        ]
+    }
+
     /// Every service on a free loopback port, for tests.
     pub fn ephemeral() -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -195,6 +216,7 @@ impl Default for ShopConfig {
             gateway_config: None,
             payment_hang: Duration::from_secs(30),
             initial_stock: 100,
+            inventory_refuses_releases: false,
             jwt_secret: SecretString::new(DEVELOPMENT_JWT_SECRET),
             identity_secret: None,
             identity_keys_file: None,
@@ -320,18 +342,18 @@ async fn postgres_order_storage(
     url: &str,
 ) -> anyhow::Result<(Ledger, Arc<dyn SagaLog>)> {
     let prefix = &config.postgres_schema;
+    // One pool for the orders, their outbox and relay, and the saga log: one readiness
+    // check covers them all.
+    let pool = crate::store::postgres::pool(url, "order-service")?;
     let ledger = Ledger::postgres(
-        url,
+        pool.clone(),
         &format!("{prefix}_orders"),
         infra.order_publisher(),
         config.order_events(),
     )
     .await?;
-    let client = crate::store::postgres::connect(url).await?;
-    let sagas = micro_saga::log::PostgresSagaLog::with_schema(
-        Arc::new(client),
-        format!("{prefix}_order_sagas"),
-    )?;
+    let sagas =
+        micro_saga::log::PostgresSagaLog::with_schema(pool, format!("{prefix}_order_sagas"))?;
     sagas.install().await?;
     Ok((ledger, Arc::new(sagas)))
 }
@@ -420,6 +442,19 @@ fn client(infra: &Infra, from: &str, to: &str) -> anyhow::Result<HttpClient> {
         .sign_as(infra.keys.clone(), from)
         .build()?
         .into_http())
+}
+
+/// A gRPC channel to the service `to` found in discovery, signing each call as `from`;
+/// the product service's reads are idempotent, so they are retried on another instance.
+fn grpc_client(infra: &Infra, from: &str, to: &str) -> anyhow::Result<GrpcChannel> {
+    let client = GrpcClient::builder(infra.discover.clone(), to)
+        .idempotent(crate::product_grpc::SERVICE)
+        .policy(ResiliencePolicy::new().retry(RetryConfig::new().max_attempts(3)))
+        .timeout(Duration::from_secs(5))
+        .sign_as(infra.keys.clone(), from)
+        .build()
+        .map_err(|error| anyhow::anyhow!("the grpc client of {to}: {error}"))?;
+    Ok(client.channel())
 }
 
 /// Where the services find each other and send their events.
@@ -548,7 +583,8 @@ async fn add(
                 .iter()
                 .map(|p| (p.id.clone(), config.initial_stock))
                 .collect();
-            let inventory = Inventory::new(store(config, "inventory")?, &initial)?;
+            let inventory = Inventory::new(store(config, "inventory")?, &initial)?
+                .refusing_releases(config.inventory_refuses_releases);
             handles.inventory = Some(inventory.clone());
             hosted(builder, infra, config, inventory, listen.inventory).await?
         }
@@ -580,7 +616,7 @@ async fn add(
             };
             let carts = Carts::new(
                 carts_store,
-                client(infra, "cart-service", "product-service")?,
+                grpc_client(infra, "cart-service", "product-service")?,
             );
             hosted(builder, infra, config, carts, listen.cart).await?
         }
@@ -628,14 +664,10 @@ const SIGNS_OR_CHECKS_TOKENS: [&str; 2] = ["user", "gateway"];
 
 /// Refuses a `jwt_secret` that anyone could guess: the built-in development default (it is
 /// in the repository), anything shorter than 32 bytes, or a known placeholder. Only the
-/// one-process mode on loopback (`cargo run -p shop`) runs with the default.
-fn check_jwt_secret(secret: &str) -> anyhow::Result<()> {
-    trust::secret_setting(
-        "jwt_secret",
-        "SHOP_JWT_SECRET",
-        " outside the one-process mode",
-        secret,
-    )?;
+/// one-process mode on loopback (`cargo run -p shop`) runs with the default; `when` says
+/// why this one may not (" outside the one-process mode", say).
+fn check_jwt_secret(secret: &str, when: &str) -> anyhow::Result<()> {
+    trust::secret_setting("jwt_secret", "SHOP_JWT_SECRET", when, secret)?;
     Ok(())
 }
 
@@ -668,7 +700,7 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
         );
     }
     if SIGNS_OR_CHECKS_TOKENS.contains(&name) {
-        check_jwt_secret(config.jwt_secret.expose())?;
+        check_jwt_secret(config.jwt_secret.expose(), " outside the one-process mode")?;
     }
     let Some(keys) = configured_keys(config)? else {
         anyhow::bail!(
@@ -685,6 +717,19 @@ pub async fn serve(config: &ShopConfig, name: &str) -> anyhow::Result<RunningHos
 
 /// Starts every service and the gateway in this process, on embedded defaults.
 pub async fn start(config: &ShopConfig) -> anyhow::Result<Shop> {
+    // Reachable from other machines, the shop is no longer only its developer's: the
+    // token secret must be one nobody else knows.
+    let exposed = config
+        .listen
+        .each()
+        .into_iter()
+        .find(|(_, at)| !at.ip().is_loopback());
+    if let Some((name, at)) = exposed {
+        check_jwt_secret(
+            config.jwt_secret.expose(),
+            &format!(" with the {name} service listening off loopback ({at})"),
+        )?;
+    }
     let registry = MemoryRegistry::new();
     let bus = MemoryBus::new();
     let keys = match configured_keys(config)? {

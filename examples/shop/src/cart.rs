@@ -1,5 +1,6 @@
 //! The cart service: one cart per signed-in user, priced from the catalog when a product
-//! is added (each line keeps that price snapshot).
+//! is added (each line keeps that price snapshot), asked over gRPC
+//! (`shop.product.v1.ProductService/GetProduct`).
 //!
 //! Adding a product that is already in the cart adds to its quantity; setting a quantity
 //! of 0 removes the line. A line holds 1 to [`MAX_QUANTITY`] units and a cart at most
@@ -9,12 +10,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use micro_core::client::HttpClient;
+use micro_core::grpc::GrpcChannel;
 use micro_core::service::Service;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, Body, UserId};
 use crate::catalog::{Money, Product};
+use crate::product_grpc::{pb, ProductServiceClient};
 use crate::store::Store;
 
 const CARTS: &str = "carts";
@@ -227,7 +229,7 @@ impl CartStore {
 #[derive(Debug, Clone)]
 pub struct Carts {
     store: CartStore,
-    products: HttpClient,
+    products: ProductServiceClient<GrpcChannel>,
 }
 
 fn check_quantity(quantity: i64, allow_zero: bool) -> Result<(), ApiError> {
@@ -243,9 +245,13 @@ fn check_quantity(quantity: i64, allow_zero: bool) -> Result<(), ApiError> {
 }
 
 impl Carts {
-    /// The service over `store`, pricing lines with the product service behind `products`.
-    pub fn new(store: CartStore, products: HttpClient) -> Self {
-        Self { store, products }
+    /// The service over `store`, pricing lines with the product service's gRPC
+    /// `ProductService` behind `products`.
+    pub fn new(store: CartStore, products: GrpcChannel) -> Self {
+        Self {
+            store,
+            products: ProductServiceClient::new(products),
+        }
     }
 
     /// The user's cart.
@@ -254,17 +260,18 @@ impl Carts {
     }
 
     async fn product(&self, sku: &str) -> Result<Product, ApiError> {
-        match self
-            .products
-            .get_json::<Product>(&format!("/products/{sku}"))
-            .await
-        {
+        let asked = pb::ProductRequest {
+            product_id: sku.to_owned(),
+        };
+        let answer = self.products.clone().get_product(asked).await;
+        match answer.and_then(|answer| Product::try_from(answer.into_inner())) {
             Ok(product) => Ok(product),
-            Err(error) if error.status() == Some(StatusCode::NOT_FOUND) => Err(
-                ApiError::not_found("product_not_found", format!("no product with id `{sku}`")),
-            ),
-            Err(error) => {
-                tracing::warn!(%error, "the product service failed");
+            Err(status) if status.code() == tonic::Code::NotFound => Err(ApiError::not_found(
+                "product_not_found",
+                format!("no product with id `{sku}`"),
+            )),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "the product service failed");
                 Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "catalog_unavailable",

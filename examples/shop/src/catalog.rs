@@ -47,7 +47,7 @@ pub struct Catalog {
 /// A `products` table in PostgreSQL.
 #[cfg(feature = "real-servers")]
 struct PgCatalog {
-    client: tokio_postgres::Client,
+    pool: micro_events::postgres::Pool,
     schema: String,
 }
 
@@ -78,7 +78,8 @@ impl Catalog {
     /// When PostgreSQL cannot be reached or the schema is not a plain name.
     #[cfg(feature = "real-servers")]
     pub async fn in_postgres(url: &str, schema: &str, seed: &Catalog) -> anyhow::Result<Self> {
-        let client = crate::store::postgres::connect_to_schema(url, schema).await?;
+        let pool = crate::store::postgres::pool_with_schema(url, schema, "product-service").await?;
+        let client = pool.get().await?;
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.products (
@@ -101,14 +102,14 @@ impl Catalog {
         Ok(Self {
             products: seed.products.clone(),
             postgres: Some(Arc::new(PgCatalog {
-                client,
+                pool,
                 schema: schema.to_owned(),
             })),
         })
     }
 
     /// The products matching `needle` (lowercase), a page of them and how many in all.
-    async fn find(
+    pub(crate) async fn find(
         &self,
         needle: Option<&str>,
         page: usize,
@@ -119,8 +120,8 @@ impl Catalog {
             let s = &pg.schema;
             let filter = "$1::text IS NULL OR strpos(lower(doc->>'name'), $1) > 0 \
                           OR strpos(lower(doc->>'description'), $1) > 0";
-            let total: i64 = pg
-                .client
+            let client = pg.pool.get().await?;
+            let total: i64 = client
                 .query_one(
                     &format!("SELECT count(*) FROM {s}.products WHERE {filter}"),
                     &[&needle],
@@ -131,8 +132,7 @@ impl Catalog {
                 i64::try_from(per_page)?,
                 i64::try_from((page - 1) * per_page)?,
             );
-            let rows = pg
-                .client
+            let rows = client
                 .query(
                     &format!(
                         "SELECT doc FROM {s}.products WHERE {filter} ORDER BY id LIMIT $2 OFFSET $3"
@@ -164,11 +164,14 @@ impl Catalog {
         Ok((items, matching.len()))
     }
 
-    async fn get(&self, id: &str) -> anyhow::Result<Option<Product>> {
+    /// The product `id`, if there is one.
+    pub(crate) async fn get(&self, id: &str) -> anyhow::Result<Option<Product>> {
         #[cfg(feature = "real-servers")]
         if let Some(pg) = &self.postgres {
             let row = pg
-                .client
+                .pool
+                .get()
+                .await?
                 .query_opt(
                     &format!("SELECT doc FROM {}.products WHERE id = $1", pg.schema),
                     &[&id],
@@ -232,8 +235,15 @@ fn first_page() -> usize {
 }
 
 fn default_per_page() -> usize {
-    20
+    DEFAULT_PER_PAGE
 }
+
+/// Products per page when the caller does not say.
+pub(crate) const DEFAULT_PER_PAGE: usize = 20;
+/// The most products per page, and per search page streamed over gRPC.
+pub(crate) const MAX_PER_PAGE: usize = 100;
+/// The most ids of one batch get.
+pub(crate) const MAX_BATCH: usize = 100;
 
 /// A page of products.
 #[derive(Debug, Serialize, Deserialize)]
@@ -272,7 +282,7 @@ async fn list(
         code: "invalid_query",
         message: rejection.body_text(),
     })?;
-    if query.page == 0 || !(1..=100).contains(&query.per_page) {
+    if query.page == 0 || !(1..=MAX_PER_PAGE).contains(&query.per_page) {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_paging",
@@ -349,7 +359,7 @@ async fn batch(
         .map(str::trim)
         .filter(|id| !id.is_empty())
         .collect();
-    if ids.is_empty() || ids.len() > 100 {
+    if ids.is_empty() || ids.len() > MAX_BATCH {
         return Err(ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_ids",
@@ -393,9 +403,15 @@ impl Service for Catalog {
             .with_state(self.clone())
     }
 
+    /// `shop.product.v1.ProductService`, from the same catalog; see [`crate::product_grpc`].
+    fn grpc(&self) -> Option<micro_core::grpc::GrpcServices> {
+        Some(crate::product_grpc::services(self.clone()))
+    }
+
     fn health_checks(&self) -> Vec<HealthCheck> {
         let products = self.products.clone();
-        vec![HealthCheck::new("catalog", move || {
+        #[cfg_attr(not(feature = "real-servers"), allow(unused_mut))]
+        let mut checks = vec![HealthCheck::new("catalog", move || {
             let loaded = !products.is_empty();
             async move {
                 if loaded {
@@ -404,7 +420,12 @@ impl Service for Catalog {
                     Err("the catalog is empty".into())
                 }
             }
-        })]
+        })];
+        #[cfg(feature = "real-servers")]
+        if let Some(pg) = &self.postgres {
+            checks.push(crate::store::postgres::health_check(&pg.pool));
+        }
+        checks
     }
 }
 
@@ -501,7 +522,10 @@ mod tests {
         );
         assert!(pg.get("SKU-9").await.unwrap().is_none());
         let pg = pg.postgres.unwrap();
-        pg.client
+        pg.pool
+            .get()
+            .await
+            .unwrap()
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await
             .unwrap();

@@ -68,7 +68,7 @@ pub struct Reservation {
 }
 
 /// `POST /inventory/reservations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ReserveRequest {
     /// The order the units are for.
     pub order_id: String,
@@ -80,6 +80,7 @@ pub struct ReserveRequest {
 #[derive(Debug, Clone)]
 pub struct Inventory {
     store: Store,
+    refuse_releases: bool,
 }
 
 impl Inventory {
@@ -103,7 +104,18 @@ impl Inventory {
             }
             Ok(())
         })?;
-        Ok(Self { store })
+        Ok(Self {
+            store,
+            refuse_releases: false,
+        })
+    }
+
+    /// A fault for demos and tests: every release is answered `503
+    /// inventory_unavailable`, as from an inventory that is down for them, and returns
+    /// nothing. Sagas retry the release until an inventory without the fault answers.
+    pub fn refusing_releases(mut self, refuse: bool) -> Self {
+        self.refuse_releases = refuse;
+        self
     }
 
     /// Every SKU's stock.
@@ -228,6 +240,13 @@ impl Inventory {
 
     /// The units return to stock (also after a commit, when a confirmed order is cancelled).
     pub fn release(&self, order_id: &str) -> Result<Reservation, ApiError> {
+        if self.refuse_releases {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "inventory_unavailable",
+                "stock cannot be returned now; try again",
+            ));
+        }
         self.settle(order_id, ReservationState::Released)
     }
 }

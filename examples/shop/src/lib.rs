@@ -14,6 +14,7 @@ pub mod loadgen;
 pub mod notification;
 pub mod order;
 pub mod payment;
+pub mod product_grpc;
 pub mod store;
 pub mod trust;
 pub mod user;

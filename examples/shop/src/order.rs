@@ -8,7 +8,15 @@
 //!   stock) and publishes `OrderConfirmed`. When the reservation fails the payment is
 //!   refunded and the order ends `CANCELLED` with the reason; when the refund keeps
 //!   failing it ends `REQUIRES_ATTENTION`.
-//! - Status moves only through [`Order::transition`], which rejects illegal moves.
+//! - `POST /orders/{id}/cancel` moves a confirmed order to `CANCELLING` and starts the
+//!   cancel-order saga: refund (the go/no-go), return the stock, record `CANCELLED` with
+//!   `OrderCancelled`; the steps after the refund retry until done, and recovery resumes
+//!   a cancel a crash interrupted. It answers `200` with the order once the saga is done
+//!   (it waits up to [`Orders::CANCEL_WAIT`]), `202` with the order `CANCELLING` before.
+//!   The refund and the release are the place-order saga's compensations, one code
+//!   path for both sagas.
+//! - Status is written only by [`Ledger::transition`], checked by [`Order::transition`],
+//!   which rejects illegal moves.
 //! - Events go through the outbox of the order's [`Ledger`] (its embedded store, or
 //!   PostgreSQL with micro-events' outbox) and a relay to the bus.
 
@@ -25,8 +33,8 @@ use micro_core::client::HttpClient;
 use micro_core::error::BoxError;
 use micro_core::service::Service;
 use micro_saga::{
-    idempotency_key, Orchestrator, Phase, SagaDefinition, SagaInstance, SagaLog, SagaStatus,
-    StepError, StepOutput, StepPolicy,
+    idempotency_key, Orchestrator, Phase, SagaDefinition, SagaHandle, SagaInstance, SagaLog,
+    SagaStatus, StepContext, StepError, StepOutput, StepPolicy,
 };
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -36,13 +44,13 @@ use crate::api::{ApiError, Body, IdempotencyKey, UserId};
 use crate::cart::{CartView, Line};
 use crate::catalog::Money;
 use crate::events::OrderEvent;
-use crate::inventory::Item;
+use crate::inventory::{Item, ReserveRequest};
 use crate::payment::{ChargeRequest, Payment, PaymentMethod};
 use micro_core::identity::OnBehalfOf;
 
 mod ledger;
 
-pub use self::ledger::Ledger;
+pub use self::ledger::{Ledger, Transitioned};
 
 /// Where an order is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -54,6 +62,9 @@ pub enum OrderStatus {
     Paid,
     /// Paid and reserved: it will ship.
     Confirmed,
+    /// Its customer cancelled it: the cancel-order saga is refunding the payment and
+    /// returning the stock, and will record it `CANCELLED`.
+    Cancelling,
     /// On its way.
     Shipped,
     /// Arrived.
@@ -72,14 +83,18 @@ impl OrderStatus {
             (self, to),
             (Pending, Paid | Cancelled | RequiresAttention)
                 | (Paid, Confirmed | Cancelled | RequiresAttention)
-                | (Confirmed, Shipped | Cancelled | RequiresAttention)
+                | (Confirmed, Shipped | Cancelling | RequiresAttention)
+                | (Cancelling, Cancelled | Confirmed | RequiresAttention)
                 | (Shipped, Delivered)
         )
     }
 
     /// Whether the order will not move again by itself.
     pub fn is_final(self) -> bool {
-        !matches!(self, OrderStatus::Pending | OrderStatus::Paid)
+        !matches!(
+            self,
+            OrderStatus::Pending | OrderStatus::Paid | OrderStatus::Cancelling
+        )
     }
 }
 
@@ -220,6 +235,7 @@ struct Inner {
     upstreams: Upstreams,
     orchestrator: Orchestrator,
     saga: SagaDefinition<Checkout>,
+    cancel: SagaDefinition<Cancellation>,
     relay: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     recovery: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -273,220 +289,402 @@ fn describe(error: &micro_core::client::Error) -> String {
         .unwrap_or_else(|| error.to_string())
 }
 
-fn order_saga(
-    ledger: Ledger,
-    upstreams: Upstreams,
-) -> micro_saga::Result<SagaDefinition<Checkout>> {
-    let (charge_ledger, charge_client) = (ledger.clone(), upstreams.payments.clone());
-    let (refund_ledger, refund_client) = (ledger.clone(), upstreams.payments.clone());
-    let (reserve_ledger, reserve_client) = (ledger.clone(), upstreams.inventory.clone());
-    let release_client = upstreams.inventory.clone();
-    let (confirm_ledger, confirm_client) = (ledger.clone(), upstreams.inventory.clone());
-    let notify_ledger = ledger;
-    let calls = StepPolicy::new()
+/// The place-order saga's name in the saga log.
+const PLACE_ORDER: &str = "place-order";
+/// The cancel-order saga's name in the saga log.
+const CANCEL_ORDER: &str = "cancel-order";
+
+/// The policy of calls to the other services: each attempt bounded, a few retries.
+fn calls() -> StepPolicy {
+    StepPolicy::new()
         .timeout(Duration::from_secs(2))
         .max_attempts(3)
         .compensation_max_attempts(5)
         .initial_backoff(Duration::from_millis(50))
-        .max_backoff(Duration::from_millis(500));
+        .max_backoff(Duration::from_millis(500))
+}
 
-    SagaDefinition::<Checkout>::builder("place-order")
-        .policy(calls)
+/// What the cancel-order saga carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cancellation {
+    /// The order.
+    pub order_id: String,
+    /// Its captured payment, to refund.
+    pub payment_id: String,
+    /// Why it is cancelled, for its history and its `OrderCancelled`.
+    pub reason: String,
+}
+
+impl Cancellation {
+    /// The cancellation of a confirmed (or cancelling) order.
+    fn of(order: &Order) -> anyhow::Result<Self> {
+        let payment_id = order
+            .payment_id
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("order `{}` has no payment to refund", order.id))?;
+        Ok(Self {
+            order_id: order.id.clone(),
+            payment_id,
+            reason: CANCELLED_BY_CUSTOMER.to_owned(),
+        })
+    }
+
+    /// The id of the cancel saga of `order`: one per time the order moved to
+    /// `CANCELLING`, so that a cancel refused once can be asked for again.
+    fn saga_id(order: &Order) -> String {
+        let asked = order
+            .history
+            .iter()
+            .filter(|c| c.status == OrderStatus::Cancelling)
+            .count();
+        format!("{}{CANCEL_SAGA}{asked}", order.id)
+    }
+
+    /// The order a cancel saga id (from [`Cancellation::saga_id`]) is for.
+    fn order_of(saga_id: &str) -> Option<&str> {
+        saga_id.rsplit_once(CANCEL_SAGA).map(|(order, _)| order)
+    }
+}
+
+/// What separates the order id from the attempt in a cancel saga's id.
+const CANCEL_SAGA: &str = ":cancel-";
+const CANCEL_REQUESTED: &str = "cancel requested by the customer";
+const CANCELLED_BY_CUSTOMER: &str = "cancelled by the customer";
+
+/// What the steps of both sagas act on: the order's ledger and the services it calls.
+/// One value shared by every step, instead of clones captured per closure.
+#[derive(Debug, Clone)]
+struct Participants {
+    ledger: Ledger,
+    upstreams: Upstreams,
+}
+
+/// A step written as a function of the participants and the step's context.
+fn with<C, T, F, Fut>(
+    participants: &Participants,
+    step: F,
+) -> impl Fn(StepContext<C>) -> Fut + Send + Sync + 'static
+where
+    F: Fn(Participants, StepContext<C>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<T, StepError>> + Send + 'static,
+{
+    let participants = participants.clone();
+    move |cx| step(participants.clone(), cx)
+}
+
+impl Participants {
+    /// charge-payment: captures the order's total; the order becomes `PAID`.
+    async fn charge(self, cx: StepContext<Checkout>) -> Result<StepOutput<Checkout>, StepError> {
+        let checkout = cx.data();
+        let body = ChargeRequest {
+            order_id: checkout.order_id.clone(),
+            amount: checkout.total.clone(),
+            payment_method: checkout.payment_method.clone(),
+        };
+        let charged = self
+            .upstreams
+            .payments
+            .request(http::Method::POST, "/payments")
+            .idempotency_key(cx.idempotency_key())
+            .extension(OnBehalfOf::user(&checkout.user_id))
+            .json(&body)
+            .send_json::<Payment>()
+            .await;
+        let id = format!("{}:payment", cx.idempotency_key());
+        match charged {
+            Ok(payment) => {
+                let event = OrderEvent::PaymentProcessed {
+                    order_id: checkout.order_id.clone(),
+                    payment_id: payment.id.clone(),
+                };
+                self.ledger
+                    .transition(
+                        &checkout.order_id,
+                        OrderStatus::Paid,
+                        "payment captured",
+                        Some(&payment.id),
+                        |_| vec![(id, event)],
+                    )
+                    .await
+                    .map_err(unstored)?
+                    .warn_if_refused(&checkout.order_id);
+                StepOutput::json(&payment.id)
+            }
+            Err(error) => {
+                let failure = step_error(error, "payment failed");
+                Err(failed(&self.ledger, id, failure, |reason| {
+                    OrderEvent::PaymentFailed {
+                        order_id: checkout.order_id.clone(),
+                        reason,
+                    }
+                })
+                .await)
+            }
+        }
+    }
+
+    /// charge-payment's compensation: refunds what the charge captured, or, when the
+    /// charge never answered, whatever its key charged (nothing charged is nothing to
+    /// undo).
+    async fn refund_charge(self, cx: StepContext<Checkout>) -> Result<(), StepError> {
+        let payment_id = match cx.output() {
+            Some(_) => cx.output_as::<String>()?,
+            None => {
+                let key = idempotency_key(cx.saga_id(), cx.step(), Phase::Action);
+                let refunded = self
+                    .upstreams
+                    .payments
+                    .request(
+                        http::Method::POST,
+                        &format!("/payments/by-key/{key}/refund"),
+                    )
+                    .idempotency_key(cx.idempotency_key())
+                    .send_json::<Option<Payment>>()
+                    .await
+                    .map_err(|e| step_error(e, "refund failed"))?;
+                match refunded {
+                    Some(payment) => payment.id,
+                    None => return Ok(()),
+                }
+            }
+        };
+        self.refund(&cx.data().order_id, &payment_id, cx.idempotency_key())
+            .await
+    }
+
+    /// cancel-order's refund-payment.
+    async fn refund_cancelled(
+        self,
+        cx: StepContext<Cancellation>,
+    ) -> Result<StepOutput<Cancellation>, StepError> {
+        let cancellation = cx.data();
+        self.refund(
+            &cancellation.order_id,
+            &cancellation.payment_id,
+            cx.idempotency_key(),
+        )
+        .await?;
+        Ok(StepOutput::empty())
+    }
+
+    /// The refund, for both sagas: the payment goes back (again is nothing more: the
+    /// payment service refunds a payment once), then `PaymentRefunded`, its id from
+    /// the step's key, so that a step run again writes the same event.
+    async fn refund(&self, order_id: &str, payment_id: &str, key: &str) -> Result<(), StepError> {
+        self.upstreams
+            .payments
+            .request(
+                http::Method::POST,
+                &format!("/payments/{payment_id}/refund"),
+            )
+            .idempotency_key(key)
+            .send()
+            .await
+            .map_err(|e| step_error(e, "refund failed"))?;
+        let event = OrderEvent::PaymentRefunded {
+            order_id: order_id.to_owned(),
+            payment_id: payment_id.to_owned(),
+        };
+        self.ledger
+            .event(format!("{key}:refund"), event)
+            .await
+            .map_err(unstored)
+    }
+
+    /// reserve-inventory: holds every line's units, or none.
+    async fn reserve(self, cx: StepContext<Checkout>) -> Result<StepOutput<Checkout>, StepError> {
+        let checkout = cx.data();
+        let body = ReserveRequest {
+            order_id: checkout.order_id.clone(),
+            items: checkout.items.clone(),
+        };
+        let reserved = self
+            .upstreams
+            .inventory
+            .request(http::Method::POST, "/inventory/reservations")
+            .idempotency_key(cx.idempotency_key())
+            .json(&body)
+            .send()
+            .await;
+        let id = format!("{}:reservation", cx.idempotency_key());
+        let order_id = checkout.order_id.clone();
+        match reserved {
+            Ok(_) => {
+                self.ledger
+                    .event(id, OrderEvent::InventoryReserved { order_id })
+                    .await
+                    .map_err(unstored)?;
+                Ok(StepOutput::empty())
+            }
+            Err(error) => {
+                let failure = step_error(error, "reservation failed");
+                Err(failed(&self.ledger, id, failure, |reason| {
+                    OrderEvent::InventoryReservationFailed { order_id, reason }
+                })
+                .await)
+            }
+        }
+    }
+
+    /// reserve-inventory's compensation.
+    async fn release_reservation(self, cx: StepContext<Checkout>) -> Result<(), StepError> {
+        self.release(&cx.data().order_id, cx.idempotency_key())
+            .await
+    }
+
+    /// cancel-order's return-stock.
+    async fn return_stock(
+        self,
+        cx: StepContext<Cancellation>,
+    ) -> Result<StepOutput<Cancellation>, StepError> {
+        self.release(&cx.data().order_id, cx.idempotency_key())
+            .await?;
+        Ok(StepOutput::empty())
+    }
+
+    /// The release, for both sagas: the order's units go back to stock, whether they
+    /// were held or had left with the confirmed order; releasing what was never
+    /// reserved, or again, is nothing more.
+    async fn release(&self, order_id: &str, key: &str) -> Result<(), StepError> {
+        self.upstreams
+            .inventory
+            .request(
+                http::Method::POST,
+                &format!("/inventory/reservations/{order_id}/release"),
+            )
+            .idempotency_key(key)
+            .send()
+            .await
+            .map_err(|e| step_error(e, "release failed"))?;
+        Ok(())
+    }
+
+    /// confirm-order, the pivot: commits the reservation; the order becomes `CONFIRMED`.
+    async fn confirm(self, cx: StepContext<Checkout>) -> Result<StepOutput<Checkout>, StepError> {
+        let order_id = &cx.data().order_id;
+        self.upstreams
+            .inventory
+            .request(
+                http::Method::POST,
+                &format!("/inventory/reservations/{order_id}/commit"),
+            )
+            .idempotency_key(cx.idempotency_key())
+            .send()
+            .await
+            .map_err(|e| step_error(e, "commit failed"))?;
+        self.ledger
+            .transition(
+                order_id,
+                OrderStatus::Confirmed,
+                "paid and reserved",
+                None,
+                |_| Vec::new(),
+            )
+            .await
+            .map_err(unstored)?
+            .warn_if_refused(order_id);
+        Ok(StepOutput::empty())
+    }
+
+    /// notify: publishes `OrderConfirmed`.
+    async fn notify(self, cx: StepContext<Checkout>) -> Result<StepOutput<Checkout>, StepError> {
+        let order = self
+            .ledger
+            .order(&cx.data().order_id)
+            .await
+            .map_err(unstored)?
+            .ok_or_else(|| StepError::permanent("the order is gone"))?;
+        let event = OrderEvent::OrderConfirmed {
+            order_id: order.id.clone(),
+            user_id: order.user_id.clone(),
+            total: order.total.clone(),
+        };
+        self.ledger
+            .event(cx.idempotency_key().to_owned(), event)
+            .await
+            .map_err(unstored)?;
+        Ok(StepOutput::empty())
+    }
+
+    /// cancel-order's record-cancelled: the order becomes `CANCELLED` with its
+    /// `OrderCancelled`, once the payment and the stock are back.
+    async fn record_cancelled(
+        self,
+        cx: StepContext<Cancellation>,
+    ) -> Result<StepOutput<Cancellation>, StepError> {
+        let cancellation = cx.data();
+        let moved = self
+            .ledger
+            .transition(
+                &cancellation.order_id,
+                OrderStatus::Cancelled,
+                &cancellation.reason,
+                None,
+                |order| vec![cancelled_event(order, &cancellation.reason)],
+            )
+            .await
+            .map_err(unstored)?;
+        match moved {
+            Transitioned::Moved(_) | Transitioned::Already(_) => Ok(StepOutput::empty()),
+            Transitioned::Refused(_, refused) => Err(StepError::permanent(refused.to_string())),
+            Transitioned::Missing => Err(StepError::permanent("the order is gone")),
+        }
+    }
+}
+
+/// The `OrderCancelled` of an order; one per order, whichever saga cancelled it.
+fn cancelled_event(order: &Order, reason: &str) -> ledger::Pending {
+    (
+        format!("{}:cancelled", order.id),
+        OrderEvent::OrderCancelled {
+            order_id: order.id.clone(),
+            user_id: order.user_id.clone(),
+            reason: reason.to_owned(),
+        },
+    )
+}
+
+/// charge → reserve → confirm (the pivot) → notify; a failure before the pivot refunds
+/// and releases.
+fn order_saga(participants: &Participants) -> micro_saga::Result<SagaDefinition<Checkout>> {
+    let p = participants;
+    SagaDefinition::<Checkout>::builder(PLACE_ORDER)
+        .policy(calls())
         .step(
             "charge-payment",
-            move |cx| {
-                let (ledger, payments) = (charge_ledger.clone(), charge_client.clone());
-                async move {
-                    let checkout = cx.data();
-                    let body = ChargeRequest {
-                        order_id: checkout.order_id.clone(),
-                        amount: checkout.total.clone(),
-                        payment_method: checkout.payment_method.clone(),
-                    };
-                    let charged = payments
-                        .request(http::Method::POST, "/payments")
-                        .idempotency_key(cx.idempotency_key())
-                        .extension(OnBehalfOf::user(&checkout.user_id))
-                        .json(&body)
-                        .send_json::<Payment>()
-                        .await;
-                    let id = format!("{}:payment", cx.idempotency_key());
-                    match charged {
-                        Ok(payment) => {
-                            let event = OrderEvent::PaymentProcessed {
-                                order_id: checkout.order_id.clone(),
-                                payment_id: payment.id.clone(),
-                            };
-                            ledger
-                                .moved(
-                                    &checkout.order_id,
-                                    OrderStatus::Paid,
-                                    "payment captured",
-                                    Some((id, event)),
-                                    Some(&payment.id),
-                                )
-                                .await
-                                .map_err(unstored)?;
-                            StepOutput::json(&payment.id)
-                        }
-                        Err(error) => {
-                            let failure = step_error(error, "payment failed");
-                            Err(
-                                failed(&ledger, id, failure, |reason| OrderEvent::PaymentFailed {
-                                    order_id: checkout.order_id.clone(),
-                                    reason,
-                                })
-                                .await,
-                            )
-                        }
-                    }
-                }
-            },
-            move |cx| {
-                let (ledger, payments) = (refund_ledger.clone(), refund_client.clone());
-                async move {
-                    let payment_id = match cx.output() {
-                        Some(_) => cx.output_as::<String>()?,
-                        None => {
-                            // The charge never answered: refund whatever its key charged
-                            // (nothing charged is nothing to undo).
-                            let key = idempotency_key(cx.saga_id(), cx.step(), Phase::Action);
-                            let refunded = payments
-                                .request(
-                                    http::Method::POST,
-                                    &format!("/payments/by-key/{key}/refund"),
-                                )
-                                .idempotency_key(cx.idempotency_key())
-                                .send_json::<Option<Payment>>()
-                                .await
-                                .map_err(|e| {
-                                    StepError::retryable(format!("refund failed: {}", describe(&e)))
-                                })?;
-                            match refunded {
-                                Some(payment) => payment.id,
-                                None => return Ok(()),
-                            }
-                        }
-                    };
-                    payments
-                        .request(
-                            http::Method::POST,
-                            &format!("/payments/{payment_id}/refund"),
-                        )
-                        .idempotency_key(cx.idempotency_key())
-                        .send()
-                        .await
-                        .map_err(|e| {
-                            StepError::retryable(format!("refund failed: {}", describe(&e)))
-                        })?;
-                    let event = OrderEvent::PaymentRefunded {
-                        order_id: cx.data().order_id.clone(),
-                        payment_id,
-                    };
-                    ledger
-                        .event(format!("{}:refund", cx.idempotency_key()), event)
-                        .await
-                        .map_err(unstored)?;
-                    Ok(())
-                }
-            },
+            with(p, Participants::charge),
+            with(p, Participants::refund_charge),
         )
         .step(
             "reserve-inventory",
-            move |cx| {
-                let (ledger, inventory) = (reserve_ledger.clone(), reserve_client.clone());
-                async move {
-                    let checkout = cx.data();
-                    let body = serde_json::json!({
-                        "order_id": checkout.order_id,
-                        "items": checkout.items,
-                    });
-                    let reserved = inventory
-                        .request(http::Method::POST, "/inventory/reservations")
-                        .idempotency_key(cx.idempotency_key())
-                        .json(&body)
-                        .send()
-                        .await;
-                    let id = format!("{}:reservation", cx.idempotency_key());
-                    let order_id = checkout.order_id.clone();
-                    match reserved {
-                        Ok(_) => {
-                            ledger
-                                .event(id, OrderEvent::InventoryReserved { order_id })
-                                .await
-                                .map_err(unstored)?;
-                            Ok(StepOutput::empty())
-                        }
-                        Err(error) => {
-                            let failure = step_error(error, "reservation failed");
-                            Err(failed(&ledger, id, failure, |reason| {
-                                OrderEvent::InventoryReservationFailed { order_id, reason }
-                            })
-                            .await)
-                        }
-                    }
-                }
-            },
-            move |cx| {
-                let inventory = release_client.clone();
-                async move {
-                    let path = format!("/inventory/reservations/{}/release", cx.data().order_id);
-                    inventory
-                        .request(http::Method::POST, &path)
-                        .idempotency_key(cx.idempotency_key())
-                        .send()
-                        .await
-                        .map_err(|e| step_error(e, "release failed"))?;
-                    Ok(())
-                }
-            },
+            with(p, Participants::reserve),
+            with(p, Participants::release_reservation),
         )
-        .pivot("confirm-order", move |cx| {
-            let (ledger, inventory) = (confirm_ledger.clone(), confirm_client.clone());
-            async move {
-                let order_id = &cx.data().order_id;
-                inventory
-                    .request(
-                        http::Method::POST,
-                        &format!("/inventory/reservations/{order_id}/commit"),
-                    )
-                    .idempotency_key(cx.idempotency_key())
-                    .send()
-                    .await
-                    .map_err(|e| step_error(e, "commit failed"))?;
-                ledger
-                    .moved(
-                        order_id,
-                        OrderStatus::Confirmed,
-                        "paid and reserved",
-                        None,
-                        None,
-                    )
-                    .await
-                    .map_err(unstored)?;
-                Ok(StepOutput::empty())
-            }
-        })
-        .final_step("notify", move |cx| {
-            let ledger = notify_ledger.clone();
-            async move {
-                let order = ledger
-                    .order(&cx.data().order_id)
-                    .await
-                    .map_err(unstored)?
-                    .ok_or_else(|| StepError::permanent("the order is gone"))?;
-                let event = OrderEvent::OrderConfirmed {
-                    order_id: order.id.clone(),
-                    user_id: order.user_id.clone(),
-                    total: order.total.clone(),
-                };
-                ledger
-                    .event(cx.idempotency_key().to_owned(), event)
-                    .await
-                    .map_err(unstored)?;
-                Ok(StepOutput::empty())
-            }
-        })
+        // Past the pivot the order is kept: a step that can't tell (a call or a write of
+        // our own that failed for now, a database blip) is retried until it can, never
+        // turned into an order that needs attention.
+        .policy(calls().max_backoff(Duration::from_secs(2)).until_done())
+        .pivot("confirm-order", with(p, Participants::confirm))
+        .final_step("notify", with(p, Participants::notify))
+        .build()
+}
+
+/// The cancel of a confirmed order, which is `CANCELLING` before it starts: the refund
+/// (the place-order saga's own, bounded as its compensation is) is the go/no-go, since
+/// the payment service may refuse it; once the money is back, the stock is returned
+/// (the place-order saga's release) and the order recorded `CANCELLED`, each retried
+/// until done (forward recovery). A refund refused for good leaves nothing applied, and
+/// the order goes back to `CONFIRMED`; one that keeps failing makes it
+/// `REQUIRES_ATTENTION`.
+fn cancel_saga(participants: &Participants) -> micro_saga::Result<SagaDefinition<Cancellation>> {
+    let p = participants;
+    let forward = calls().max_backoff(Duration::from_secs(2)).until_done();
+    SagaDefinition::<Cancellation>::builder(CANCEL_ORDER)
+        .policy(calls().max_attempts(calls().compensation_max_attempts))
+        .pivot("refund-payment", with(p, Participants::refund_cancelled))
+        .policy(forward)
+        .final_step("return-stock", with(p, Participants::return_stock))
+        .final_step("record-cancelled", with(p, Participants::record_cancelled))
         .build()
 }
 
@@ -506,9 +704,16 @@ impl Orders {
         saga_log: Arc<dyn SagaLog>,
         upstreams: Upstreams,
     ) -> anyhow::Result<Self> {
-        let saga = order_saga(ledger.clone(), upstreams.clone())?;
+        let participants = Participants {
+            ledger: ledger.clone(),
+            upstreams: upstreams.clone(),
+        };
+        let saga = order_saga(&participants)?;
+        let cancel = cancel_saga(&participants)?;
         let leases = saga_log.supports_leases();
-        let mut orchestrator = Orchestrator::builder(saga_log).definition(&saga);
+        let mut orchestrator = Orchestrator::builder(saga_log)
+            .definition(&saga)
+            .definition(&cancel);
         if leases {
             let owner = format!("order-service-{}", uuid::Uuid::new_v4().simple());
             orchestrator = orchestrator.lease(owner, Self::SAGA_LEASE);
@@ -520,6 +725,7 @@ impl Orders {
                 upstreams,
                 orchestrator,
                 saga,
+                cancel,
                 relay: std::sync::Mutex::new(None),
                 recovery: std::sync::Mutex::new(None),
             }),
@@ -541,6 +747,13 @@ impl Orders {
         let index = format!("{user}/{key}");
         let ledger = &self.inner.ledger;
         if let Some(order) = ledger.by_key(&index).await? {
+            // A try whose saga did not start (its log was unreachable, answered 503)
+            // starts it now; a saga that exists is left as it is.
+            if order.status == OrderStatus::Pending {
+                if let Some(checkout) = ledger.checkout(&order.id).await? {
+                    self.start_saga(checkout).await?;
+                }
+            }
             return Ok(order);
         }
         let cart: CartView = self
@@ -651,30 +864,46 @@ impl Orders {
 
     async fn start_saga(&self, checkout: Checkout) -> anyhow::Result<()> {
         let order_id = checkout.order_id.clone();
-        match self
-            .inner
-            .orchestrator
-            .start(&self.inner.saga, &order_id, checkout)
-            .await
-        {
-            Ok(handle) => {
-                let this = self.clone();
-                tokio::spawn(async move {
-                    match handle.finished().await {
-                        Ok(saga) => this.settle(&saga).await,
-                        Err(error) => tracing::error!(%error, order_id, "the order saga stopped"),
-                    }
-                });
-                Ok(())
+        self.start(&self.inner.saga, &order_id, checkout).await?;
+        Ok(())
+    }
+
+    /// Starts a saga, and settles its order when it finishes; `None` when a saga with
+    /// this id exists (starting is idempotent by id).
+    async fn start<C: micro_saga::SagaContext>(
+        &self,
+        saga: &SagaDefinition<C>,
+        saga_id: &str,
+        context: C,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        match self.inner.orchestrator.start(saga, saga_id, context).await {
+            Ok(handle) => Ok(Some(self.watch(handle))),
+            Err(micro_saga::Error::Log(micro_saga::log::LogError::AlreadyExists { .. })) => {
+                Ok(None)
             }
-            Err(micro_saga::Error::Log(micro_saga::log::LogError::AlreadyExists { .. })) => Ok(()),
             Err(error) => Err(error.into()),
         }
     }
 
-    /// Moves the order to where its finished saga says.
+    /// Settles the saga's order when it finishes. A saga another replica took over
+    /// ends here with a fenced or lapsed lease: it is no longer this replica's to
+    /// settle.
+    fn watch(&self, handle: SagaHandle) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let saga_id = handle.saga_id().to_owned();
+            match handle.finished().await {
+                Ok(saga) => this.settle(&saga).await,
+                Err(error) => tracing::warn!(%error, saga_id, "a saga stopped here"),
+            }
+        })
+    }
+
+    /// Moves the order to where its finished saga says, when the saga did not write it
+    /// itself: a compensated place-order saga cancels the order, a cancel-order saga
+    /// whose refund was refused gives the order back to `CONFIRMED`, and a failed saga
+    /// of either kind needs attention.
     async fn settle(&self, saga: &SagaInstance) {
-        let order_id = saga.id();
         let reason = saga
             .steps()
             .iter()
@@ -682,37 +911,44 @@ impl Orders {
             .next_back()
             .unwrap_or("the saga ended")
             .to_owned();
-        let ledger = &self.inner.ledger;
-        let result = match saga.status() {
-            SagaStatus::Compensated => {
-                ledger
-                    .update(order_id, |order| {
-                        order
-                            .transition(OrderStatus::Cancelled, reason.clone())
-                            .ok()?;
-                        let event = OrderEvent::OrderCancelled {
-                            order_id: order.id.clone(),
-                            user_id: order.user_id.clone(),
-                            reason: reason.clone(),
-                        };
-                        Some(vec![(format!("{order_id}:cancelled"), event)])
-                    })
-                    .await
-            }
-            SagaStatus::Failed => {
-                ledger
-                    .update(order_id, |order| {
-                        order
-                            .transition(OrderStatus::RequiresAttention, reason.clone())
-                            .ok()?;
-                        Some(Vec::new())
-                    })
-                    .await
-            }
-            _ => Ok(None),
+        let order_id = match saga.definition() {
+            CANCEL_ORDER => Cancellation::order_of(saga.id()).unwrap_or(saga.id()),
+            _ => saga.id(),
         };
-        if let Err(error) = result {
-            tracing::error!(%error, order_id, "the order's outcome was not recorded");
+        let (to, reason) = match (saga.definition(), saga.status()) {
+            (_, SagaStatus::Failed) => (OrderStatus::RequiresAttention, reason),
+            (CANCEL_ORDER, SagaStatus::Compensated) => (
+                OrderStatus::Confirmed,
+                format!("the cancel was refused: {reason}"),
+            ),
+            (_, SagaStatus::Compensated) => (OrderStatus::Cancelled, reason),
+            _ => return,
+        };
+        let events = |order: &Order| match to {
+            OrderStatus::Cancelled => vec![cancelled_event(order, &reason)],
+            _ => Vec::new(),
+        };
+        let ledger = &self.inner.ledger;
+        // Written until it is: an outcome left unwritten would leave the order PENDING
+        // (or CANCELLING) for good while its saga has ended.
+        let backoff =
+            micro_core::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 0.. {
+            match ledger
+                .transition(order_id, to, &reason, None, &events)
+                .await
+            {
+                Ok(moved) => return moved.warn_if_refused(order_id),
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        order_id,
+                        attempt,
+                        "the order's outcome was not recorded yet"
+                    );
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                }
+            }
         }
     }
 
@@ -721,15 +957,14 @@ impl Orders {
     async fn recover(&self) -> anyhow::Result<()> {
         let recovery = self.inner.orchestrator.recover().await?;
         for handle in recovery.resumed {
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Ok(saga) = handle.finished().await {
-                    this.settle(&saga).await;
-                }
-            });
+            self.watch(handle);
         }
         for order in self.all().await? {
             if order.status.is_final() {
+                continue;
+            }
+            if order.status == OrderStatus::Cancelling {
+                self.resume_cancel(&order).await?;
                 continue;
             }
             match self.inner.orchestrator.saga(&order.id).await? {
@@ -747,90 +982,78 @@ impl Orders {
         Ok(())
     }
 
-    /// Cancels a confirmed order: refunds it and returns its stock.
+    /// How long a cancel request waits for its cancel-order saga before it answers
+    /// with the order still `CANCELLING`.
+    pub const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
+    /// Cancels a confirmed order: it becomes `CANCELLING`, and the cancel-order saga
+    /// refunds it, returns its stock and records it `CANCELLED`. Waits up to
+    /// [`Self::CANCEL_WAIT`] for the saga, then answers the order as it is; the saga
+    /// goes on (after a crash too, resumed by recovery). Cancelling an order already
+    /// `CANCELLING` answers it. A refund refused for good gives the order back to
+    /// `CONFIRMED`, answered `409 cancel_refused` with the reason.
     pub async fn cancel(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
         let order = self.owned(user, order_id).await?;
-        match order.status {
-            OrderStatus::Pending | OrderStatus::Paid => {
-                return Err(ApiError::conflict(
-                    "order_in_progress",
-                    "the order is being processed; try again in a moment",
-                ))
-            }
-            OrderStatus::Confirmed => {}
-            other => {
-                return Err(ApiError::conflict(
-                    "cannot_cancel",
-                    format!("an order in status {other:?} cannot be cancelled"),
-                ))
-            }
-        }
-        let Some(payment_id) = &order.payment_id else {
-            return Err(anyhow::anyhow!("a confirmed order has no payment").into());
-        };
-        let key = format!("{order_id}:cancel");
-        self.inner
-            .upstreams
-            .payments
-            .request(
-                http::Method::POST,
-                &format!("/payments/{payment_id}/refund"),
-            )
-            .idempotency_key(key.as_str())
-            .send()
-            .await
-            .map_err(|error| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "refund_failed",
-                    format!("the refund failed: {}", describe(&error)),
-                )
-            })?;
-        self.inner
-            .upstreams
-            .inventory
-            .request(
-                http::Method::POST,
-                &format!("/inventory/reservations/{order_id}/release"),
-            )
-            .idempotency_key(key.as_str())
-            .send()
-            .await
-            .map_err(|error| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "release_failed",
-                    format!("the stock was not returned: {}", describe(&error)),
-                )
-            })?;
-        let reason = "cancelled by the customer".to_owned();
-        let cancelled = self
+        cancellable(order.status)?;
+        let order = match self
             .inner
             .ledger
-            .update(order_id, |order| {
-                order
-                    .transition(OrderStatus::Cancelled, reason.clone())
-                    .ok()?;
-                Some(vec![
-                    (
-                        format!("{key}:refund"),
-                        OrderEvent::PaymentRefunded {
-                            order_id: order.id.clone(),
-                            payment_id: payment_id.clone(),
-                        },
-                    ),
-                    (
-                        format!("{order_id}:cancelled"),
-                        OrderEvent::OrderCancelled {
-                            order_id: order.id.clone(),
-                            user_id: order.user_id.clone(),
-                            reason: reason.clone(),
-                        },
-                    ),
-                ])
-            })
-            .await?;
-        cancelled.ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))
+            .transition(
+                order_id,
+                OrderStatus::Cancelling,
+                CANCEL_REQUESTED,
+                None,
+                |_| Vec::new(),
+            )
+            .await?
+        {
+            Transitioned::Moved(order) | Transitioned::Already(order) => order,
+            // It moved on in the meantime.
+            Transitioned::Refused(order, refused) => {
+                cancellable(order.status)?;
+                return Err(anyhow::Error::from(refused).into());
+            }
+            Transitioned::Missing => {
+                return Err(ApiError::not_found("order_not_found", "no such order"))
+            }
+        };
+        if let Some(finished) = self.resume_cancel(&order).await? {
+            if tokio::time::timeout(Self::CANCEL_WAIT, finished)
+                .await
+                .is_err()
+            {
+                tracing::info!(order_id, "the cancel goes on after its answer");
+            }
+        }
+        let order = self
+            .order(order_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("order_not_found", "no such order"))?;
+        if order.status == OrderStatus::Confirmed {
+            let why = order.history.last().map_or("", |c| c.reason.as_str());
+            return Err(ApiError::conflict("cancel_refused", why));
+        }
+        Ok(order)
+    }
+
+    /// Starts the cancel-order saga of a `CANCELLING` order unless it runs (or ran:
+    /// then its outcome is settled); the task that settles it, when it was started.
+    async fn resume_cancel(
+        &self,
+        order: &Order,
+    ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+        let saga_id = Cancellation::saga_id(order);
+        match self.inner.orchestrator.saga(&saga_id).await? {
+            Some(record) if record.status.is_terminal() => {
+                self.settle(&record.instance()?).await;
+                Ok(None)
+            }
+            Some(_) => Ok(None),
+            None => {
+                let cancellation = Cancellation::of(order)?;
+                self.start(&self.inner.cancel, &saga_id, cancellation).await
+            }
+        }
     }
 
     async fn owned(&self, user: &str, order_id: &str) -> Result<Order, ApiError> {
@@ -886,12 +1109,41 @@ async fn show(
     orders.owned(&user, &order_id).await.map(Json)
 }
 
+/// `200` with the order `CANCELLED`, or `202` with `Location` while it is still
+/// `CANCELLING`; `409 cancel_refused` when the refund was refused and the order is
+/// `CONFIRMED` again.
 async fn cancel(
     State(orders): State<Orders>,
     UserId(user): UserId,
     Path(order_id): Path<String>,
-) -> Result<Json<Order>, ApiError> {
-    orders.cancel(&user, &order_id).await.map(Json)
+) -> Result<Response, ApiError> {
+    let order = orders.cancel(&user, &order_id).await?;
+    if order.status != OrderStatus::Cancelling {
+        return Ok(Json(order).into_response());
+    }
+    let location = HeaderValue::from_str(&format!("/api/orders/{}", order.id))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+        .into_response())
+}
+
+/// Whether an order in `status` may be cancelled; the answer when it may not.
+fn cancellable(status: OrderStatus) -> Result<(), ApiError> {
+    match status {
+        OrderStatus::Confirmed | OrderStatus::Cancelling => Ok(()),
+        OrderStatus::Pending | OrderStatus::Paid => Err(ApiError::conflict(
+            "order_in_progress",
+            "the order is being processed; try again in a moment",
+        )),
+        other => Err(ApiError::conflict(
+            "cannot_cancel",
+            format!("an order in status {other:?} cannot be cancelled"),
+        )),
+    }
 }
 
 impl Service for Orders {
@@ -911,6 +1163,10 @@ impl Service for Orders {
             .with_state(self.clone())
     }
 
+    fn health_checks(&self) -> Vec<micro_core::health::HealthCheck> {
+        self.inner.ledger.health_checks()
+    }
+
     async fn start(&self) -> Result<(), BoxError> {
         let relay = tokio::spawn(self.inner.ledger.clone().relay());
         *self.inner.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(relay);
@@ -928,14 +1184,7 @@ impl Service for Orders {
                 .orchestrator
                 .keep_recovering(Duration::from_secs(5), Duration::from_secs(60));
             while let Some(handle) = sweeping.resumed().await {
-                let this = this.clone();
-                tokio::spawn(async move {
-                    // A saga another replica took over ends here with a fenced or
-                    // lapsed lease: it is no longer this replica's to settle.
-                    if let Ok(saga) = handle.finished().await {
-                        this.settle(&saga).await;
-                    }
-                });
+                this.watch(handle);
             }
         });
         *self
@@ -1005,11 +1254,95 @@ mod tests {
         );
         order.transition(OrderStatus::Paid, "paid").unwrap();
         order.transition(OrderStatus::Confirmed, "ok").unwrap();
+        // A customer's cancel goes through CANCELLING, never straight to CANCELLED.
+        assert!(order.transition(OrderStatus::Cancelled, "skip").is_err());
         order
-            .transition(OrderStatus::Cancelled, "changed mind")
+            .transition(OrderStatus::Cancelling, "changed mind")
+            .unwrap();
+        assert!(order.transition(OrderStatus::Shipped, "ship").is_err());
+        order
+            .transition(OrderStatus::Cancelled, "cancelled")
             .unwrap();
         assert!(order.transition(OrderStatus::Paid, "again").is_err());
-        assert_eq!(order.history.len(), 3);
+        assert_eq!(order.history.len(), 4);
         assert_eq!(order.history[2].reason, "changed mind");
+    }
+
+    #[test]
+    fn the_status_machine_allows_exactly_these_moves() {
+        use OrderStatus::*;
+        let all = [
+            Pending,
+            Paid,
+            Confirmed,
+            Cancelling,
+            Shipped,
+            Delivered,
+            Cancelled,
+            RequiresAttention,
+        ];
+        let allowed = [
+            (Pending, Paid),
+            (Pending, Cancelled),
+            (Pending, RequiresAttention),
+            (Paid, Confirmed),
+            (Paid, Cancelled),
+            (Paid, RequiresAttention),
+            (Confirmed, Shipped),
+            (Confirmed, Cancelling),
+            (Confirmed, RequiresAttention),
+            // The cancel-order saga: done, refused (nothing was applied), or stuck.
+            (Cancelling, Cancelled),
+            (Cancelling, Confirmed),
+            (Cancelling, RequiresAttention),
+            (Shipped, Delivered),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_move_to(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+            // Final statuses move no more by themselves; the others are on their way.
+            let on_the_way = matches!(from, Pending | Paid | Cancelling);
+            assert_eq!(from.is_final(), !on_the_way, "{from:?}");
+        }
+    }
+
+    #[test]
+    fn a_cancel_saga_id_names_its_order_and_the_time_it_was_asked() {
+        let mut order = Order {
+            id: "ord-1".into(),
+            user_id: "u".into(),
+            lines: Vec::new(),
+            total: Money {
+                amount: 1,
+                currency: "USD".into(),
+            },
+            status: OrderStatus::Confirmed,
+            history: Vec::new(),
+            payment_id: Some("pay-1".into()),
+        };
+        order.transition(OrderStatus::Cancelling, "asked").unwrap();
+        let first = Cancellation::saga_id(&order);
+        assert_eq!(first, "ord-1:cancel-1");
+        assert_eq!(Cancellation::order_of(&first), Some("ord-1"));
+        // Refused, then asked again: a saga of its own.
+        order.transition(OrderStatus::Confirmed, "refused").unwrap();
+        order.transition(OrderStatus::Cancelling, "again").unwrap();
+        assert_eq!(Cancellation::saga_id(&order), "ord-1:cancel-2");
+        assert_eq!(Cancellation::order_of("ord-1"), None);
+        let cancellation = Cancellation::of(&order).unwrap();
+        assert_eq!(
+            (
+                cancellation.order_id.as_str(),
+                cancellation.payment_id.as_str()
+            ),
+            ("ord-1", "pay-1")
+        );
+        order.payment_id = None;
+        assert!(Cancellation::of(&order).is_err());
     }
 }

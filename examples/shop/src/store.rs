@@ -149,46 +149,124 @@ impl Tx<'_> {
     }
 }
 
-/// Connections to PostgreSQL for the services that keep their data there.
+/// Whether `error` says that the service's database cannot be reached now (no
+/// connection to be had, or the one in use was lost): a request that met it is
+/// answered `503`, worth another try, not `500`.
+pub fn unreachable(error: &anyhow::Error) -> bool {
+    #[cfg(feature = "real-servers")]
+    {
+        error.chain().any(postgres::lost)
+    }
+    #[cfg(not(feature = "real-servers"))]
+    {
+        let _ = error;
+        false
+    }
+}
+
+/// Connections to PostgreSQL for the services that keep their data there: a pool
+/// per service that replaces the connections PostgreSQL closes, and a readiness check.
 #[cfg(feature = "real-servers")]
 pub mod postgres {
-    use anyhow::Context as _;
-    use tokio_postgres::{Client, NoTls};
+    use std::time::Duration;
 
-    /// Connects to `url`; the connection runs in a task of its own.
+    use anyhow::Context as _;
+    use micro_core::health::HealthCheck;
+    use micro_events::postgres::deadpool_postgres::{
+        Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
+    };
+    use tokio_postgres::NoTls;
+
+    /// How long an operation waits for a connection, and a new connection for
+    /// PostgreSQL, before the request is answered `503`.
+    const WAIT: Duration = Duration::from_secs(2);
+
+    /// A pool of connections to `url`, named `service` in `pg_stat_activity` unless the
+    /// url names them (`?application_name=`). A connection is checked with an empty
+    /// query each time it is taken, so one that PostgreSQL closed while it was idle is
+    /// dropped and a new one made before the request uses it.
     ///
     /// # Errors
     ///
-    /// When PostgreSQL cannot be reached.
-    pub async fn connect(url: &str) -> anyhow::Result<Client> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .context("connecting to PostgreSQL")?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::error!(%error, "a PostgreSQL connection failed");
-            }
-        });
-        Ok(client)
+    /// When `url` is not a PostgreSQL url.
+    pub fn pool(url: &str, service: &str) -> anyhow::Result<Pool> {
+        let mut config: tokio_postgres::Config =
+            url.parse().context("reading the PostgreSQL url")?;
+        if config.get_application_name().is_none() {
+            config.application_name(service);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(WAIT);
+        }
+        let manager = ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        };
+        Pool::builder(Manager::from_config(config, NoTls, manager))
+            .max_size(8)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(WAIT))
+            .create_timeout(Some(WAIT))
+            .recycle_timeout(Some(WAIT))
+            .build()
+            .context("making the PostgreSQL pool")
     }
 
-    /// Connects to `url` and creates `schema` if it is missing.
+    /// A pool of connections to `url` (see [`pool`]), with `schema` created if it is
+    /// missing.
     ///
     /// # Errors
     ///
     /// When PostgreSQL cannot be reached, or `schema` is not a plain lowercase name.
-    pub async fn connect_to_schema(url: &str, schema: &str) -> anyhow::Result<Client> {
-        let plain = !schema.is_empty()
+    pub async fn pool_with_schema(url: &str, schema: &str, service: &str) -> anyhow::Result<Pool> {
+        anyhow::ensure!(
+            plain(schema),
+            "`{schema}` is not a plain lowercase schema name"
+        );
+        let pool = pool(url, service)?;
+        pool.get()
+            .await
+            .context("connecting to PostgreSQL")?
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .await?;
+        Ok(pool)
+    }
+
+    /// Whether `schema` can be written into SQL unquoted: lowercase letters, digits and
+    /// `_`, not starting with a digit.
+    pub fn plain(schema: &str) -> bool {
+        !schema.is_empty()
             && !schema.starts_with(|c: char| c.is_ascii_digit())
             && schema
                 .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        anyhow::ensure!(plain, "`{schema}` is not a plain lowercase schema name");
-        let client = connect(url).await?;
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            .await?;
-        Ok(client)
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    /// The readiness check of a service whose data is behind `pool`: it fails while
+    /// PostgreSQL cannot be reached, and passes again by itself once it can.
+    pub fn health_check(pool: &Pool) -> HealthCheck {
+        micro_events::postgres::health_check(pool)
+    }
+
+    /// Whether `error` is a lost or unobtainable connection.
+    pub(super) fn lost(error: &(dyn std::error::Error + 'static)) -> bool {
+        if error.is::<PoolError>() {
+            return true;
+        }
+        let Some(error) = error.downcast_ref::<tokio_postgres::Error>() else {
+            return false;
+        };
+        if error.is_closed() {
+            return true;
+        }
+        match error.code() {
+            // Connection exceptions, the server shutting down or terminating the
+            // backend, too many connections.
+            Some(code) => {
+                let code = code.code();
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+            }
+            None => std::error::Error::source(error).is_some_and(|e| e.is::<std::io::Error>()),
+        }
     }
 }
 

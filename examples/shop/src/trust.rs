@@ -87,6 +87,17 @@ impl<S: Service> Service for Verified<S> {
             .layer(VerifyCallerLayer::new(self.keys.clone(), name))
     }
 
+    /// The inner service's gRPC services, behind the same caller checks; the host's gRPC
+    /// health and reflection stay open, as its HTTP probes do.
+    fn grpc(&self) -> Option<micro_core::grpc::GrpcServices> {
+        let name = self.inner.name().to_owned();
+        self.inner.grpc().map(|services| {
+            services
+                .layer(AllowCallersLayer::new(callers_of(&name).iter().copied()))
+                .layer(VerifyCallerLayer::new(self.keys.clone(), name))
+        })
+    }
+
     fn health_checks(&self) -> Vec<HealthCheck> {
         self.inner.health_checks()
     }
@@ -180,11 +191,16 @@ impl KeysFile {
     /// Rereads the file whenever it changes (checked every `interval`) and rotates
     /// `keys` to what it holds; a file that can't be read or parsed keeps the keys as they
     /// were and is logged.
+    ///
+    /// A change is a new modification time, size or file (inode) behind the path, links
+    /// followed: a Kubernetes Secret volume replaces its files by swapping a symbolic
+    /// link to a new directory, and that is seen even when the new file's time is the
+    /// old one's.
     pub async fn watch(self, keys: KeyRing, interval: Duration) {
-        let mut seen = modified(&self.path);
+        let mut seen = version(&self.path);
         loop {
             tokio::time::sleep(interval).await;
-            let now = modified(&self.path);
+            let now = version(&self.path);
             if now == seen {
                 continue;
             }
@@ -202,8 +218,11 @@ impl KeysFile {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What tells one content of the file at `path` from the next.
+fn version(path: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len(), metadata.ino()))
 }
 
 fn parse_keys(path: &Path) -> anyhow::Result<KeySet> {
@@ -304,6 +323,57 @@ mod tests {
         // Tokens of the old key still verify until it leaves the file.
         let by_old = KeyRing::new(KeySet::new("k1", Secret::new(old.as_bytes()).unwrap()));
         let token = by_old.sign(&Caller::service("a"), "b").unwrap();
+        assert!(ring.verify(&token, "b").is_ok());
+        task.abort();
+    }
+
+    /// What the kubelet does to a Secret volume when the Secret changes: the files live in
+    /// a timestamped directory that `..data` links to, each file is a link through
+    /// `..data`, and an update writes a new directory and renames a new `..data` link over
+    /// the old one.
+    #[tokio::test]
+    async fn a_secret_volume_swapped_as_the_kubelet_does_rotates_the_ring() {
+        use std::os::unix::fs::symlink;
+        let volume = tempfile::tempdir().unwrap();
+        let old = "old key, 0123456789abcdef0123456789";
+        let new = "new key, fedcba9876543210fedcba9876";
+        let write_generation = |name: &str, text: &str| {
+            let generation = volume.path().join(name);
+            std::fs::create_dir(&generation).unwrap();
+            std::fs::write(generation.join("keys"), text).unwrap();
+            generation.join("keys")
+        };
+        let first = write_generation("..2026_12_06_01", &format!("k1 {old}\n"));
+        symlink("..2026_12_06_01", volume.path().join("..data")).unwrap();
+        symlink("..data/keys", volume.path().join("keys")).unwrap();
+        let file = KeysFile::new(volume.path().join("keys"));
+        let ring = KeyRing::new(file.read().unwrap());
+        let task = tokio::spawn(file.watch(ring.clone(), Duration::from_millis(20)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // The same length and modification time as before: only the file is new.
+        let second = write_generation("..2026_12_06_02", &format!("k2 {new}\n"));
+        let time = std::fs::metadata(&first).unwrap().modified().unwrap();
+        let handle = std::fs::File::options().write(true).open(&second).unwrap();
+        handle.set_modified(time).unwrap();
+        symlink("..2026_12_06_02", volume.path().join("..data_tmp")).unwrap();
+        std::fs::rename(
+            volume.path().join("..data_tmp"),
+            volume.path().join("..data"),
+        )
+        .unwrap();
+        std::fs::remove_dir_all(volume.path().join("..2026_12_06_01")).unwrap();
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ring.current().signing_key_id() != "k2" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the swapped volume was not followed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let by_new = KeyRing::new(KeySet::new("k2", Secret::new(new.as_bytes()).unwrap()));
+        let token = by_new.sign(&Caller::service("a"), "b").unwrap();
         assert!(ring.verify(&token, "b").is_ok());
         task.abort();
     }

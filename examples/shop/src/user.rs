@@ -18,6 +18,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use micro_core::health::HealthCheck;
 use micro_core::service::Service;
 use serde::{Deserialize, Serialize};
 
@@ -113,8 +114,8 @@ pub enum UserStore {
     /// A `users` table in PostgreSQL (feature `real-servers`).
     #[cfg(feature = "real-servers")]
     Postgres {
-        /// The connection.
-        client: std::sync::Arc<tokio_postgres::Client>,
+        /// The pool of connections.
+        pool: micro_events::postgres::Pool,
         /// The schema of the table.
         schema: String,
     },
@@ -140,8 +141,9 @@ impl UserStore {
     /// When PostgreSQL cannot be reached or the schema is not a plain name.
     #[cfg(feature = "real-servers")]
     pub async fn postgres(url: &str, schema: &str) -> anyhow::Result<Self> {
-        let client = crate::store::postgres::connect_to_schema(url, schema).await?;
-        client
+        let pool = crate::store::postgres::pool_with_schema(url, schema, "user-service").await?;
+        pool.get()
+            .await?
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {schema}.users (
                      id text PRIMARY KEY,
@@ -151,9 +153,18 @@ impl UserStore {
             ))
             .await?;
         Ok(Self::Postgres {
-            client: std::sync::Arc::new(client),
+            pool,
             schema: schema.to_owned(),
         })
+    }
+
+    /// What readiness checks: that PostgreSQL can be reached, for users kept there.
+    fn health_checks(&self) -> Vec<HealthCheck> {
+        match self {
+            Self::Embedded(_) => Vec::new(),
+            #[cfg(feature = "real-servers")]
+            Self::Postgres { pool, .. } => vec![crate::store::postgres::health_check(pool)],
+        }
     }
 
     /// Adds a user unless the email is taken; whether it was added.
@@ -168,7 +179,9 @@ impl UserStore {
                 Ok(true)
             }),
             #[cfg(feature = "real-servers")]
-            Self::Postgres { client, schema } => Ok(client
+            Self::Postgres { pool, schema } => Ok(pool
+                .get()
+                .await?
                 .execute(
                     &format!(
                         "INSERT INTO {schema}.users (id, email, doc) VALUES ($1, $2, $3)
@@ -190,8 +203,9 @@ impl UserStore {
         match self {
             Self::Embedded(store) => store.write(|tx| tx.put(USERS, &stored.profile.id, stored)),
             #[cfg(feature = "real-servers")]
-            Self::Postgres { client, schema } => {
-                client
+            Self::Postgres { pool, schema } => {
+                pool.get()
+                    .await?
                     .execute(
                         &format!("UPDATE {schema}.users SET doc = $2 WHERE id = $1"),
                         &[&stored.profile.id, &serde_json::to_value(stored)?],
@@ -216,9 +230,11 @@ impl UserStore {
                 store.get(USERS, &id)
             }
             #[cfg(feature = "real-servers")]
-            Self::Postgres { client, schema } => {
+            Self::Postgres { pool, schema } => {
                 let column = if by_email { "email" } else { "id" };
-                let row = client
+                let row = pool
+                    .get()
+                    .await?
                     .query_opt(
                         &format!("SELECT doc FROM {schema}.users WHERE {column} = $1"),
                         &[&value],
@@ -474,6 +490,10 @@ impl Service for Users {
             .route("/users/me", get(me))
             .with_state(self.clone())
     }
+
+    fn health_checks(&self) -> Vec<HealthCheck> {
+        self.store.health_checks()
+    }
 }
 
 #[cfg(test)]
@@ -569,8 +589,10 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e:#}"));
         a_registered_user_logs_in_with_the_right_password_only(store.clone()).await;
-        if let UserStore::Postgres { client, schema } = store {
-            client
+        if let UserStore::Postgres { pool, schema } = store {
+            pool.get()
+                .await
+                .unwrap()
                 .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
                 .await
                 .unwrap();

@@ -132,6 +132,10 @@ where
 fn is_instance_failure(error: &(dyn StdError + 'static)) -> bool {
     let mut next = Some(error);
     while let Some(error) = next {
+        #[cfg(feature = "grpc")]
+        if let Some(error) = error.downcast_ref::<micro_core::grpc::CallError>() {
+            return error.is_instance_failure();
+        }
         if let Some(error) = error.downcast_ref::<micro_core::client::Error>() {
             return match error.kind() {
                 ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Transport => true,

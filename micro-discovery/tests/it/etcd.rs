@@ -20,17 +20,17 @@ use tokio::task::JoinSet;
 use crate::conformance::{conformance_tests, Backend};
 use crate::support::{eventually, ids, watch_until};
 
-fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     std::env::var("MICRO_TEST_ETCD_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:23790".into())
 }
 
 /// A key prefix no other test uses.
-fn fresh_prefix() -> String {
+pub(crate) fn fresh_prefix() -> String {
     format!("/micro-test/{:016x}/", rand::random::<u64>())
 }
 
 /// A registry on `endpoint` under `prefix`, checked to answer.
-async fn connect(endpoint: &str, prefix: &str) -> EtcdRegistry {
+pub(crate) async fn connect(endpoint: &str, prefix: &str) -> EtcdRegistry {
     let config = EtcdConfig::new([endpoint])
         .prefix(prefix)
         .request_timeout(Duration::from_secs(2))

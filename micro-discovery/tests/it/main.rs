@@ -7,6 +7,7 @@ mod conformance;
 mod consul;
 mod consul_double;
 mod etcd;
+mod grpc;
 mod host;
 mod memory;
 mod static_list;

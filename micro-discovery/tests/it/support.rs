@@ -52,7 +52,7 @@ pub(crate) fn ids(instances: &[Instance]) -> Vec<&str> {
     instances.iter().map(|i| i.id.as_str()).collect()
 }
 
-/// A real HTTP server on 127.0.0.1:0 that can be killed: its listener and every open
+/// A real HTTP server (HTTP/1.1 and h2c) on 127.0.0.1:0 that can be killed: its listener and every open
 /// connection close at once, as when a process dies.
 #[derive(Debug)]
 pub(crate) struct Server {
@@ -86,9 +86,11 @@ impl Server {
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
                 connections.spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(io, service)
+                    .await;
                 });
             }
         });

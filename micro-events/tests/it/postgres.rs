@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use micro_core::service::BoxFuture;
 use micro_events::inbox::Inbox;
+use micro_events::postgres::deadpool_postgres::{Manager, Pool, Runtime};
 use micro_events::postgres::{PgInbox, PgInboxStore, PgOutbox};
 use micro_events::{
     Delivery, Event, MemoryBus, Publisher, Received, Record, SubscribeOptions, SubscriberExt,
@@ -17,9 +18,39 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::support::{eventually, within, Log};
 
+mod reconnect;
+
+pub(crate) fn url() -> String {
+    std::env::var("MICRO_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A pool on the tests' PostgreSQL, whose connections are named
+/// `application_name` in `pg_stat_activity`.
+pub(crate) fn pool_named(application_name: &str) -> Pool {
+    let mut config: tokio_postgres::Config = url().parse().expect("a PostgreSQL url");
+    config.application_name(application_name);
+    pool_on(config)
+}
+
+/// A pool on the tests' PostgreSQL.
+pub(crate) fn pool() -> Pool {
+    pool_named("micro-events-test")
+}
+
+/// A pool of at most 4 connections with `config`, waiting at most 2 s for one.
+pub(crate) fn pool_on(config: tokio_postgres::Config) -> Pool {
+    Pool::builder(Manager::new(config, NoTls))
+        .max_size(4)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(2)))
+        .create_timeout(Some(Duration::from_secs(2)))
+        .build()
+        .expect("a pool")
+}
+
 pub(crate) async fn connect() -> Client {
-    let url = std::env::var("MICRO_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let url = url();
     let (client, connection) = tokio_postgres::connect(&url, NoTls)
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {url}: {e}"));
@@ -120,7 +151,7 @@ async fn the_inbox_store_skips_redelivered_events() {
     let s = schema(&client).await;
     let inbox = PgInbox::new(&format!("{s}.inbox")).unwrap();
     inbox.create_table(&client).await.unwrap();
-    let store = PgInboxStore::new(Arc::new(client), inbox);
+    let store = PgInboxStore::new(pool(), inbox);
 
     let bus = MemoryBus::with_partitions(1);
     let event = Event::new("/s", "t", 7u32).unwrap();
@@ -148,11 +179,11 @@ async fn the_inbox_store_skips_redelivered_events() {
     assert_eq!(effects.snapshot(), [7, 8]);
 }
 
-fn decode(record: &micro_events::ReceivedRecord) -> Event<(String, u32)> {
+pub(crate) fn decode(record: &micro_events::ReceivedRecord) -> Event<(String, u32)> {
     Event::from_binary(record.headers.clone(), &record.payload).unwrap()
 }
 
-fn numbered(key: &str, n: u32) -> Event<(String, u32)> {
+pub(crate) fn numbered(key: &str, n: u32) -> Event<(String, u32)> {
     Event::new("/orders", "test.numbered", (key.to_owned(), n)).unwrap()
 }
 
@@ -182,7 +213,7 @@ async fn the_outbox_publishes_what_committed_in_order_per_key() {
     assert_eq!(outbox.unsent(&client).await.unwrap(), 10);
 
     let bus = MemoryBus::with_partitions(3);
-    let mut relay = outbox.relay(connect().await, bus.clone()).batch_size(4);
+    let mut relay = outbox.relay(pool(), bus.clone()).batch_size(4);
     let mut published = 0;
     loop {
         let n = relay.relay_once().await.unwrap();
@@ -228,7 +259,7 @@ async fn two_relays_never_publish_a_row_twice_and_keep_key_order() {
     let bus = MemoryBus::with_partitions(2);
     let mut relays = Vec::new();
     for _ in 0..2 {
-        let mut relay = outbox.relay(connect().await, bus.clone()).batch_size(7);
+        let mut relay = outbox.relay(pool(), bus.clone()).batch_size(7);
         relays.push(tokio::spawn(async move {
             let mut total = 0;
             let mut idle = 0;
@@ -252,7 +283,7 @@ async fn two_relays_never_publish_a_row_twice_and_keep_key_order() {
     for relay in relays {
         totals.push(within(SETTLE, "a relay", relay).await.unwrap());
     }
-    let mut last = outbox.relay(connect().await, bus.clone());
+    let mut last = outbox.relay(pool(), bus.clone());
     while last.relay_once().await.unwrap() > 0 {}
     assert_eq!(outbox.unsent(&client).await.unwrap(), 0);
 
@@ -315,7 +346,7 @@ async fn a_relay_killed_before_marking_publishes_again_and_the_inbox_absorbs_it(
     tx.commit().await.unwrap();
 
     let bus = MemoryBus::with_partitions(1);
-    let mut doomed = outbox.relay(connect().await, DiesAfterPublish(bus.clone()));
+    let mut doomed = outbox.relay(pool(), DiesAfterPublish(bus.clone()));
     let killed = tokio::spawn(async move { doomed.relay_once().await });
     eventually(SETTLE, "the doomed publish", || {
         (bus.records("payments").len() == 5).then_some(())
@@ -325,7 +356,7 @@ async fn a_relay_killed_before_marking_publishes_again_and_the_inbox_absorbs_it(
     let _ = killed.await;
 
     // Its connection is gone, its transaction rolled back: the rows wait again.
-    let mut relay = outbox.relay(connect().await, bus.clone());
+    let mut relay = outbox.relay(pool(), bus.clone());
     let mut republished = 0;
     let give_up = tokio::time::Instant::now() + SETTLE;
     while republished < 5 {
@@ -393,7 +424,7 @@ async fn a_running_relay_publishes_rows_as_they_commit_and_stops_on_shutdown() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(
         outbox
-            .relay(connect().await, bus.clone())
+            .relay(pool(), bus.clone())
             .poll_interval(Duration::from_millis(20))
             .run(async {
                 let _ = stopped.await;
@@ -525,7 +556,7 @@ async fn hold_a_key_open<P: Publisher>(publisher: P, topic: &str) {
     let s = schema(&client).await;
     let outbox = PgOutbox::new(&format!("{s}.outbox")).unwrap();
     outbox.create_table(&client).await.unwrap();
-    let mut relay = outbox.relay(connect().await, publisher);
+    let mut relay = outbox.relay(pool(), publisher);
 
     // First: writes k and stays open.
     let mut first = connect().await;
@@ -604,7 +635,7 @@ async fn concurrent_writers_and_a_running_relay_keep_every_key_in_order() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let relay = tokio::spawn(
         outbox
-            .relay(connect().await, bus.clone())
+            .relay(pool(), bus.clone())
             .batch_size(5)
             .poll_interval(Duration::from_millis(1))
             .run(async {

@@ -187,3 +187,44 @@ compositions:
         .unwrap_err();
     assert_eq!(error.place(), "compositions[0].legs[1].service");
 }
+
+#[tokio::test]
+async fn a_leg_goes_through_the_plugins_of_the_service_it_calls() {
+    let (orders, payments) = upstreams().await;
+    let yaml = format!(
+        r#"
+services:
+  - name: orders
+    url: http://{orders}
+    routes:
+      - paths: [/api/orders]
+  - name: payments
+    url: http://{payments}
+    plugins:
+      # Only from the private network: never from this loopback client.
+      - name: ip-restriction
+        config: {{ allow: [10.0.0.0/8] }}
+    routes:
+      - paths: [/api/payments]
+compositions:
+  - name: order-summary
+    paths: ["/api/order-summary/{{id}}"]
+    legs:
+      - {{ name: order, service: orders, path: "/orders/{{id}}" }}
+      - {{ name: payment, service: payments, path: "/payments/{{id}}" }}
+      - {{ name: maybe, service: payments, path: "/payments/{{id}}", optional: true }}
+"#
+    );
+    let built = DeclarativeConfig::from_yaml(&yaml)
+        .unwrap()
+        .build()
+        .unwrap();
+    let (_host, addr) = gateway(built.into_router()).await;
+
+    // The service's own route refuses this client...
+    let (status, body) = get_json(addr, "/api/payments/payments/42", &[]).await;
+    assert_eq!(status, 403, "{body}");
+    // ...and so does the composition's leg to it: the required leg fails the answer.
+    let (status, body) = get_json(addr, "/api/order-summary/42", &[]).await;
+    assert_eq!(status, 403, "{body}");
+}

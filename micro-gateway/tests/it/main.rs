@@ -13,5 +13,6 @@ mod plugins;
 mod proxy;
 mod rate_limit;
 mod rate_limit_redis;
+mod release;
 mod support;
 mod transform;

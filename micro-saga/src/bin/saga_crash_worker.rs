@@ -312,7 +312,12 @@ async fn run() -> Result<(), BoxError> {
         #[cfg(not(feature = "embedded"))]
         Some(_) => return Err("built without the `embedded` feature".into()),
         None => {
-            let log = PostgresSagaLog::with_schema(client.clone(), &schema)?;
+            let config: tokio_postgres::Config = url.parse()?;
+            let pool = micro_saga::log::deadpool_postgres::Pool::builder(
+                micro_saga::log::deadpool_postgres::Manager::new(config, NoTls),
+            )
+            .build()?;
+            let log = PostgresSagaLog::with_schema(pool, &schema)?;
             log.install().await?;
             Arc::new(log)
         }

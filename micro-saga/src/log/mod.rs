@@ -47,6 +47,10 @@ pub use self::embedded::EmbeddedSagaLog;
 pub use self::memory::MemorySagaLog;
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresSagaLog;
+/// The connection pool [`PostgresSagaLog`] takes, re-exported so that its
+/// version matches.
+#[cfg(feature = "postgres")]
+pub use deadpool_postgres;
 
 use std::time::Duration;
 
@@ -483,8 +487,9 @@ pub enum LogError {
         source: serde_json::Error,
     },
 
-    /// The log's store is unreachable for now (a backend outside this crate
-    /// reports its transient failures so); worth a retry.
+    /// The log's store is unreachable for now: the PostgreSQL log's pool
+    /// had no connection to give within its timeouts, or a backend outside
+    /// this crate reports a transient failure so; worth a retry.
     #[error("saga log unavailable")]
     Unavailable(#[source] micro_core::error::BoxError),
 

@@ -1,11 +1,10 @@
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::{Object, Pool};
+use micro_core::health::HealthCheck;
 use serde_json::Value;
-use tokio::sync::OnceCell;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Statement;
 
 use super::{validate_append, Append, Lease, LogError, NewSaga, SagaLog, SagaRecord, SagaSummary};
 use crate::definition::BoxFuture;
@@ -24,16 +23,29 @@ use crate::transition::Transition;
 ///   saga id and sequence number.
 ///
 /// Every write is a single SQL statement, so it is atomic without an explicit
-/// transaction, and many sagas can share one [`Client`], whose requests are
-/// pipelined. One connection commits one write after the other, though, each
-/// waiting for its WAL flush; give the log more connections with
-/// [`with_client`](Self::with_client) and it spreads the writes over them, so
-/// that PostgreSQL flushes the commits of concurrent sagas together. An append updates the saga row only `WHERE version =` the
+/// transaction. An append updates the saga row only `WHERE version =` the
 /// expected one: of two orchestrators racing to advance a saga, PostgreSQL
 /// lets exactly one update match, and the other gets
 /// [`LogError::Conflict`]. The primary key on `(saga_id, seq)` backs this up.
 /// A load reads the saga row and its transitions in one statement, so from
 /// one snapshot.
+///
+/// # Connections
+///
+/// The log takes a connection from its [`Pool`] (deadpool-postgres) for each
+/// operation, so concurrent sagas write on several connections and
+/// PostgreSQL flushes their commits together; the pool's `max_size` bounds
+/// how many. Its statements are prepared through the pool's per-connection
+/// statement cache: a new connection prepares them again at its first use.
+/// A connection PostgreSQL closed (a restart, a failover,
+/// `pg_terminate_backend`) is dropped by the pool and replaced at the next
+/// operation. The operation that was on it fails with a retryable
+/// [`LogError::Postgres`], and one that finds no connection within the
+/// pool's timeouts with [`LogError::Unavailable`]; the orchestrator retries
+/// both with backoff, and the saga stays leased to its owner while it does.
+/// Give the pool `wait` and `create` timeouts, or an operation waits for as
+/// long as the database is unreachable. [`health_check`](Self::health_check)
+/// is a readiness check that fails meanwhile.
 ///
 /// # Leases
 ///
@@ -49,66 +61,144 @@ use crate::transition::Transition;
 /// so a stale owner's write cannot land between a claim and the new owner's
 /// first write. Tables installed by earlier versions gain the three columns
 /// at the next [`install`](PostgresSagaLog::install) (their sagas start
-/// without a lease, so they are due for the first claim).
+/// without a lease, so they are due for the first claim). A write whose
+/// connection was lost may have committed or not; the orchestrator's retry
+/// of it meets either its own write (a version conflict, resolved by
+/// reloading) or none, and fencing holds either way.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-/// use std::sync::Arc;
+/// use std::time::Duration;
 ///
+/// use micro_saga::log::deadpool_postgres::{Manager, Pool, Runtime};
 /// use micro_saga::log::PostgresSagaLog;
 ///
-/// let (client, connection) =
-///     tokio_postgres::connect("postgres://postgres@127.0.0.1/shop", tokio_postgres::NoTls)
-///         .await?;
-/// tokio::spawn(connection);
-/// let log = PostgresSagaLog::new(Arc::new(client));
+/// let mut config: tokio_postgres::Config = "postgres://postgres@127.0.0.1/shop".parse()?;
+/// config.application_name("order-service");
+/// let pool = Pool::builder(Manager::new(config, tokio_postgres::NoTls))
+///     .runtime(Runtime::Tokio1)
+///     .wait_timeout(Some(Duration::from_secs(2)))
+///     .create_timeout(Some(Duration::from_secs(2)))
+///     .build()?;
+/// let log = PostgresSagaLog::new(pool);
 /// log.install().await?; // idempotent: run it at every start
 /// # Ok(())
 /// # }
 /// ```
 pub struct PostgresSagaLog {
-    connections: Vec<Connection>,
-    next: AtomicUsize,
+    pool: Pool,
     schema: String,
+    sql: Sql,
 }
 
-/// A client, and the log's statements prepared on its connection.
-struct Connection {
-    client: Arc<Client>,
-    statements: OnceCell<Statements>,
+/// The log's statements, for the schema.
+struct Sql {
+    create: String,
+    append: String,
+    version: String,
+    claim: String,
+    renew: String,
+    release: String,
+    load: String,
+    by_status: String,
 }
 
-impl Connection {
-    fn new(client: Arc<Client>) -> Self {
-        Connection {
-            client,
-            statements: OnceCell::new(),
+impl Sql {
+    fn new(s: &str) -> Self {
+        Sql {
+            create: format!(
+                "WITH s AS (
+                     INSERT INTO {s}.saga (saga_id, definition, status, context, trace_parent, version,
+                                           lease_owner, lease_expires, lease_epoch)
+                     VALUES ($1, $2, $3, $4, $5, 1, $7::text,
+                             CASE WHEN $7::text IS NULL THEN NULL
+                                  ELSE now() + make_interval(secs => $8::float8) END,
+                             CASE WHEN $7::text IS NULL THEN 0 ELSE 1 END)
+                     ON CONFLICT (saga_id) DO NOTHING
+                     RETURNING saga_id
+                 )
+                 INSERT INTO {s}.saga_transition (saga_id, seq, transition)
+                 SELECT saga_id, 1, $6 FROM s"
+            ),
+            append: format!(
+                "WITH s AS (
+                     UPDATE {s}.saga
+                     SET version = $3, status = $4, context = $5, updated_at = now()
+                     WHERE saga_id = $1 AND version = $2
+                       AND ($7::bigint IS NULL OR (lease_epoch = $7 AND lease_owner = $8::text))
+                     RETURNING saga_id
+                 )
+                 INSERT INTO {s}.saga_transition (saga_id, seq, transition)
+                 SELECT s.saga_id, $2 + t.ord, t.value
+                 FROM s, jsonb_array_elements($6::jsonb) WITH ORDINALITY AS t(value, ord)"
+            ),
+            version: format!(
+                "SELECT version, lease_epoch, lease_owner FROM {s}.saga WHERE saga_id = $1"
+            ),
+            claim: format!(
+                "UPDATE {s}.saga
+                 SET lease_owner = $1, lease_epoch = lease_epoch + 1,
+                     lease_expires = now() + make_interval(secs => $2::float8)
+                 WHERE saga_id IN (
+                     SELECT saga_id FROM {s}.saga
+                     WHERE status = ANY($3) AND definition = ANY($4)
+                       AND NOT (saga_id = ANY($5))
+                       AND (lease_owner IS NULL OR lease_expires < now()
+                            OR ($6 AND lease_owner = $1))
+                     ORDER BY created_seq
+                     FOR UPDATE SKIP LOCKED
+                 )
+                 AND (lease_owner IS NULL OR lease_expires < now()
+                      OR ($6 AND lease_owner = $1))
+                 RETURNING saga_id, lease_epoch, created_seq"
+            ),
+            renew: format!(
+                "UPDATE {s}.saga
+                 SET lease_expires = now() + make_interval(secs => $4::float8)
+                 WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3"
+            ),
+            release: format!(
+                "UPDATE {s}.saga SET lease_owner = NULL, lease_expires = NULL
+                 WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3"
+            ),
+            load: format!(
+                "SELECT definition, status, context, trace_parent,
+                        (SELECT jsonb_agg(t.transition ORDER BY t.seq)
+                         FROM {s}.saga_transition t WHERE t.saga_id = s.saga_id)
+                 FROM {s}.saga s WHERE saga_id = $1"
+            ),
+            by_status: format!(
+                "SELECT saga_id, definition, status, version FROM {s}.saga
+                 WHERE status = ANY($1) ORDER BY created_seq"
+            ),
         }
     }
 }
 
-struct Statements {
-    create: Statement,
-    append: Statement,
-    version: Statement,
-    claim: Statement,
-    renew: Statement,
-    release: Statement,
-    load: Statement,
-    by_status: Statement,
+/// A connection of the pool, with the statements prepared on it as they are
+/// needed.
+struct Conn<'a> {
+    client: Object,
+    sql: &'a Sql,
+}
+
+impl Conn<'_> {
+    async fn prepared(&self, sql: fn(&Sql) -> &String) -> Result<Statement, LogError> {
+        Ok(self.client.prepare_cached(sql(self.sql)).await?)
+    }
 }
 
 impl PostgresSagaLog {
     /// The default schema, `micro_saga`.
     pub const DEFAULT_SCHEMA: &'static str = "micro_saga";
 
-    /// A log in the schema [`DEFAULT_SCHEMA`](Self::DEFAULT_SCHEMA), through
-    /// `client`.
-    pub fn new(client: Arc<Client>) -> Self {
+    /// A log in the schema [`DEFAULT_SCHEMA`](Self::DEFAULT_SCHEMA), on
+    /// connections from `pool`.
+    pub fn new(pool: Pool) -> Self {
         PostgresSagaLog {
-            connections: vec![Connection::new(client)],
-            next: AtomicUsize::new(0),
+            pool,
             schema: Self::DEFAULT_SCHEMA.to_owned(),
+            sql: Sql::new(Self::DEFAULT_SCHEMA),
         }
     }
 
@@ -119,7 +209,7 @@ impl PostgresSagaLog {
     /// [`LogError::InvalidSchema`] unless the name is 1 to 63 ASCII letters,
     /// digits and underscores, not starting with a digit (it is written
     /// into SQL unquoted).
-    pub fn with_schema(client: Arc<Client>, schema: impl Into<String>) -> Result<Self, LogError> {
+    pub fn with_schema(pool: Pool, schema: impl Into<String>) -> Result<Self, LogError> {
         let schema = schema.into();
         let valid = (1..=63).contains(&schema.len())
             && !schema.starts_with(|c: char| c.is_ascii_digit())
@@ -130,17 +220,10 @@ impl PostgresSagaLog {
             return Err(LogError::InvalidSchema { schema });
         }
         Ok(PostgresSagaLog {
-            connections: vec![Connection::new(client)],
-            next: AtomicUsize::new(0),
+            pool,
+            sql: Sql::new(&schema),
             schema,
         })
-    }
-
-    /// Adds a client (on its own connection) for the log to spread its
-    /// reads and writes over.
-    pub fn with_client(mut self, client: Arc<Client>) -> Self {
-        self.connections.push(Connection::new(client));
-        self
     }
 
     /// The schema the tables are in.
@@ -148,9 +231,27 @@ impl PostgresSagaLog {
         &self.schema
     }
 
-    /// The first client, the one [`install`](Self::install) uses.
-    pub fn client(&self) -> &Arc<Client> {
-        &self.connections[0].client
+    /// The pool the log takes its connections from.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// A readiness check that passes while the log's pool can reach
+    /// PostgreSQL: it takes a connection (a new one if the pooled ones were
+    /// lost) and runs `SELECT 1`. Named `saga log`; critical. Return it from
+    /// the service's
+    /// [`health_checks`](micro_core::service::Service::health_checks), so
+    /// that `/health/ready` answers `503` while the log is unreachable.
+    pub fn health_check(&self) -> HealthCheck {
+        let pool = self.pool.clone();
+        HealthCheck::new("saga log", move || {
+            let pool = pool.clone();
+            async move {
+                let client = pool.get().await?;
+                client.simple_query("SELECT 1").await?;
+                Ok(())
+            }
+        })
     }
 
     /// Creates the schema and its tables and indexes if they do not exist.
@@ -160,14 +261,12 @@ impl PostgresSagaLog {
     /// # Errors
     ///
     /// [`LogError::Postgres`] when PostgreSQL refuses (no `CREATE`
-    /// privilege, say).
+    /// privilege, say), [`LogError::Unavailable`] when no connection can be
+    /// had.
     pub async fn install(&self) -> Result<(), LogError> {
         let s = &self.schema;
-        // One simple-query message: no other request on the shared client can
-        // come between BEGIN and COMMIT.
         let ddl = format!(
-            "BEGIN;
-             SELECT pg_advisory_xact_lock(hashtext('micro_saga.install.{s}'));
+            "SELECT pg_advisory_xact_lock(hashtext('micro_saga.install.{s}'));
              CREATE SCHEMA IF NOT EXISTS {s};
              CREATE TABLE IF NOT EXISTS {s}.saga (
                  saga_id      text PRIMARY KEY,
@@ -189,119 +288,34 @@ impl PostgresSagaLog {
                  seq        bigint NOT NULL CHECK (seq >= 1),
                  transition jsonb NOT NULL,
                  PRIMARY KEY (saga_id, seq)
-             );
-             COMMIT;"
+             );"
         );
-        let client = self.client();
-        let result = client.batch_execute(&ddl).await;
-        if result.is_err() {
-            // The failed statement left the transaction aborted; end it so the
-            // shared connection stays usable.
-            let _ = client.batch_execute("ROLLBACK").await;
-        }
-        Ok(result?)
+        let mut conn = self.connection().await?;
+        // A transaction dropped unfinished rolls back, so a failed install
+        // leaves the pooled connection usable.
+        let tx = conn.client.transaction().await?;
+        tx.batch_execute(&ddl).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
-    /// The next connection in turn, with its statements.
-    async fn connection(&self) -> Result<(&Client, &Statements), LogError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        let conn = &self.connections[i];
-        let statements = conn
-            .statements
-            .get_or_try_init(|| async {
-                let s = &self.schema;
-                let c = &conn.client;
-                Ok::<_, LogError>(Statements {
-                    create: c
-                        .prepare(&format!(
-                            "WITH s AS (
-                                 INSERT INTO {s}.saga (saga_id, definition, status, context, trace_parent, version,
-                                                       lease_owner, lease_expires, lease_epoch)
-                                 VALUES ($1, $2, $3, $4, $5, 1, $7::text,
-                                         CASE WHEN $7::text IS NULL THEN NULL
-                                              ELSE now() + make_interval(secs => $8::float8) END,
-                                         CASE WHEN $7::text IS NULL THEN 0 ELSE 1 END)
-                                 ON CONFLICT (saga_id) DO NOTHING
-                                 RETURNING saga_id
-                             )
-                             INSERT INTO {s}.saga_transition (saga_id, seq, transition)
-                             SELECT saga_id, 1, $6 FROM s"
-                        ))
-                        .await?,
-                    append: c
-                        .prepare(&format!(
-                            "WITH s AS (
-                                 UPDATE {s}.saga
-                                 SET version = $3, status = $4, context = $5, updated_at = now()
-                                 WHERE saga_id = $1 AND version = $2
-                                   AND ($7::bigint IS NULL OR (lease_epoch = $7 AND lease_owner = $8::text))
-                                 RETURNING saga_id
-                             )
-                             INSERT INTO {s}.saga_transition (saga_id, seq, transition)
-                             SELECT s.saga_id, $2 + t.ord, t.value
-                             FROM s, jsonb_array_elements($6::jsonb) WITH ORDINALITY AS t(value, ord)"
-                        ))
-                        .await?,
-                    version: c
-                        .prepare(&format!(
-                            "SELECT version, lease_epoch, lease_owner FROM {s}.saga WHERE saga_id = $1"
-                        ))
-                        .await?,
-                    claim: c
-                        .prepare(&format!(
-                            "UPDATE {s}.saga
-                             SET lease_owner = $1, lease_epoch = lease_epoch + 1,
-                                 lease_expires = now() + make_interval(secs => $2::float8)
-                             WHERE saga_id IN (
-                                 SELECT saga_id FROM {s}.saga
-                                 WHERE status = ANY($3) AND definition = ANY($4)
-                                   AND NOT (saga_id = ANY($5))
-                                   AND (lease_owner IS NULL OR lease_expires < now()
-                                        OR ($6 AND lease_owner = $1))
-                                 ORDER BY created_seq
-                                 FOR UPDATE SKIP LOCKED
-                             )
-                             AND (lease_owner IS NULL OR lease_expires < now()
-                                  OR ($6 AND lease_owner = $1))
-                             RETURNING saga_id, lease_epoch, created_seq"
-                        ))
-                        .await?,
-                    renew: c
-                        .prepare(&format!(
-                            "UPDATE {s}.saga
-                             SET lease_expires = now() + make_interval(secs => $4::float8)
-                             WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3"
-                        ))
-                        .await?,
-                    release: c
-                        .prepare(&format!(
-                            "UPDATE {s}.saga SET lease_owner = NULL, lease_expires = NULL
-                             WHERE saga_id = $1 AND lease_epoch = $2 AND lease_owner = $3"
-                        ))
-                        .await?,
-                    load: c
-                        .prepare(&format!(
-                            "SELECT definition, status, context, trace_parent,
-                                    (SELECT jsonb_agg(t.transition ORDER BY t.seq)
-                                     FROM {s}.saga_transition t WHERE t.saga_id = s.saga_id)
-                             FROM {s}.saga s WHERE saga_id = $1"
-                        ))
-                        .await?,
-                    by_status: c
-                        .prepare(&format!(
-                            "SELECT saga_id, definition, status, version FROM {s}.saga
-                             WHERE status = ANY($1) ORDER BY created_seq"
-                        ))
-                        .await?,
-                })
-            })
-            .await?;
-        Ok((&conn.client, statements))
+    /// A connection from the pool.
+    async fn connection(&self) -> Result<Conn<'_>, LogError> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|err| LogError::Unavailable(Box::new(err)))?;
+        Ok(Conn {
+            client,
+            sql: &self.sql,
+        })
     }
 
     async fn list(&self, statuses: &[&str]) -> Result<Vec<SagaSummary>, LogError> {
-        let (client, st) = self.connection().await?;
-        let rows = client.query(&st.by_status, &[&statuses]).await?;
+        let conn = self.connection().await?;
+        let by_status = conn.prepared(|s| &s.by_status).await?;
+        let rows = conn.client.query(&by_status, &[&statuses]).await?;
         rows.iter()
             .map(|row| {
                 let saga_id: String = row.try_get(0)?;
@@ -336,7 +350,7 @@ impl fmt::Debug for PostgresSagaLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresSagaLog")
             .field("schema", &self.schema)
-            .field("connections", &self.connections.len())
+            .field("pool", &self.pool.status())
             .finish_non_exhaustive()
     }
 }
@@ -347,13 +361,15 @@ impl PostgresSagaLog {
         saga: &NewSaga,
         lease: Option<(&str, Duration)>,
     ) -> Result<(), LogError> {
-        let (client, st) = self.connection().await?;
+        let conn = self.connection().await?;
+        let create = conn.prepared(|s| &s.create).await?;
         let started = to_json(&saga.saga_id, &saga.started)?;
         let owner = lease.map(|(owner, _)| owner);
         let ttl = lease.map_or(0.0, |(_, ttl)| ttl.as_secs_f64());
-        let inserted = client
+        let inserted = conn
+            .client
             .execute(
-                &st.create,
+                &create,
                 &[
                     &saga.saga_id,
                     &saga.definition,
@@ -374,9 +390,10 @@ impl PostgresSagaLog {
         Ok(())
     }
 
-    async fn fenced(&self, lease: &Lease) -> Result<(), LogError> {
-        let (client, st) = self.connection().await?;
-        let row = client.query_opt(&st.version, &[&lease.saga_id]).await?;
+    /// `Ok` if `lease` is the saga's current one, read on `conn`.
+    async fn fenced(&self, conn: &Conn<'_>, lease: &Lease) -> Result<(), LogError> {
+        let version = conn.prepared(|s| &s.version).await?;
+        let row = conn.client.query_opt(&version, &[&lease.saga_id]).await?;
         let held = match row {
             Some(row) => {
                 let epoch: i64 = row.try_get(1)?;
@@ -409,15 +426,17 @@ impl SagaLog for PostgresSagaLog {
     fn append<'a>(&'a self, append: &'a Append) -> BoxFuture<'a, Result<u64, LogError>> {
         Box::pin(async move {
             validate_append(append)?;
-            let (client, st) = self.connection().await?;
+            let conn = self.connection().await?;
+            let statement = conn.prepared(|s| &s.append).await?;
             let transitions = to_json(&append.saga_id, &append.transitions)?;
             let expected = append.expected_version as i64;
             let new_version = append.new_version() as i64;
             let epoch = append.lease.as_ref().map(|l| l.epoch as i64);
             let owner = append.lease.as_ref().map(|l| l.owner.as_str());
-            let inserted = client
+            let inserted = conn
+                .client
                 .execute(
-                    &st.append,
+                    &statement,
                     &[
                         &append.saga_id,
                         &expected,
@@ -434,10 +453,12 @@ impl SagaLog for PostgresSagaLog {
                 return Ok(append.new_version());
             }
             if let Some(lease) = &append.lease {
-                self.fenced(lease).await?;
+                self.fenced(&conn, lease).await?;
             }
-            let actual: Option<i64> = client
-                .query_opt(&st.version, &[&append.saga_id])
+            let version = conn.prepared(|s| &s.version).await?;
+            let actual: Option<i64> = conn
+                .client
+                .query_opt(&version, &[&append.saga_id])
                 .await?
                 .map(|row| row.try_get(0))
                 .transpose()?;
@@ -456,8 +477,9 @@ impl SagaLog for PostgresSagaLog {
 
     fn load<'a>(&'a self, saga_id: &'a str) -> BoxFuture<'a, Result<Option<SagaRecord>, LogError>> {
         Box::pin(async move {
-            let (client, st) = self.connection().await?;
-            let Some(row) = client.query_opt(&st.load, &[&saga_id]).await? else {
+            let conn = self.connection().await?;
+            let load = conn.prepared(|s| &s.load).await?;
+            let Some(row) = conn.client.query_opt(&load, &[&saga_id]).await? else {
                 return Ok(None);
             };
             let corrupt = |source| LogError::Corrupt {
@@ -519,14 +541,16 @@ impl SagaLog for PostgresSagaLog {
         reclaim_own: bool,
     ) -> BoxFuture<'a, Result<Vec<Lease>, LogError>> {
         Box::pin(async move {
-            let (client, st) = self.connection().await?;
+            let conn = self.connection().await?;
+            let claim = conn.prepared(|s| &s.claim).await?;
             let statuses = [
                 SagaStatus::Running.as_str(),
                 SagaStatus::Compensating.as_str(),
             ];
-            let rows = client
+            let rows = conn
+                .client
                 .query(
-                    &st.claim,
+                    &claim,
                     &[
                         &owner,
                         &ttl.as_secs_f64(),
@@ -557,10 +581,12 @@ impl SagaLog for PostgresSagaLog {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), LogError>> {
         Box::pin(async move {
-            let (client, st) = self.connection().await?;
-            let renewed = client
+            let conn = self.connection().await?;
+            let renew = conn.prepared(|s| &s.renew).await?;
+            let renewed = conn
+                .client
                 .execute(
-                    &st.renew,
+                    &renew,
                     &[
                         &lease.saga_id,
                         &(lease.epoch as i64),
@@ -583,10 +609,11 @@ impl SagaLog for PostgresSagaLog {
 
     fn release_lease<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), LogError>> {
         Box::pin(async move {
-            let (client, st) = self.connection().await?;
-            client
+            let conn = self.connection().await?;
+            let release = conn.prepared(|s| &s.release).await?;
+            conn.client
                 .execute(
-                    &st.release,
+                    &release,
                     &[&lease.saga_id, &(lease.epoch as i64), &lease.owner],
                 )
                 .await?;

@@ -526,10 +526,9 @@ mod postgres {
 
     pub(crate) async fn fixture() -> Fixture {
         let db = crate::support::pg::TestSchema::new().await;
-        // Two connections, so that racing writers race in PostgreSQL itself.
-        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema)
-            .unwrap()
-            .with_client(crate::support::pg::connect().await);
+        // A pool of several connections, so that racing writers race in
+        // PostgreSQL itself.
+        let log = PostgresSagaLog::with_schema(db.pool.clone(), &db.schema).unwrap();
         log.install().await.unwrap();
         // Installing again changes nothing.
         log.install().await.unwrap();

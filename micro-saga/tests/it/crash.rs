@@ -90,11 +90,11 @@ impl Target {
         }
     }
 
-    fn log(&self, client: &Arc<Client>) -> Arc<dyn SagaLog> {
+    fn log(&self) -> Arc<dyn SagaLog> {
         match &self.log_file {
             #[cfg(feature = "embedded")]
             Some(path) => Arc::new(micro_saga::log::EmbeddedSagaLog::open(path).unwrap()),
-            _ => Arc::new(PostgresSagaLog::with_schema(client.clone(), &self.schema).unwrap()),
+            _ => Arc::new(PostgresSagaLog::with_schema(pg::pool(), &self.schema).unwrap()),
         }
     }
 }
@@ -305,7 +305,7 @@ async fn scenario(mode: Mode, halt_at: Option<u64>) -> u64 {
         target.log_file.is_none(),
         "{context}: which log"
     );
-    let log = target.log(&client);
+    let log = target.log();
     check_invariants(&client, &*log, &target.schema, &context).await;
     client
         .batch_execute(&format!("DROP SCHEMA {} CASCADE", target.schema))

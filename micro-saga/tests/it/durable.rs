@@ -130,11 +130,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_new_connection_recovers_every_saga() {
         let db = pg::TestSchema::new().await;
-        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema).unwrap();
+        let log = PostgresSagaLog::with_schema(db.pool.clone(), &db.schema).unwrap();
         log.install().await.unwrap();
         super::run_one_and_leave_one_in_doubt(Arc::new(log)).await;
 
-        let log = PostgresSagaLog::with_schema(pg::connect().await, &db.schema).unwrap();
+        let log = PostgresSagaLog::with_schema(pg::pool(), &db.schema).unwrap();
         log.install().await.unwrap();
         assert_eq!(log.schema(), db.schema);
         super::recover_on_a_new_log(Arc::new(log)).await;
@@ -148,7 +148,7 @@ mod postgres {
         use crate::support::{order_saga, Journal};
 
         let db = pg::TestSchema::new().await;
-        let log = PostgresSagaLog::with_schema(db.client.clone(), &db.schema).unwrap();
+        let log = PostgresSagaLog::with_schema(db.pool.clone(), &db.schema).unwrap();
         log.install().await.unwrap();
         let log = Arc::new(log);
         super::run_one_and_leave_one_in_doubt(log.clone()).await;
@@ -157,7 +157,7 @@ mod postgres {
         for _ in 0..2 {
             let journal = Journal::default();
             let saga = order_saga(&journal);
-            let log = PostgresSagaLog::with_schema(pg::connect().await, &db.schema).unwrap();
+            let log = PostgresSagaLog::with_schema(pg::pool(), &db.schema).unwrap();
             let orch = Orchestrator::builder(Arc::new(log))
                 .definition(&saga)
                 .build()
@@ -204,7 +204,7 @@ mod postgres {
         let installs = (0..4).map(|_| {
             let schema = db.schema.clone();
             tokio::spawn(async move {
-                let log = PostgresSagaLog::with_schema(pg::connect().await, schema).unwrap();
+                let log = PostgresSagaLog::with_schema(pg::pool(), schema).unwrap();
                 log.install().await
             })
         });
@@ -216,15 +216,15 @@ mod postgres {
 
     #[tokio::test]
     async fn schema_names_are_checked() {
-        let client = pg::connect().await;
+        let pool = pg::pool();
         for bad in ["", "1abc", "a-b", "a;drop", "é", &"x".repeat(64)] {
-            let err = PostgresSagaLog::with_schema(client.clone(), bad).unwrap_err();
+            let err = PostgresSagaLog::with_schema(pool.clone(), bad).unwrap_err();
             assert!(
                 matches!(err, LogError::InvalidSchema { .. }),
                 "{bad}: {err}"
             );
         }
-        assert!(PostgresSagaLog::with_schema(client.clone(), "shop_orders_2").is_ok());
-        assert_eq!(PostgresSagaLog::new(client).schema(), "micro_saga");
+        assert!(PostgresSagaLog::with_schema(pool.clone(), "shop_orders_2").is_ok());
+        assert_eq!(PostgresSagaLog::new(pool).schema(), "micro_saga");
     }
 }

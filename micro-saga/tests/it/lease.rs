@@ -17,7 +17,7 @@ use micro_saga::{
 };
 use time::OffsetDateTime;
 
-use crate::support::pg::{connect, TestSchema};
+use crate::support::pg::{Role, TestSchema};
 
 const TTL: Duration = Duration::from_secs(1);
 const SETTLE: Duration = Duration::from_secs(60);
@@ -105,7 +105,7 @@ fn saga(owner: &'static str, participant: &Arc<Participant>) -> SagaDefinition<u
 }
 
 async fn log(db: &TestSchema) -> Arc<PostgresSagaLog> {
-    let log = PostgresSagaLog::with_schema(connect().await, &db.schema).unwrap();
+    let log = PostgresSagaLog::with_schema(db.pool.clone(), &db.schema).unwrap();
     log.install().await.unwrap();
     Arc::new(log)
 }
@@ -204,7 +204,8 @@ async fn a_stopped_orchestrator_s_sagas_are_taken_over_once_its_leases_lapse() {
         let schema = db.schema.clone();
         doomed
             .spawn(async move {
-                let log = PostgresSagaLog::with_schema(connect().await, &schema).unwrap();
+                let log =
+                    PostgresSagaLog::with_schema(crate::support::pg::pool(), &schema).unwrap();
                 log.install().await.unwrap();
                 Arc::new(log)
             })
@@ -529,7 +530,7 @@ async fn install_adds_leases_to_an_older_log() {
         ))
         .await
         .unwrap();
-    let old = PostgresSagaLog::with_schema(connect().await, s).unwrap();
+    let old = PostgresSagaLog::with_schema(db.pool.clone(), s).unwrap();
     // What the earlier version wrote: the same statement shape, no lease.
     let (new, _) = new_saga("old-1");
     db.client
@@ -564,13 +565,10 @@ async fn an_owner_cut_off_from_the_log_stops_before_another_takes_over() {
     let db = TestSchema::new().await;
     let participant = Arc::new(Participant::default());
     participant.hang("A", "b");
-    let a_client = connect().await;
-    let a_pid: i32 = a_client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let a_log = PostgresSagaLog::with_schema(a_client, &db.schema).unwrap();
+    // A's pool logs in as a role of its own, which is then forbidden to log
+    // in: the pool can neither keep a connection nor make a new one.
+    let a_role = Role::new().await;
+    let a_log = PostgresSagaLog::with_schema(a_role.pool(), &db.schema).unwrap();
     a_log.install().await.unwrap();
     let a = orchestrator(Arc::new(a_log), "A", &participant);
     let mut a_handles = Vec::new();
@@ -593,10 +591,7 @@ async fn an_owner_cut_off_from_the_log_stops_before_another_takes_over() {
     let b = orchestrator(log(&db).await, "B", &participant);
     let _sweep_b = b.keep_recovering(Duration::from_millis(20), Duration::ZERO);
 
-    db.client
-        .execute("SELECT pg_terminate_backend($1)", &[&a_pid])
-        .await
-        .unwrap();
+    a_role.cut().await;
     for handle in a_handles {
         let err = tokio::time::timeout(SETTLE, handle.finished())
             .await
@@ -625,4 +620,5 @@ async fn an_owner_cut_off_from_the_log_stops_before_another_takes_over() {
         participant.overlaps()
     );
     db.drop_schema().await;
+    a_role.drop_role().await;
 }

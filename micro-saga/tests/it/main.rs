@@ -10,6 +10,8 @@ mod durable;
 mod lease;
 mod orchestrator;
 mod properties;
+#[cfg(feature = "postgres")]
+mod reconnect;
 mod reply;
 mod support;
 mod testkit;

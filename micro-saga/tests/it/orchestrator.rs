@@ -694,3 +694,70 @@ async fn policies_come_from_configuration() {
     );
     assert_eq!(started.elapsed(), Duration::from_millis(101));
 }
+
+/// A saga of forward recovery: once the pivot passed, its final steps are retried until
+/// done, far past any bounded policy's attempts, and a definite refusal still fails it.
+#[tokio::test(start_paused = true)]
+async fn until_done_steps_are_retried_past_any_bound_and_refusals_still_fail() {
+    let flaky_failures = Arc::new(AtomicU32::new(0));
+    let failures = flaky_failures.clone();
+    let forward = fast_policy()
+        .max_backoff(Duration::from_secs(1))
+        .until_done();
+    let saga = SagaDefinition::<u32>::builder("cancel")
+        .policy(fast_policy())
+        .pivot("refund", |_| async { Ok(StepOutput::empty()) })
+        .policy(forward.clone())
+        .final_step("release", move |cx| {
+            let failures = failures.clone();
+            async move {
+                // Down for the first 40 attempts: a refused connection, then lost answers.
+                let attempt = cx.attempt();
+                if attempt <= 20 {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    return Err(StepError::retryable("inventory is down"));
+                }
+                if attempt <= 40 {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    return Err(StepError::unknown("connection lost after the request"));
+                }
+                Ok(StepOutput::empty())
+            }
+        })
+        .final_step("record", |cx| async move {
+            if *cx.data() == 7 {
+                return Err(StepError::permanent("the order is gone"));
+            }
+            // Times out once, then answers.
+            if cx.attempt() == 1 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Ok(StepOutput::empty())
+        })
+        .build()
+        .unwrap();
+    assert!(saga.policy("release").unwrap().is_until_done());
+    assert!(!saga.policy("refund").unwrap().is_until_done());
+    let log = Arc::new(MemorySagaLog::new());
+    let orch = Orchestrator::builder(log.clone())
+        .definition(&saga)
+        .build()
+        .unwrap();
+
+    let done = orch.run(&saga, "c-1", 1).await.unwrap();
+    assert_eq!(done.status(), SagaStatus::Completed, "{:?}", done.history());
+    assert_eq!(flaky_failures.load(Ordering::SeqCst), 40);
+    assert_eq!(done.steps()[1].attempts(), 41);
+    assert_eq!(done.steps()[2].attempts(), 2);
+
+    let refused = orch.run(&saga, "c-2", 7).await.unwrap();
+    assert_eq!(refused.status(), SagaStatus::Failed);
+    assert_eq!(refused.steps()[2].attempts(), 1);
+    assert!(
+        refused.steps()[2]
+            .error()
+            .is_some_and(|e| e.contains("the order is gone")),
+        "{:?}",
+        refused.steps()[2]
+    );
+}

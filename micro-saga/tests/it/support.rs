@@ -139,6 +139,9 @@ pub(crate) async fn eventually(limit: Duration, mut check: impl FnMut() -> bool)
 pub(crate) mod pg {
     use std::sync::Arc;
 
+    use std::time::Duration;
+
+    use micro_saga::log::deadpool_postgres::{Manager, Pool, Runtime};
     use tokio_postgres::{Client, NoTls};
 
     /// The PostgreSQL the tests use: `MICRO_TEST_POSTGRES_URL`, or the local
@@ -146,6 +149,101 @@ pub(crate) mod pg {
     pub(crate) fn url() -> String {
         std::env::var("MICRO_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    }
+
+    /// A pool on the tests' PostgreSQL, whose connections are named
+    /// `application_name` in `pg_stat_activity`.
+    pub(crate) fn pool_named(application_name: &str) -> Pool {
+        let mut config: tokio_postgres::Config = url().parse().expect("a PostgreSQL url");
+        config.application_name(application_name);
+        pool_on(config)
+    }
+
+    /// A pool on the tests' PostgreSQL.
+    pub(crate) fn pool() -> Pool {
+        pool_named("micro-saga-test")
+    }
+
+    /// A pool of at most 4 connections with `config`, waiting at most 2 s for
+    /// one.
+    pub(crate) fn pool_on(config: tokio_postgres::Config) -> Pool {
+        Pool::builder(Manager::new(config, NoTls))
+            .max_size(4)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(2)))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .build()
+            .expect("a pool")
+    }
+
+    /// A login role of its own, for a test that cuts a component off the
+    /// database: [`cut`](Self::cut) forbids the role to log in and
+    /// terminates its backends, so that its pool can neither keep nor make a
+    /// connection, and [`restore`](Self::restore) lets it in again.
+    pub(crate) struct Role {
+        pub(crate) name: String,
+        admin: Arc<Client>,
+    }
+
+    impl Role {
+        pub(crate) async fn new() -> Self {
+            let name = fresh_schema("saga_role");
+            let admin = connect().await;
+            admin
+                .batch_execute(&format!("CREATE ROLE {name} LOGIN SUPERUSER"))
+                .await
+                .unwrap();
+            Role { name, admin }
+        }
+
+        /// A pool connecting as this role.
+        pub(crate) fn pool(&self) -> Pool {
+            let mut config: tokio_postgres::Config = url().parse().expect("a PostgreSQL url");
+            config.user(&self.name).application_name(&self.name);
+            pool_on(config)
+        }
+
+        /// Terminates the role's backends; how many.
+        pub(crate) async fn terminate(&self) -> usize {
+            self.admin
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE usename = $1 AND pid <> pg_backend_pid()",
+                    &[&self.name],
+                )
+                .await
+                .unwrap()
+                .len()
+        }
+
+        /// Forbids new connections as the role and terminates its backends.
+        pub(crate) async fn cut(&self) {
+            self.admin
+                .batch_execute(&format!("ALTER ROLE {} NOLOGIN", self.name))
+                .await
+                .unwrap();
+            self.terminate().await;
+        }
+
+        /// Lets the role log in again.
+        pub(crate) async fn restore(&self) {
+            self.admin
+                .batch_execute(&format!("ALTER ROLE {} LOGIN", self.name))
+                .await
+                .unwrap();
+        }
+
+        /// Drops the role (and whatever it owns).
+        pub(crate) async fn drop_role(self) {
+            self.cut().await;
+            self.admin
+                .batch_execute(&format!(
+                    "DROP OWNED BY {n} CASCADE; DROP ROLE {n}",
+                    n = self.name
+                ))
+                .await
+                .unwrap();
+        }
     }
 
     pub(crate) async fn connect() -> Arc<Client> {
@@ -162,9 +260,10 @@ pub(crate) mod pg {
         format!("{prefix}_{:016x}", rand::random::<u64>())
     }
 
-    /// A client and a schema name of its own for one test.
+    /// A client, a pool and a schema name of its own for one test.
     pub(crate) struct TestSchema {
         pub(crate) client: Arc<Client>,
+        pub(crate) pool: Pool,
         pub(crate) schema: String,
     }
 
@@ -172,6 +271,7 @@ pub(crate) mod pg {
         pub(crate) async fn new() -> Self {
             TestSchema {
                 client: connect().await,
+                pool: pool(),
                 schema: fresh_schema("saga_test"),
             }
         }

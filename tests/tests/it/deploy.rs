@@ -38,14 +38,10 @@ const SECRET: &str = "shop-secrets";
 
 /// The keys of that Secret, the same in the docs' command, with a value of the kind the
 /// command puts there (for loading the configuration).
-const SECRET_KEYS: [(&str, &str); 3] = [
+const SECRET_KEYS: [(&str, &str); 2] = [
     (
         "SHOP_JWT_SECRET",
         "c2VjcmV0LWZvci10aGUtZGVwbG95LXRlc3RzLW9ubHktNDgtYnl0ZXMtbG9uZy0hIQ==",
-    ),
-    (
-        "SHOP_IDENTITY_SECRET",
-        "aWRlbnRpdHktZm9yLXRoZS1kZXBsb3ktdGVzdHMtb25seS00OC1ieXRlcy1sb25nIQ==",
     ),
     (
         "SHOP_POSTGRES_URL",
@@ -53,28 +49,34 @@ const SECRET_KEYS: [(&str, &str); 3] = [
     ),
 ];
 
-/// Which services get each secret setting, and no other: every service signs and checks
-/// the calls between services; the user service signs login tokens and the gateway checks
-/// them; the services whose data is in PostgreSQL reach it.
-const SECRET_USERS: [(&str, &[&str]); 3] = [
-    (
-        "SHOP_IDENTITY_SECRET",
-        &[
-            "user",
-            "product",
-            "order",
-            "cart",
-            "payment",
-            "inventory",
-            "notification",
-            "gateway",
-        ],
-    ),
+/// Which services get each secret setting, and no other: the user service signs login
+/// tokens and the gateway checks them; the services whose data is in PostgreSQL reach it.
+/// (Every service signs and checks the calls between services with the keys file of
+/// [`KEYS_SECRET`].)
+const SECRET_USERS: [(&str, &[&str]); 2] = [
     ("SHOP_JWT_SECRET", &["user", "gateway"]),
     ("SHOP_POSTGRES_URL", &["user", "product", "order"]),
 ];
 
-/// Where the command that creates the Secret is shown.
+/// The Secret that holds the services' keys file, which every Deployment mounts as a
+/// volume: not in the manifests either, created with the command the docs show.
+const KEYS_SECRET: &str = "shop-identity-keys";
+
+/// Its one key, the file the services read, with a value of the kind the docs' command
+/// puts there.
+const KEYS_SECRET_KEY: (&str, &str) = (
+    "keys",
+    "k1 aWRlbnRpdHktZm9yLXRoZS1kZXBsb3ktdGVzdHMtb25seS00OC1ieXRlcy1sb25nIQ==\n",
+);
+
+/// The setting that names the keys file; every service needs it.
+const KEYS_FILE_SETTING: &str = "SHOP_IDENTITY_KEYS_FILE";
+
+/// The setting for a single key in the environment, which the Deployments must not use:
+/// a key in the environment changes only with a restart.
+const KEY_IN_ENV_SETTING: &str = "SHOP_IDENTITY_SECRET";
+
+/// Where the commands that create the Secrets are shown.
 const SECRET_DOCS: [&str; 2] = ["docs/src/shop-deploy.md", "examples/shop/deploy/README.md"];
 
 /// Variables the binary reads that are not `ShopConfig` settings.
@@ -348,6 +350,15 @@ struct Volume {
     name: String,
     persistent_volume_claim: Option<ClaimRef>,
     config_map: Option<NameRef>,
+    secret: Option<SecretVolume>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretVolume {
+    secret_name: String,
+    #[serde(default)]
+    items: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -578,6 +589,10 @@ impl Objects {
                 .map(|(k, v)| (k.to_string(), v.to_string()));
             return Some(keys.collect());
         }
+        if kind == "Secret" && name == KEYS_SECRET {
+            let (key, value) = KEYS_SECRET_KEY;
+            return Some(BTreeMap::from([(key.to_owned(), value.to_owned())]));
+        }
         let object = self.get(kind, name)?;
         let mut keys = object.data.clone();
         keys.extend(object.string_data.clone());
@@ -617,9 +632,10 @@ fn check_manifests(documents: &[(String, Value)]) -> Vec<String> {
                 secret.metadata.name
             ));
         }
-        if secret.metadata.name == SECRET {
+        let name = &secret.metadata.name;
+        if name == SECRET || name == KEYS_SECRET {
             problems.push(format!(
-                "Secret {SECRET} is in the manifests: applying them would overwrite the one \
+                "Secret {name} is in the manifests: applying them would overwrite the one \
                  created by hand"
             ));
         }
@@ -941,8 +957,80 @@ fn check_deployment(
         None => {}
     }
 
+    check_keys_file(&at, container, &volumes, &env, problems);
     if service == "gateway" {
         check_gateway_config(objects, &at, container, &volumes, &env, problems);
+    }
+}
+
+/// The services' keys: `SHOP_IDENTITY_KEYS_FILE` names the file `keys` of a read-only mount
+/// of the whole Secret [`KEYS_SECRET`], which the kubelet replaces in place when the Secret
+/// changes, so that a rotated key reaches the running service (a `subPath` mount, an
+/// `items` selection renaming the file, or a key in the environment would each need a
+/// restart).
+fn check_keys_file(
+    at: &str,
+    container: &Container,
+    volumes: &BTreeMap<&str, &Volume>,
+    env: &BTreeMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    if env.contains_key(KEY_IN_ENV_SETTING) {
+        problems.push(format!(
+            "{at}: {KEY_IN_ENV_SETTING} is set: the services' keys come from \
+             {KEYS_FILE_SETTING}, which follows a rotated Secret without a restart"
+        ));
+    }
+    let Some(path) = env.get(KEYS_FILE_SETTING) else {
+        problems.push(format!(
+            "{at}: {KEYS_FILE_SETTING} is not set, and `shop serve` needs the services' keys"
+        ));
+        return;
+    };
+    let mounted = container.volume_mounts.iter().find_map(|mount| {
+        let file = path.strip_prefix(mount.mount_path.trim_end_matches('/'))?;
+        Some((mount, file.strip_prefix('/')?))
+    });
+    let Some((mount, file)) = mounted else {
+        problems.push(format!(
+            "{at}: {KEYS_FILE_SETTING} is {path}, which is in no mounted volume"
+        ));
+        return;
+    };
+    let secret = volumes
+        .get(mount.name.as_str())
+        .and_then(|volume| volume.secret.as_ref());
+    match secret {
+        Some(secret) if secret.secret_name == KEYS_SECRET => {
+            if !secret.items.is_empty() {
+                problems.push(format!(
+                    "{at}: volume {} selects items of {KEYS_SECRET}; mount it whole",
+                    mount.name
+                ));
+            }
+        }
+        _ => problems.push(format!(
+            "{at}: {path} is not from the Secret {KEYS_SECRET} (volume {})",
+            mount.name
+        )),
+    }
+    if file != KEYS_SECRET_KEY.0 {
+        problems.push(format!(
+            "{at}: {KEYS_FILE_SETTING} names {file} in the mount, not the Secret's key `{}`",
+            KEYS_SECRET_KEY.0
+        ));
+    }
+    if !mount.read_only {
+        problems.push(format!(
+            "{at}: the keys at {} are mounted writable",
+            mount.mount_path
+        ));
+    }
+    if mount.sub_path.is_some() {
+        problems.push(format!(
+            "{at}: the keys are mounted with a subPath, which the kubelet never updates: \
+             a rotated key would need a restart"
+        ));
     }
 }
 
@@ -1926,23 +2014,46 @@ fn a_dangling_reference_is_caught() {
     );
 
     let documents = broken("Deployment", "order-service", |d| {
-        let identity = env_var(d, "SHOP_IDENTITY_SECRET");
-        identity["valueFrom"]["secretKeyRef"]["name"] = "order-secrets".into();
+        *volume(d, "identity-keys") = serde_yaml_ng::from_str(
+            "{name: identity-keys, secret: {secretName: order-keys, defaultMode: 288}}",
+        )
+        .unwrap();
     });
     assert_found(
         &check_manifests(&documents),
-        "SHOP_IDENTITY_SECRET refers to Secret order-secrets key SHOP_IDENTITY_SECRET, \
-         which is not defined",
+        "Deployment order-service, container order: /etc/shop/identity/keys is not from the Secret \
+         shop-identity-keys (volume identity-keys)",
     );
 
     let documents = broken("Deployment", "gateway", |d| {
-        let spec = &mut d["spec"]["template"]["spec"];
-        spec["volumes"][2]["configMap"]["name"] = "gateway-yaml".into();
+        *volume(d, "gateway-config") =
+            serde_yaml_ng::from_str("{name: gateway-config, configMap: {name: gateway-yaml}}")
+                .unwrap();
     });
     assert_found(
         &check_manifests(&documents),
         "gateway.yaml is not a key of a ConfigMap mounted at /etc/shop",
     );
+}
+
+/// The volume `name` in the pod of `document`, as a mutable YAML value.
+fn volume<'a>(document: &'a mut Value, name: &str) -> &'a mut Value {
+    document["spec"]["template"]["spec"]["volumes"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|volume| volume["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// The mount of the services' keys in the first container of `document`.
+fn keys_mount(document: &mut Value) -> &mut Value {
+    container(document)["volumeMounts"]
+        .as_sequence_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|mount| mount["name"] == "identity-keys")
+        .expect("no mount identity-keys")
 }
 
 /// The env var `name` of the first container of `document`, as a mutable YAML value.
@@ -1958,12 +2069,43 @@ fn env_var<'a>(document: &'a mut Value, name: &str) -> &'a mut Value {
 #[test]
 fn a_secret_missing_misplaced_or_committed_is_caught() {
     let documents = broken("Deployment", "payment-service", |d| {
-        let env = container(d)["env"].as_sequence_mut().unwrap();
-        env.retain(|var| var["name"] != "SHOP_IDENTITY_SECRET");
+        let mounts = container(d)["volumeMounts"].as_sequence_mut().unwrap();
+        mounts.retain(|mount| mount["name"] != "identity-keys");
     });
     assert_found(
         &check_manifests(&documents),
-        "container payment: SHOP_IDENTITY_SECRET is not set, and `shop serve payment` needs it",
+        "Deployment payment-service, container payment: SHOP_IDENTITY_KEYS_FILE is /etc/shop/identity/keys, \
+         which is in no mounted volume",
+    );
+
+    let documents = broken("Deployment", "cart-service", |d| {
+        keys_mount(d)["subPath"] = "keys".into();
+        keys_mount(d)["readOnly"] = false.into();
+    });
+    let problems = check_manifests(&documents);
+    assert_found(
+        &problems,
+        "container cart: the keys are mounted with a subPath",
+    );
+    assert_found(
+        &problems,
+        "container cart: the keys at /etc/shop/identity are mounted writable",
+    );
+
+    let documents = broken("Deployment", "inventory-service", |d| {
+        let key_in_env = serde_yaml_ng::from_str(
+            "{name: SHOP_IDENTITY_SECRET, valueFrom: {secretKeyRef: {name: shop-secrets, key: \
+             SHOP_JWT_SECRET}}}",
+        )
+        .unwrap();
+        container(d)["env"]
+            .as_sequence_mut()
+            .unwrap()
+            .push(key_in_env);
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container inventory: SHOP_IDENTITY_SECRET is set",
     );
 
     let documents = broken("Deployment", "user-service", |d| {
@@ -2005,10 +2147,10 @@ fn a_secret_missing_misplaced_or_committed_is_caught() {
     assert_found(&problems, "Secret shop-secrets is in the manifests");
 }
 
-/// The keys the docs' `kubectl create secret generic shop-secrets` command gives, in the
+/// The keys the docs' `kubectl create secret generic <secret>` command gives, in the
 /// order it gives them; `None` when `text` has no such command.
-fn documented_secret_keys(text: &str) -> Option<Vec<String>> {
-    let command = format!("create secret generic {SECRET}");
+fn documented_secret_keys(text: &str, secret: &str) -> Option<Vec<String>> {
+    let command = format!("create secret generic {secret} ");
     let start = text.find(&command)?;
     let mut keys = Vec::new();
     for line in text[start..].lines() {
@@ -2027,25 +2169,32 @@ fn documented_secret_keys(text: &str) -> Option<Vec<String>> {
     Some(keys)
 }
 
-/// Every difference between the keys the docs' command creates and [`SECRET_KEYS`].
+/// Every difference between the keys the docs' commands create and those the manifests
+/// read: [`SECRET_KEYS`] in [`SECRET`], and [`KEYS_SECRET_KEY`] in [`KEYS_SECRET`].
 fn check_secret_docs(file: &str, text: &str) -> Vec<String> {
-    let Some(documented) = documented_secret_keys(text) else {
-        return vec![format!(
-            "{file} does not show `kubectl -n shop create secret generic {SECRET}`"
-        )];
-    };
-    let documented: BTreeSet<&str> = documented.iter().map(String::as_str).collect();
-    let expected: BTreeSet<&str> = SECRET_KEYS.iter().map(|(key, _)| *key).collect();
+    let secrets: [(&str, BTreeSet<&str>); 2] = [
+        (SECRET, SECRET_KEYS.iter().map(|(key, _)| *key).collect()),
+        (KEYS_SECRET, BTreeSet::from([KEYS_SECRET_KEY.0])),
+    ];
     let mut problems = Vec::new();
-    for key in expected.difference(&documented) {
-        problems.push(format!(
-            "{file}: the command that creates {SECRET} does not give {key}"
-        ));
-    }
-    for key in documented.difference(&expected) {
-        problems.push(format!(
-            "{file}: the command that creates {SECRET} gives {key}, which no service reads"
-        ));
+    for (secret, expected) in secrets {
+        let Some(documented) = documented_secret_keys(text, secret) else {
+            problems.push(format!(
+                "{file} does not show `kubectl -n shop create secret generic {secret}`"
+            ));
+            continue;
+        };
+        let documented: BTreeSet<&str> = documented.iter().map(String::as_str).collect();
+        for key in expected.difference(&documented) {
+            problems.push(format!(
+                "{file}: the command that creates {secret} does not give {key}"
+            ));
+        }
+        for key in documented.difference(&expected) {
+            problems.push(format!(
+                "{file}: the command that creates {secret} gives {key}, which no service reads"
+            ));
+        }
     }
     problems
 }
@@ -2067,13 +2216,21 @@ fn the_docs_create_the_secret_with_every_key_the_manifests_read() {
     }
 
     let text = std::fs::read_to_string(root.join(SECRET_DOCS[0])).unwrap();
-    let without = text.replace("--from-literal=SHOP_IDENTITY_SECRET=", "--from-literal=X=");
+    let without = text
+        .replace("--from-literal=SHOP_JWT_SECRET=", "--from-literal=X=")
+        .replace("--from-file=keys=", "--from-file=key=");
     let problems = check_secret_docs("shop-deploy.md", &without);
-    assert_found(&problems, "does not give SHOP_IDENTITY_SECRET");
-    assert_found(&problems, "gives X, which no service reads");
+    assert_found(&problems, "shop-secrets does not give SHOP_JWT_SECRET");
+    assert_found(&problems, "shop-secrets gives X, which no service reads");
+    assert_found(&problems, "shop-identity-keys does not give keys");
+    let problems = check_secret_docs("README.md", "no command here");
     assert_found(
-        &check_secret_docs("README.md", "no command here"),
+        &problems,
         "does not show `kubectl -n shop create secret generic shop-secrets`",
+    );
+    assert_found(
+        &problems,
+        "does not show `kubectl -n shop create secret generic shop-identity-keys`",
     );
 }
 

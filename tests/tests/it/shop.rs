@@ -238,6 +238,38 @@ impl TestShop {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_process_shop_off_loopback_refuses_the_built_in_token_secret() {
+    let off_loopback = Listen {
+        gateway: "0.0.0.0:0".parse().unwrap(),
+        ..Listen::ephemeral()
+    };
+    let config = ShopConfig {
+        listen: off_loopback.clone(),
+        ..test_config()
+    };
+    let error = match app::start(&config).await {
+        Ok(_) => panic!("the shop started off loopback with the built-in token secret"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        error.contains(
+            "`jwt_secret` (SHOP_JWT_SECRET) is unusable with the gateway service \
+                        listening off loopback (0.0.0.0:0)"
+        ),
+        "{error}"
+    );
+
+    // With a secret of its own it starts, and serves.
+    let shop = spawn_shop_with(ShopConfig {
+        listen: off_loopback,
+        jwt_secret: shop::trust::SecretString::new("this test's token secret, 3c8e1f0a7d2b45"),
+        ..test_config()
+    })
+    .await;
+    shop.add("alice", "SKU-1001", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_is_charged_reserved_confirmed_and_notified() {
     const SECRET: &str = "the services' key of this test, 4be1d0c7a9f25e36";
     let shop = spawn_shop_keyed(SECRET).await;

@@ -360,7 +360,7 @@ impl VirtualUser {
         loop {
             let order = self.get(&path).await?;
             match order["status"].as_str() {
-                Some("PENDING" | "PAID") => {}
+                Some("PENDING" | "PAID" | "CANCELLING") => {}
                 Some(_) => return Ok(Settled { order }),
                 None => {
                     return Err(Failure::Unexpected(format!(
@@ -414,9 +414,13 @@ impl VirtualUser {
                 settled.order["id"].as_str().unwrap_or_default().to_owned()
             }
         };
-        let order = self
-            .expect(Method::POST, &format!("/api/orders/{id}/cancel"), None, 200)
-            .await?;
+        let path = format!("/api/orders/{id}/cancel");
+        let reply = self.call(Method::POST, &path, None, None).await?;
+        // 200 once cancelled, 202 while the cancel goes on.
+        if reply.status != 200 && reply.status != 202 {
+            return Err(unexpected(&format!("POST {path}"), &reply));
+        }
+        let order = self.settled(&id).await?.order;
         if order["status"] != "CANCELLED" {
             return Err(Failure::Unexpected(format!(
                 "cancelling order {id} left it {}",

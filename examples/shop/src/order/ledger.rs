@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{Checkout, Order, OrderStatus};
+use super::{Checkout, IllegalTransition, Order, OrderStatus};
 use crate::events::{EventSink, OrderEvent};
 use crate::store::{Store, Tx};
 
@@ -22,6 +22,33 @@ const META: &str = "meta";
 /// An event to write, with the seed of its id (so that writing it again after a crash
 /// gives the same id, which consumers drop).
 pub(super) type Pending = (String, OrderEvent);
+
+/// What came of [`Ledger::transition`].
+#[derive(Debug)]
+pub enum Transitioned {
+    /// The order moved; here it is, moved.
+    Moved(Order),
+    /// It was there already: nothing was written.
+    Already(Order),
+    /// The status machine forbids the move: nothing was written.
+    Refused(Order, IllegalTransition),
+    /// There is no such order.
+    Missing,
+}
+
+impl Transitioned {
+    /// Logs a refused move or a missing order, which a caller that cannot do more
+    /// about it only reports.
+    pub fn warn_if_refused(&self, order_id: &str) {
+        match self {
+            Transitioned::Refused(_, error) => {
+                tracing::warn!(order_id, %error, "status change refused")
+            }
+            Transitioned::Missing => tracing::warn!(order_id, "status change of a missing order"),
+            Transitioned::Moved(_) | Transitioned::Already(_) => {}
+        }
+    }
+}
 
 /// The order store with its outbox.
 #[derive(Clone)]
@@ -71,24 +98,33 @@ impl Ledger {
         }
     }
 
-    /// Orders in PostgreSQL at `url`, in `schema` (created if missing); the relay
-    /// publishes events to `topic` with `publisher`.
+    /// Orders in PostgreSQL on connections of `pool`, in `schema` (created if
+    /// missing); the relay publishes events to `topic` with `publisher`.
     ///
     /// # Errors
     ///
     /// When PostgreSQL cannot be reached or the schema is not a plain lowercase name.
     #[cfg(feature = "real-servers")]
     pub async fn postgres(
-        url: &str,
+        pool: micro_events::postgres::Pool,
         schema: &str,
         publisher: Arc<dyn micro_events::Publisher>,
         topic: String,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             backend: Arc::new(Backend::Postgres(Box::new(
-                postgres::PgLedger::connect(url, schema, publisher, topic).await?,
+                postgres::PgLedger::new(pool, schema, publisher, topic).await?,
             ))),
         })
+    }
+
+    /// What readiness checks: that PostgreSQL can be reached, for orders kept there.
+    pub fn health_checks(&self) -> Vec<micro_core::health::HealthCheck> {
+        match &*self.backend {
+            Backend::Embedded { .. } => Vec::new(),
+            #[cfg(feature = "real-servers")]
+            Backend::Postgres(pg) => vec![crate::store::postgres::health_check(&pg.pool)],
+        }
     }
 
     /// The order with this id.
@@ -166,8 +202,9 @@ impl Ledger {
     }
 
     /// Applies `change` to the order, writing the order and the events it returns
-    /// together. A change that returns `None` writes nothing.
-    pub async fn update(
+    /// together. A change that returns `None` writes nothing. Only
+    /// [`transition`](Self::transition) changes orders.
+    async fn update(
         &self,
         order_id: &str,
         change: impl FnOnce(&mut Order) -> Option<Vec<Pending>>,
@@ -191,31 +228,43 @@ impl Ledger {
         Ok(written)
     }
 
-    /// Moves the order to `to` with its event, unless it is there already (a step run
-    /// again after a crash) or the move is illegal (logged).
-    pub async fn moved(
+    /// Moves the order to `to` for `reason`, the one place where an order's status is
+    /// written: the move is checked by the status machine ([`Order::transition`]), and
+    /// the order, the `payment_id` it records (when given) and the events `events`
+    /// makes of the moved order are written in one transaction. An order already at
+    /// `to` (a step run again after a crash) or whose move is illegal is left as it is.
+    pub async fn transition(
         &self,
         order_id: &str,
         to: OrderStatus,
         reason: &str,
-        event: Option<Pending>,
         payment_id: Option<&str>,
-    ) -> anyhow::Result<()> {
-        self.update(order_id, |order| {
-            if order.status == to {
-                return None;
-            }
-            if let Err(error) = order.transition(to, reason) {
-                tracing::warn!(order_id, %error, "status change refused");
-                return None;
-            }
-            if let Some(id) = payment_id {
-                order.payment_id = Some(id.to_owned());
-            }
-            Some(event.into_iter().collect())
+        events: impl FnOnce(&Order) -> Vec<Pending>,
+    ) -> anyhow::Result<Transitioned> {
+        let mut refused = None;
+        let mut already = false;
+        let order = self
+            .update(order_id, |order| {
+                if order.status == to {
+                    already = true;
+                    return None;
+                }
+                if let Err(illegal) = order.transition(to, reason) {
+                    refused = Some(illegal);
+                    return None;
+                }
+                if let Some(id) = payment_id {
+                    order.payment_id = Some(id.to_owned());
+                }
+                Some(events(order))
+            })
+            .await?;
+        Ok(match (order, refused) {
+            (None, _) => Transitioned::Missing,
+            (Some(order), Some(illegal)) => Transitioned::Refused(order, illegal),
+            (Some(order), None) if already => Transitioned::Already(order),
+            (Some(order), None) => Transitioned::Moved(order),
         })
-        .await?;
-        Ok(())
     }
 
     /// Writes one event.
@@ -284,24 +333,19 @@ mod postgres {
     use std::sync::Arc;
 
     use anyhow::Context as _;
-    use micro_events::postgres::PgOutbox;
+    use micro_events::postgres::{PgOutbox, Pool};
     use micro_events::Publisher;
     use serde_json::Value;
-    use tokio::sync::Mutex;
-    use tokio_postgres::Client;
 
     use super::Pending;
     use crate::order::{Checkout, Order};
-    use crate::store::postgres::{connect, connect_to_schema};
 
     /// Orders in PostgreSQL: a table of documents with their idempotency index, and
-    /// micro-events' outbox in the same schema.
+    /// micro-events' outbox in the same schema. Each read and each transaction takes a
+    /// connection of the pool.
     pub(super) struct PgLedger {
-        url: String,
+        pub(super) pool: Pool,
         schema: String,
-        /// Writes take turns on one connection; transactions need it to themselves.
-        writer: Mutex<Client>,
-        reader: Client,
         outbox: PgOutbox,
         publisher: Arc<dyn Publisher>,
         topic: String,
@@ -321,17 +365,21 @@ mod postgres {
     }
 
     impl PgLedger {
-        pub(super) async fn connect(
-            url: &str,
+        pub(super) async fn new(
+            pool: Pool,
             schema: &str,
             publisher: Arc<dyn Publisher>,
             topic: String,
         ) -> anyhow::Result<Self> {
-            let writer = connect_to_schema(url, schema).await?;
-            let reader = connect(url).await?;
-            writer
+            anyhow::ensure!(
+                crate::store::postgres::plain(schema),
+                "`{schema}` is not a plain lowercase schema name"
+            );
+            let client = pool.get().await.context("connecting to PostgreSQL")?;
+            client
                 .batch_execute(&format!(
-                    "CREATE TABLE IF NOT EXISTS {schema}.orders (
+                    "CREATE SCHEMA IF NOT EXISTS {schema};
+                     CREATE TABLE IF NOT EXISTS {schema}.orders (
                          id text PRIMARY KEY,
                          user_id text NOT NULL,
                          idempotency text NOT NULL UNIQUE,
@@ -342,12 +390,11 @@ mod postgres {
                 ))
                 .await?;
             let outbox = PgOutbox::new(&format!("{schema}.outbox"))?;
-            outbox.create_table(&writer).await?;
+            outbox.create_table(&client).await?;
+            drop(client);
             Ok(Self {
-                url: url.to_owned(),
+                pool,
                 schema: schema.to_owned(),
-                writer: Mutex::new(writer),
-                reader,
                 outbox,
                 publisher,
                 topic,
@@ -357,7 +404,9 @@ mod postgres {
         pub(super) async fn order(&self, id: &str) -> anyhow::Result<Option<Order>> {
             let s = &self.schema;
             let row = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query_opt(&format!("SELECT doc FROM {s}.orders WHERE id = $1"), &[&id])
                 .await?;
             row.map(|r| doc(r.get(0))).transpose()
@@ -366,7 +415,9 @@ mod postgres {
         pub(super) async fn all(&self) -> anyhow::Result<Vec<Order>> {
             let s = &self.schema;
             let rows = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query(
                     &format!("SELECT doc FROM {s}.orders ORDER BY created_at"),
                     &[],
@@ -378,7 +429,9 @@ mod postgres {
         pub(super) async fn by_key(&self, index: &str) -> anyhow::Result<Option<Order>> {
             let s = &self.schema;
             let row = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query_opt(
                     &format!("SELECT doc FROM {s}.orders WHERE idempotency = $1"),
                     &[&index],
@@ -390,7 +443,9 @@ mod postgres {
         pub(super) async fn checkout(&self, id: &str) -> anyhow::Result<Option<Checkout>> {
             let s = &self.schema;
             let row = self
-                .reader
+                .pool
+                .get()
+                .await?
                 .query_opt(
                     &format!("SELECT checkout FROM {s}.orders WHERE id = $1"),
                     &[&id],
@@ -420,8 +475,8 @@ mod postgres {
             events: Vec<Pending>,
         ) -> anyhow::Result<(Order, bool)> {
             let s = &self.schema;
-            let mut writer = self.writer.lock().await;
-            let tx = writer.transaction().await?;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
             let inserted = tx
                 .execute(
                     &format!(
@@ -459,8 +514,8 @@ mod postgres {
             change: impl FnOnce(&mut Order) -> Option<Vec<Pending>>,
         ) -> anyhow::Result<Option<Order>> {
             let s = &self.schema;
-            let mut writer = self.writer.lock().await;
-            let tx = writer.transaction().await?;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
             let Some(row) = tx
                 .query_opt(
                     &format!("SELECT doc FROM {s}.orders WHERE id = $1 FOR UPDATE"),
@@ -489,31 +544,25 @@ mod postgres {
             id: String,
             event: crate::events::OrderEvent,
         ) -> anyhow::Result<()> {
-            let mut writer = self.writer.lock().await;
-            let tx = writer.transaction().await?;
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
             self.write_events(&tx, vec![(id, event)]).await?;
             tx.commit().await?;
             Ok(())
         }
 
         pub(super) async fn undelivered(&self) -> anyhow::Result<usize> {
-            Ok(usize::try_from(self.outbox.unsent(&self.reader).await?)?)
+            let client = self.pool.get().await?;
+            Ok(usize::try_from(self.outbox.unsent(&client).await?)?)
         }
 
-        /// micro-events' relay on a connection of its own: claims unsent rows with
-        /// `FOR UPDATE SKIP LOCKED`, so several order processes can each run one.
+        /// micro-events' relay on connections of the pool: claims unsent rows with
+        /// `FOR UPDATE SKIP LOCKED`, so several order processes can each run one. A lost
+        /// connection fails one round, and the relay goes on with a new one.
         pub(super) async fn relay(&self) {
-            loop {
-                match connect(&self.url).await {
-                    Ok(client) => {
-                        let relay = self.outbox.relay(client, self.publisher.clone());
-                        if let Err(error) = relay.run(std::future::pending::<()>()).await {
-                            tracing::error!(%error, "the outbox relay stopped");
-                        }
-                    }
-                    Err(error) => tracing::error!(%error, "the outbox relay cannot connect"),
-                }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let relay = self.outbox.relay(self.pool.clone(), self.publisher.clone());
+            if let Err(error) = relay.run(std::future::pending::<()>()).await {
+                tracing::error!(%error, "the outbox relay stopped");
             }
         }
     }

@@ -203,6 +203,87 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     let kept =
         crate::support::checkout(&client, &token, "mp-6", "SKU-1008", "4242424242424242").await;
     assert_eq!(settled(&client, &token, &kept).await["status"], "CONFIRMED");
+
+    // A cancel while the inventory service is down: the refund passes, the release is
+    // retried, and the order waits CANCELLING (never CANCELLED with its stock missing);
+    // once an inventory runs again the cancel-order saga finishes.
+    let waited =
+        crate::support::checkout(&client, &token, "mp-7", "SKU-1003", "4242424242424242").await;
+    assert_eq!(
+        settled(&client, &token, &waited).await["status"],
+        "CONFIRMED"
+    );
+    let inventory = shop::app::SERVICES
+        .iter()
+        .position(|s| *s == "inventory")
+        .unwrap();
+    // Stopped (SIGTERM), so that it leaves etcd and no caller keeps its address.
+    let mut stopped = processes.remove(inventory);
+    let sent = Command::new("kill")
+        .args(["-TERM", &stopped.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    stopped.0.wait().unwrap();
+    let (status, body) = send(
+        &client,
+        Method::POST,
+        &format!("/api/orders/{waited}/cancel"),
+        Some(&token),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["status"]),
+        (202, &serde_json::json!("CANCELLING")),
+        "{body}"
+    );
+    let waited_payments = format!("/api/payments?order_id={waited}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut polls_after_refund = 0;
+    while polls_after_refund < 5 {
+        let path = format!("/api/orders/{waited}");
+        let (_, now) = send(&client, Method::GET, &path, Some(&token), None, None).await;
+        assert_eq!(now["status"], "CANCELLING", "{now}");
+        let (_, payments) = send(
+            &client,
+            Method::GET,
+            &waited_payments,
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+        if payments[0]["status"] == "REFUNDED" {
+            polls_after_refund += 1;
+        }
+        assert!(Instant::now() < deadline, "never refunded: {payments}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (restarted, _) = serve("inventory", &env);
+    processes.push(KillOnDrop(restarted));
+    let cancelled = settled(&client, &token, &waited).await;
+    assert_eq!(cancelled["status"], "CANCELLED", "{cancelled}");
+    // The gateway finds the new inventory too.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while send(
+        &client,
+        Method::GET,
+        "/api/inventory",
+        Some(&token),
+        None,
+        None,
+    )
+    .await
+    .0 != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never found the inventory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, _) = send(&client, Method::GET, "/api/orders", None, None, None).await;
     assert_eq!(status, 401);
     let mut statuses = Vec::new();
@@ -228,6 +309,7 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
     // attention; nothing is left reserved; stock is conserved.
     let expected = [
         (&order, "REFUNDED"),
+        (&waited, "REFUNDED"),
         (&out_of_stock, "REFUNDED"),
         (&stuck, "CAPTURED"),
         (&kept, "CAPTURED"),
@@ -364,7 +446,7 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         .query_one(&format!("SELECT count(*) FROM {schema}_orders.orders"), &[])
         .await
         .unwrap();
-    assert!(row.get::<_, i64>(0) >= 7, "the orders are in PostgreSQL");
+    assert!(row.get::<_, i64>(0) >= 8, "the orders are in PostgreSQL");
     // No table of the shop's schemas, the saga log and the outbox included, holds a card
     // number: the payment service (on its own embedded store) is their only holder.
     let tables = client
@@ -408,6 +490,31 @@ async fn the_shop_runs_as_one_process_per_service_on_etcd_and_kafka() {
         }
     }
     assert!(rows_scanned >= 14, "only {rows_scanned} rows in {names:?}");
+    // Each cancel wrote its PaymentRefunded and its OrderCancelled once, in that order.
+    for id in [&order, &waited] {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT convert_from(payload, 'UTF8')::jsonb ->> 'type'
+                     FROM {schema}_orders.outbox WHERE key = convert_to($1, 'UTF8') ORDER BY id"
+                ),
+                &[id],
+            )
+            .await
+            .unwrap();
+        let types: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let of = |kind: &str| types.iter().filter(|t| t.ends_with(kind)).count();
+        assert_eq!(
+            (of("PaymentRefunded"), of("OrderCancelled")),
+            (1, 1),
+            "{types:?}"
+        );
+        let refunded = types.iter().position(|t| t.ends_with("PaymentRefunded"));
+        assert!(
+            refunded < types.iter().position(|t| t.ends_with("OrderCancelled")),
+            "{types:?}"
+        );
+    }
     client
         .batch_execute(&format!(
             "DROP SCHEMA {schema}_orders CASCADE; DROP SCHEMA {schema}_order_sagas CASCADE;

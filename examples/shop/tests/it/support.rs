@@ -165,6 +165,7 @@ pub(crate) async fn checkout(
     order["id"].as_str().unwrap().to_owned()
 }
 
+/// Polls the order until it is final (not `PENDING`, `PAID` or `CANCELLING`).
 pub(crate) async fn settled(client: &HttpClient, token: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -178,7 +179,7 @@ pub(crate) async fn settled(client: &HttpClient, token: &str, id: &str) -> Value
         )
         .await;
         assert_eq!(status, 200, "{order}");
-        if !["PENDING", "PAID"].contains(&order["status"].as_str().unwrap_or("")) {
+        if !["PENDING", "PAID", "CANCELLING"].contains(&order["status"].as_str().unwrap_or("")) {
             return order;
         }
         assert!(

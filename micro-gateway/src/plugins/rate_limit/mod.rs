@@ -99,29 +99,11 @@ impl Limiter {
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map(|info| info.0.ip().to_canonical())?;
-        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|net| net.contains(ip));
-        if !trusted(&peer) {
-            return Some(peer);
-        }
-        let forwarded: Vec<IpAddr> = request
-            .headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
-            .map(|ip| ip.to_canonical())
-            .collect();
-        // The right-most untrusted hop is the last one a trusted proxy saw connect.
-        Some(
-            forwarded
-                .iter()
-                .rev()
-                .find(|ip| !trusted(ip))
-                .or(forwarded.first())
-                .copied()
-                .unwrap_or(peer),
-        )
+        Some(crate::forwarded::client_behind(
+            peer,
+            request.headers(),
+            &self.trusted_proxies,
+        ))
     }
 
     /// The store key: the route, then who is counted.
