@@ -2,8 +2,10 @@
 # compatible broker from crates.io, and exports MICRO_TEST_KAFKA_BROKERS.
 #
 #   tansu_up    install tansu 0.6 if missing, start it on a loopback port (or reuse
-#               the one running there), wait until it listens, export the address;
-#               install kafka-python (PyPI) for the interoperability tests.
+#               the one running there), wait until it listens, export the address
+#               (MICRO_TEST_KAFKA_BROKERS) and the binary (MICRO_TANSU_BIN, for the
+#               tests that start brokers of their own); install kafka-python (PyPI)
+#               for the interoperability tests.
 #   tansu_down  stop the broker tansu_up started.
 #
 # Storage engine: memory://. It keeps nothing across a broker restart, which
@@ -11,6 +13,10 @@
 # cannot fetch from an offset inside a stored batch) is why the tests that
 # resume a consumer from a committed offset publish one record per batch:
 # each publish waits for its confirmation before the next is sent.
+#
+# Tests that restart a broker start their own on the postgres:// engine instead, in a
+# database of their own with the tables of scripts/tansu-postgres.sql (tansu does not
+# create them): records and committed offsets survive the broker's restart there.
 #
 # Settings (environment): MICRO_TANSU_ROOT (install root, default
 # /var/tmp/tansu), MICRO_TANSU_PORT (default 19092), MICRO_SERVERS_DIR (logs,
@@ -53,6 +59,7 @@ tansu_up() {
         done
     fi
     export MICRO_TEST_KAFKA_BROKERS="127.0.0.1:$tansu_port"
+    export MICRO_TANSU_BIN="$bin"
     # The independent client of the interoperability tests (pure Python).
     if ! python3 -c "import kafka" 2>/dev/null; then
         python3 -m pip install --quiet kafka-python >>"$tansu_dir/install.log" 2>&1 ||

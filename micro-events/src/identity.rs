@@ -30,6 +30,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use micro_core::error::{BoxError, Permanent};
 use micro_core::identity::{Caller, KeyRing};
@@ -65,13 +66,27 @@ pub struct SignedPublisher<P> {
 }
 
 impl<P> SignedPublisher<P> {
-    /// Publishes through `inner`, signing as `service` with `keys`.
+    /// How long an event's token holds by default: seven days, Kafka's default
+    /// retention. An event is read when its consumer gets to it, which may be long after
+    /// it was published (a consumer that was down, a replay), so its token must not lapse
+    /// like a call's (the key ring's lifetime is a minute).
+    pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
+    /// Publishes through `inner`, signing as `service` with `keys`, each token valid
+    /// for [`DEFAULT_TOKEN_LIFETIME`](Self::DEFAULT_TOKEN_LIFETIME).
     pub fn new(inner: P, keys: KeyRing, service: impl Into<Arc<str>>) -> Self {
         Self {
             inner,
-            keys,
+            keys: keys.with_ttl(Self::DEFAULT_TOKEN_LIFETIME),
             service: service.into(),
         }
+    }
+
+    /// Sets how long each event's token holds: at least as long as the events stay in
+    /// the broker, or a consumer that reads them later dead-letters them.
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.keys = self.keys.with_ttl(lifetime);
+        self
     }
 
     /// The wrapped publisher.

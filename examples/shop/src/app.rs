@@ -99,6 +99,17 @@ pub struct ShopConfig {
     /// Kafka bootstrap servers (`127.0.0.1:9092`): the event bus of `shop serve`. Needs
     /// the `real-servers` feature.
     pub kafka_brokers: Option<String>,
+    /// How long a silent member of the shop's consumer groups keeps its partitions
+    /// (Kafka's `session.timeout.ms`, default 45 s): after a consumer crashes, its
+    /// partitions wait this long before its restarted successor gets them.
+    #[serde(with = "micro_core::config::duration")]
+    pub kafka_session_timeout: Duration,
+    /// How long a member of the shop's consumer groups may go between polls, and how
+    /// long a rebalance waits for the members to rejoin (Kafka's
+    /// `max.poll.interval.ms`, default 300 s): a crashed member the broker no longer
+    /// times out by its session (tansu after a restart) holds a rebalance this long.
+    #[serde(with = "micro_core::config::duration")]
+    pub kafka_max_poll_interval: Duration,
     /// PostgreSQL (`postgres://user@host/db`): where the order service keeps its orders,
     /// outbox and saga log. Needs the `real-servers` feature.
     pub postgres_url: Option<String>,
@@ -214,6 +225,8 @@ impl Default for ShopConfig {
             etcd_endpoints: None,
             etcd_prefix: "/micro/shop/".to_owned(),
             kafka_brokers: None,
+            kafka_session_timeout: Duration::from_secs(45),
+            kafka_max_poll_interval: Duration::from_secs(300),
             advertise_host: None,
             event_prefix: String::new(),
             postgres_url: None,
@@ -486,8 +499,16 @@ impl Infra {
         let mut etcd = EtcdConfig::new(endpoints.split(',').map(str::trim));
         etcd.prefix = config.etcd_prefix.clone();
         let registry = EtcdRegistry::connect(&etcd).await?;
-        let bus = KafkaBus::new(KafkaConfig::new(brokers.as_str()))?;
+        let bus = KafkaBus::new(
+            KafkaConfig::new(brokers.as_str())
+                .session_timeout(config.kafka_session_timeout)
+                .max_poll_interval(config.kafka_max_poll_interval),
+        )?;
+        // Kafka brokers need not create topics on first use; the dead-letter topic
+        // too, or a dead letter would hold its partition up until someone made it.
         bus.create_topic(&config.order_events(), 4, 1).await?;
+        bus.create_topic(&format!("{}.dlq", config.order_events()), 4, 1)
+            .await?;
         Ok(Self {
             discover: Arc::new(ProvenOnly::new(registry.clone(), keys.clone())),
             keys,

@@ -157,7 +157,7 @@ async fn run(shared: Arc<Shared>) -> Result<()> {
                     Err(Error::Closed) => break Ok(()),
                     Err(e) => {
                         read_failures += 1;
-                        tracing::warn!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %e, "reading events failed; trying again");
+                        tracing::warn!(topic = %shared.ctx.topic, group = %shared.ctx.group, error = %Chain(&e), "reading events failed; trying again");
                         let pause = backoff(&shared.options, read_failures);
                         tokio::select! {
                             _ = stop.changed() => {}
@@ -391,7 +391,7 @@ async fn dead_letter(
             Err(e) => {
                 failures += 1;
                 tracing::error!(
-                    topic = %shared.dead_letter_topic, error = %e,
+                    topic = %shared.dead_letter_topic, error = %Chain(&e),
                     "publishing a dead letter failed; trying again",
                 );
             }

@@ -159,3 +159,65 @@ fn forged_record(event: &Event<u32>, token: Vec<u8>) -> micro_events::Record {
     ];
     record
 }
+
+/// The claims of a JWT, decoded (base64url without padding) without checking it.
+fn claims(token: &[u8]) -> serde_json::Value {
+    let payload = std::str::from_utf8(token)
+        .unwrap()
+        .split('.')
+        .nth(1)
+        .unwrap();
+    let mut bits = 0u32;
+    let mut held = 0;
+    let mut bytes = Vec::new();
+    for c in payload.bytes() {
+        let value = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url: {payload}"),
+        };
+        bits = (bits << 6) | u32::from(value);
+        held += 6;
+        if held >= 8 {
+            held -= 8;
+            bytes.push((bits >> held) as u8);
+        }
+    }
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// An event is read when its consumer gets to it, maybe long after it was published: its
+/// token holds for a week (Kafka's default retention), not for a call's minute, unless
+/// the publisher says otherwise.
+#[tokio::test]
+async fn an_event_s_token_outlives_a_call_s() {
+    let ours = keys(b"the services' key, 0123456789abcdef!");
+    let bus = MemoryBus::with_partitions(1);
+    bus.create_topic("orders", 1).unwrap();
+    let event = Event::new("/orders", "order.created", 1u32).unwrap();
+    SignedPublisher::new(bus.clone(), ours.clone(), "order-service")
+        .publish("orders", "k", &event)
+        .await
+        .unwrap();
+    SignedPublisher::new(bus.clone(), ours.clone(), "order-service")
+        .token_lifetime(Duration::from_secs(3600))
+        .publish("orders", "k", &event)
+        .await
+        .unwrap();
+    let lifetimes: Vec<u64> = bus
+        .records("orders")
+        .iter()
+        .map(|r| {
+            let c = claims(r.header(IDENTITY_HEADER).unwrap());
+            c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(lifetimes, [7 * 24 * 3600, 3600]);
+    assert_eq!(
+        SignedPublisher::<MemoryBus>::DEFAULT_TOKEN_LIFETIME,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+}

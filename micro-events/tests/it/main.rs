@@ -13,4 +13,6 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod support;
+#[cfg(all(feature = "kafka", feature = "postgres"))]
+mod tansu;
 mod trace;

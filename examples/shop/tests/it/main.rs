@@ -1,5 +1,7 @@
 //! The `shop` binary as processes.
 
+#[cfg(feature = "real-servers")]
+mod faults;
 mod grpc;
 mod manifests;
 #[cfg(feature = "real-servers")]

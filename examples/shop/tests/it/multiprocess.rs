@@ -3,34 +3,13 @@
 //! from a PostgreSQL outbox; orders and order sagas are kept in PostgreSQL, carts in
 //! Redis.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::Method;
 use micro_core::client::HttpClient;
 
-use crate::support::{send, settled, sign_up, KillOnDrop};
-
-fn server(variable: &str, default: &str) -> String {
-    let address = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
-    let host_port = address
-        .trim_start_matches("http://")
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_owned();
-    assert!(
-        std::net::TcpStream::connect(&host_port).is_ok(),
-        "{address} ({variable}) is unreachable: start the servers with \
-         `source scripts/servers.sh && servers_up`"
-    );
-    address
-}
-
-/// The token secret of these test processes (`shop serve` refuses the built-in default).
-const TEST_JWT_SECRET: &str = "multi-process test secret, 9f3c1a77e0b24d58a6c1";
-/// The services' key of these test processes (`shop serve` has none built in).
-const TEST_IDENTITY_SECRET: &str = "multi-process service key, 51b0c9e2d47f8a36e5d2";
+use crate::support::{send, serve, server, settled, sign_up, KillOnDrop, TEST_IDENTITY_SECRET};
 
 #[test]
 fn shop_serve_refuses_a_guessable_jwt_secret() {
@@ -82,37 +61,6 @@ fn shop_serve_refuses_to_run_without_the_services_key() {
         assert!(!output.status.success(), "started with {secret:?}");
         assert!(stderr.contains(expected), "{secret:?}: {stderr}");
     }
-}
-
-/// Starts `shop serve <service>`; returns it and the address it printed.
-fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
-    command
-        .args(["serve", service])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env(
-            format!("SHOP_LISTEN__{}", service.to_uppercase()),
-            "127.0.0.1:0",
-        )
-        .env("SHOP_JWT_SECRET", TEST_JWT_SECRET)
-        .env("SHOP_IDENTITY_SECRET", TEST_IDENTITY_SECRET)
-        .env("SHOP_PASSWORD_ITERATIONS", "10000")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped());
-    let mut child = command.spawn().expect("the shop binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some((_, url)) = line.split_once("http://") {
-                let _ = tx.send(format!("http://{}", url.trim()));
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("`shop serve {service}` did not start"));
-    (child, url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

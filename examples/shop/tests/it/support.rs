@@ -1,6 +1,13 @@
-//! What the process tests share: calls through the gateway and process cleanup.
+//! What the process tests share: calls through the gateway, starting `shop serve`
+//! processes, and process cleanup.
 
+#[cfg(feature = "real-servers")]
+use std::io::{BufRead, BufReader};
+#[cfg(feature = "real-servers")]
+use std::path::Path;
 use std::process::Child;
+#[cfg(feature = "real-servers")]
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -15,6 +22,85 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The address in `variable` (else `default`), checked to accept connections.
+#[cfg(feature = "real-servers")]
+pub(crate) fn server(variable: &str, default: &str) -> String {
+    let address = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
+    let host_port = address
+        .trim_start_matches("http://")
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    assert!(
+        std::net::TcpStream::connect(&host_port).is_ok(),
+        "{address} ({variable}) is unreachable: start the servers with \
+         `source scripts/servers.sh && servers_up`"
+    );
+    address
+}
+
+#[cfg(feature = "real-servers")]
+/// The token secret of these test processes (`shop serve` refuses the built-in default).
+pub(crate) const TEST_JWT_SECRET: &str = "multi-process test secret, 9f3c1a77e0b24d58a6c1";
+#[cfg(feature = "real-servers")]
+/// The services' key of these test processes (`shop serve` has none built in).
+pub(crate) const TEST_IDENTITY_SECRET: &str = "multi-process service key, 51b0c9e2d47f8a36e5d2";
+
+#[cfg(feature = "real-servers")]
+/// Starts `shop serve <service>` on a free port; returns it and the address it printed.
+pub(crate) fn serve(service: &str, env: &[(&str, String)]) -> (Child, String) {
+    serve_at(service, env, "127.0.0.1:0", None)
+}
+
+#[cfg(feature = "real-servers")]
+/// Starts `shop serve <service>` listening on `listen`, its log (stderr) appended to
+/// `log` when given; returns it and the address it printed.
+pub(crate) fn serve_at(
+    service: &str,
+    env: &[(&str, String)],
+    listen: &str,
+    log: Option<&Path>,
+) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shop"));
+    command
+        .args(["serve", service])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(format!("SHOP_LISTEN__{}", service.to_uppercase()), listen)
+        .env("SHOP_JWT_SECRET", TEST_JWT_SECRET)
+        .env("SHOP_IDENTITY_SECRET", TEST_IDENTITY_SECRET)
+        .env("SHOP_PASSWORD_ITERATIONS", "10000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped());
+    let mut log = log.map(|log| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap()
+    });
+    if let Some(file) = &log {
+        command.stderr(file.try_clone().unwrap());
+    }
+    let mut child = command.spawn().expect("the shop binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Write as _;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(file) = &mut log {
+                let _ = writeln!(file, "{line}");
+            }
+            if let Some((_, url)) = line.split_once("http://") {
+                let _ = tx.send(format!("http://{}", url.trim()));
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("`shop serve {service}` did not start"));
+    (child, url)
 }
 
 pub(crate) async fn send(
