@@ -299,9 +299,12 @@ fn calls() -> StepPolicy {
     StepPolicy::new()
         .timeout(Duration::from_secs(2))
         .max_attempts(3)
-        .compensation_max_attempts(5)
+        // A refund or a release is keyed, so safe to repeat: one that fails for now (the
+        // payment or inventory service restarting, a lost answer) is tried again until
+        // it is done; only a definite refusal (a 4xx) leaves the order needing attention.
+        .compensation_max_attempts(StepPolicy::UNBOUNDED)
         .initial_backoff(Duration::from_millis(50))
-        .max_backoff(Duration::from_millis(500))
+        .max_backoff(Duration::from_secs(2))
 }
 
 /// What the cancel-order saga carries.
@@ -670,12 +673,12 @@ fn order_saga(participants: &Participants) -> micro_saga::Result<SagaDefinition<
 }
 
 /// The cancel of a confirmed order, which is `CANCELLING` before it starts: the refund
-/// (the place-order saga's own, bounded as its compensation is) is the go/no-go, since
+/// (the place-order saga's own, retried as its compensation is) is the go/no-go, since
 /// the payment service may refuse it; once the money is back, the stock is returned
 /// (the place-order saga's release) and the order recorded `CANCELLED`, each retried
 /// until done (forward recovery). A refund refused for good leaves nothing applied, and
-/// the order goes back to `CONFIRMED`; one that keeps failing makes it
-/// `REQUIRES_ATTENTION`.
+/// the order goes back to `CONFIRMED`; one that fails for now is tried again until it
+/// is done, as every compensation is.
 fn cancel_saga(participants: &Participants) -> micro_saga::Result<SagaDefinition<Cancellation>> {
     let p = participants;
     let forward = calls().max_backoff(Duration::from_secs(2)).until_done();

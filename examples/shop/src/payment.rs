@@ -6,7 +6,7 @@
 //! | `4000 0000 0000 0002` | declined (`402 card_declined`) |
 //! | `4000 0000 0000 0119` | charged, but the processor never answers: a `504 processor_timeout` after the hang, for a repeat of the key too (the saga refunds it by its key) |
 //! | `4000 0000 0000 0259` | charged, but the first answer comes late (the caller times out); a repeat of the key answers at once |
-//! | `4000 0000 0000 0341` | charged, but every refund fails (`503 refund_failed`) |
+//! | `4000 0000 0000 0341` | charged, but every refund is refused for good (`422 refund_refused`) |
 //!
 //! The payment service is the only holder of card numbers. The order service hands it
 //! the card at checkout (`POST /payments/methods`) and gets back a payment-method token
@@ -318,9 +318,9 @@ impl Payments {
                     }
                     PaymentStatus::Captured if stored.refund_fails => {
                         return Ok(Err(ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "refund_failed",
-                            "the card processor refused the refund; try again later",
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "refund_refused",
+                            "the card processor refused the refund",
                         )))
                     }
                     PaymentStatus::Captured => {}
@@ -506,7 +506,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             payments.refund(&sticky.id).unwrap_err().code(),
-            "refund_failed"
+            "refund_refused"
         );
     }
 
