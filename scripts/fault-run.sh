@@ -28,4 +28,4 @@ source scripts/servers.sh
 servers_up
 
 cargo test -p shop --features real-servers --test it -- \
-    --exact faults::the_shop_loses_nothing_under_faults --nocapture
+    --exact faults::the_shop_loses_nothing_under_faults --include-ignored --nocapture
