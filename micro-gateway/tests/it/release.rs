@@ -32,6 +32,11 @@ async fn instance(registry: &MemoryRegistry, id: &str, version: &'static str, de
             ),
         )
         .with_state((version, delay));
+    serve_as(registry, id, version, app).await;
+}
+
+/// Serves `app` and registers it as the instance `id` of `product-service` at `version`.
+async fn serve_as(registry: &MemoryRegistry, id: &str, version: &str, app: Router) {
     let upstream = serve_counting(app).await;
     let instance = Instance::new("product-service", id, "127.0.0.1", upstream.addr.port())
         .with_version(version);
@@ -432,13 +437,7 @@ async fn flaky_instance(
             }
         }),
     );
-    let upstream = serve_counting(app).await;
-    let instance = Instance::new("product-service", id, "127.0.0.1", upstream.addr.port())
-        .with_version(version);
-    registry
-        .register(&Registration::new(instance))
-        .await
-        .unwrap();
+    serve_as(registry, id, version, app).await;
 }
 
 fn rollout_release(step_time: &str) -> String {
