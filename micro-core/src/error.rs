@@ -35,6 +35,7 @@
 //! ```
 
 use std::error::Error as StdError;
+use std::fmt;
 use std::io;
 
 use crate::resilience::{BulkheadFull, CircuitOpen, Elapsed};
@@ -42,6 +43,52 @@ use crate::resilience::{BulkheadFull, CircuitOpen, Elapsed};
 /// A type-erased error, what generic middleware returns when the inner service's error
 /// type is not known.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Shows an error with its causes, joined by `: ` (`connecting: connection refused`), for
+/// logs and messages: `tracing::warn!(error = %Chain(&error), "...")`.
+///
+/// ```
+/// use micro_core::error::Chain;
+/// use std::{error::Error, fmt, io};
+///
+/// #[derive(Debug)]
+/// struct Connecting(io::Error);
+///
+/// impl fmt::Display for Connecting {
+///     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+///         f.write_str("connecting")
+///     }
+/// }
+///
+/// impl Error for Connecting {
+///     fn source(&self) -> Option<&(dyn Error + 'static)> {
+///         Some(&self.0)
+///     }
+/// }
+///
+/// let error = Connecting(io::Error::from(io::ErrorKind::ConnectionRefused));
+/// assert_eq!(Chain(&error).to_string(), "connecting: connection refused");
+/// ```
+#[derive(Clone, Copy)]
+pub struct Chain<'a>(pub &'a dyn StdError);
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 /// An error that knows whether the operation that produced it may safely be tried again.
 ///

@@ -61,7 +61,7 @@ impl Shared {
         metrics::resolution_error(service);
         let mut state = self.lock();
         let cached = state.entry(service.to_owned()).or_default();
-        let reason = error_chain(error);
+        let reason = micro_core::error::Chain(error).to_string();
         if cached.failure.is_none() {
             tracing::warn!(
                 service,
@@ -73,17 +73,6 @@ impl Shared {
         cached.failure = Some(reason);
         cached.last.clone()
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl<D: Discover> CachedDiscover<D> {

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use micro_core::error::BoxError;
+use micro_core::error::{BoxError, Chain};
 use micro_core::identity::{Caller, KeyRing, IDENTITY_HEADER};
 use micro_core::middleware::RequestId;
 use micro_core::resilience::{CircuitBreaker, CircuitOpen};
@@ -470,7 +470,7 @@ impl Proxy {
                     parts.headers.insert(IDENTITY_HEADER, token);
                 }
                 Err(error) => {
-                    tracing::error!(target = %self.target(), error = %DisplayChain(&*error), "cannot sign the gateway's identity");
+                    tracing::error!(target = %self.target(), error = %Chain(&*error), "cannot sign the gateway's identity");
                     return error_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "identity_unavailable",
@@ -560,7 +560,7 @@ impl Proxy {
             match self.pipeline.clone().oneshot(request).await {
                 Ok(response) => break Ok(response),
                 Err(error) if attempt < attempts && is_transport_failure(&*error) => {
-                    tracing::debug!(target = %self.target(), attempt, error = %DisplayChain(&*error), "retrying on another instance");
+                    tracing::debug!(target = %self.target(), attempt, error = %Chain(&*error), "retrying on another instance");
                 }
                 Err(error) => break Err(error),
             }
@@ -631,7 +631,7 @@ impl Proxy {
         } else {
             "upstream_failed"
         };
-        tracing::warn!(%target, error = %DisplayChain(error), "upstream request failed");
+        tracing::warn!(%target, error = %Chain(error), "upstream request failed");
         error_response(
             StatusCode::BAD_GATEWAY,
             code,
@@ -896,21 +896,6 @@ fn is_token_safe(host: &str) -> bool {
 /// Whether an error of type `E` is somewhere in `error`'s chain of causes.
 fn caused_by<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
     find::<E>(error).is_some()
-}
-
-/// Shows an error with its causes, for the log.
-struct DisplayChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(error) = source {
-            write!(f, ": {error}")?;
-            source = error.source();
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -14,8 +13,9 @@ use crate::error::{Error, Result};
 use crate::policy::StepPolicy;
 use crate::step::{StepContext, StepError, StepOutput};
 
-/// A boxed, sendable future, as the saga log and the steps return.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A boxed, sendable future, as the saga log and the steps return: micro-core's, the one
+/// every micro crate uses.
+pub use micro_core::service::BoxFuture;
 
 pub(crate) type ActionFn<C> = Arc<
     dyn Fn(StepContext<C>) -> BoxFuture<'static, Result<StepOutput<C>, StepError>> + Send + Sync,

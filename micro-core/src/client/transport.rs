@@ -1,5 +1,3 @@
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -10,8 +8,6 @@ use tower_service::Service;
 
 use super::error::{Error, RequestInfo};
 use super::{BoxError, ClientRequest, Connector};
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The bottom of the client stack: one exchange over a pooled hyper connection.
 ///
@@ -27,7 +23,7 @@ pub(super) struct Transport {
 impl Service<ClientRequest> for Transport {
     type Response = http::Response<Bytes>;
     type Error = BoxError;
-    type Future = BoxFuture<Result<Self::Response, BoxError>>;
+    type Future = crate::service::BoxFuture<'static, Result<Self::Response, BoxError>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

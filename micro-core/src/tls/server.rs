@@ -245,7 +245,7 @@ impl Shared {
                 Ok(())
             }
             Err(error) => {
-                let message = error_chain(&error);
+                let message = crate::error::Chain(&error).to_string();
                 tracing::error!(
                     service = %self.service,
                     error = %message,
@@ -256,17 +256,6 @@ impl Shared {
             }
         }
     }
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Reloads a listener's TLS files on demand; from

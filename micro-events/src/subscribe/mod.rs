@@ -489,20 +489,7 @@ impl fmt::Display for Failure {
     }
 }
 
-/// Displays an error and its sources, joined by `: `.
-pub(crate) struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
-}
+pub(crate) use micro_core::error::Chain;
 
 /// Whether a handler error must not be retried: the nearest marker in its
 /// chain decides ([`micro_core::error::permanent`] or
