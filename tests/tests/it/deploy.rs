@@ -905,6 +905,22 @@ fn check_deployment(
         if !volumes.contains_key(mount.name.as_str()) {
             problems.push(format!("{at}: mounts undefined volume {}", mount.name));
         }
+        // A mount inside another needs its mount point made in that volume, which a
+        // ConfigMap or Secret volume (read-only, rewritten by the kubelet) can't hold.
+        let nested_in = container.volume_mounts.iter().find(|outer| {
+            let outer_path = outer.mount_path.trim_end_matches('/');
+            outer.name != mount.name
+                && mount
+                    .mount_path
+                    .strip_prefix(outer_path)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        if let Some(outer) = nested_in {
+            problems.push(format!(
+                "{at}: {} is mounted inside {} ({}): mount it beside it instead",
+                mount.mount_path, outer.mount_path, outer.name
+            ));
+        }
     }
     let writable = |path: &str| {
         container
@@ -987,10 +1003,15 @@ fn check_keys_file(
         ));
         return;
     };
-    let mounted = container.volume_mounts.iter().find_map(|mount| {
-        let file = path.strip_prefix(mount.mount_path.trim_end_matches('/'))?;
-        Some((mount, file.strip_prefix('/')?))
-    });
+    // The deepest mount that holds the path is the one the file is read from.
+    let mounted = container
+        .volume_mounts
+        .iter()
+        .filter_map(|mount| {
+            let file = path.strip_prefix(mount.mount_path.trim_end_matches('/'))?;
+            Some((mount, file.strip_prefix('/')?))
+        })
+        .max_by_key(|(mount, _)| mount.mount_path.len());
     let Some((mount, file)) = mounted else {
         problems.push(format!(
             "{at}: {KEYS_FILE_SETTING} is {path}, which is in no mounted volume"
@@ -2021,7 +2042,7 @@ fn a_dangling_reference_is_caught() {
     });
     assert_found(
         &check_manifests(&documents),
-        "Deployment order-service, container order: /etc/shop/identity/keys is not from the Secret \
+        "Deployment order-service, container order: /etc/shop-identity/keys is not from the Secret \
          shop-identity-keys (volume identity-keys)",
     );
 
@@ -2074,7 +2095,7 @@ fn a_secret_missing_misplaced_or_committed_is_caught() {
     });
     assert_found(
         &check_manifests(&documents),
-        "Deployment payment-service, container payment: SHOP_IDENTITY_KEYS_FILE is /etc/shop/identity/keys, \
+        "Deployment payment-service, container payment: SHOP_IDENTITY_KEYS_FILE is /etc/shop-identity/keys, \
          which is in no mounted volume",
     );
 
@@ -2089,7 +2110,15 @@ fn a_secret_missing_misplaced_or_committed_is_caught() {
     );
     assert_found(
         &problems,
-        "container cart: the keys at /etc/shop/identity are mounted writable",
+        "container cart: the keys at /etc/shop-identity are mounted writable",
+    );
+
+    let documents = broken("Deployment", "gateway", |d| {
+        keys_mount(d)["mountPath"] = "/etc/shop/identity".into();
+    });
+    assert_found(
+        &check_manifests(&documents),
+        "container gateway: /etc/shop/identity is mounted inside /etc/shop (gateway-config)",
     );
 
     let documents = broken("Deployment", "inventory-service", |d| {
