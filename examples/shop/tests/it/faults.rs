@@ -62,32 +62,11 @@ const VICTIMS: &[&str] = &[
     "user",
 ];
 
-/// A small deterministic random generator (SplitMix64), so a seed replays a run's
-/// choices.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(u64);
+pub(crate) use shop::loadgen::Rng;
 
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n`.
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.below(high - low + 1))
-    }
+/// A pause of `low..=high` milliseconds, drawn from `rng`.
+fn millis(rng: &mut Rng, low: u64, high: u64) -> Duration {
+    Duration::from_millis(low + rng.below(high - low + 1))
 }
 
 /// What one run does.
@@ -458,17 +437,17 @@ async fn inject(
 ) {
     shop.faults(true);
     while Instant::now() < until {
-        tokio::time::sleep(rng.millis(2000, 5000)).await;
+        tokio::time::sleep(millis(rng, 2000, 5000)).await;
         match rng.below(10) {
             0..=6 => {
                 let victim = plan.victims[rng.below(plan.victims.len() as u64) as usize];
                 *injected.kills.entry(victim).or_default() += 1;
-                let down = rng.millis(200, 3000);
+                let down = millis(rng, 200, 3000);
                 shop.kill(victim, down).await;
             }
             7 => {
                 injected.broker_restarts += 1;
-                let down = rng.millis(1000, 4000);
+                let down = millis(rng, 1000, 4000);
                 shop.restart_broker(down).await;
             }
             8 if plan.pg_terminate => {
@@ -480,7 +459,7 @@ async fn inject(
                     *injected.kills.entry(victim).or_default() += 1;
                     shop.processes.get_mut(victim).unwrap().kill();
                 }
-                tokio::time::sleep(rng.millis(500, 2000)).await;
+                tokio::time::sleep(millis(rng, 500, 2000)).await;
                 for victim in ["order-a", "order-b"] {
                     let process = shop.processes.get_mut(victim).unwrap();
                     tokio::task::block_in_place(|| process.start());
