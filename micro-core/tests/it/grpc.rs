@@ -13,7 +13,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use http::uri::PathAndQuery;
 use micro_core::grpc::{GrpcChannel, GrpcServices};
-use micro_core::host::{HostConfig, ServiceHost};
+use micro_core::host::{HostConfig, RunningHost, ServiceHost};
 use micro_core::resilience::{ResiliencePolicy, RetryConfig};
 use micro_core::service::{BoxFuture, Service};
 use micro_core::trace::TraceContext;
@@ -186,6 +186,20 @@ impl Service for Hosted {
     }
 }
 
+/// Starts `hosted` on a free loopback port under `config`: the host and its address.
+async fn start(config: HostConfig, hosted: Hosted) -> (RunningHost, std::net::SocketAddr) {
+    let running = ServiceHost::builder()
+        .config(config)
+        .service(hosted, "127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = running.local_addr("echo-service").unwrap();
+    (running, addr)
+}
+
 fn channel(addr: std::net::SocketAddr) -> GrpcChannel {
     GrpcChannel::builder(&format!("http://{addr}"))
         .build()
@@ -240,20 +254,14 @@ async fn health(channel: GrpcChannel, service: &str) -> Result<ServingStatus, St
 
 #[tokio::test]
 async fn grpc_is_served_beside_http_with_health_reflection_metrics_and_trace() {
-    let running = ServiceHost::builder()
-        .service(
-            Hosted {
-                echo: Echo::new("one"),
-                layer: None,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    let addr = running.local_addr("echo-service").unwrap();
+    let (running, addr) = start(
+        HostConfig::default(),
+        Hosted {
+            echo: Echo::new("one"),
+            layer: None,
+        },
+    )
+    .await;
     let grpc = channel(addr);
 
     assert_eq!(support::get(addr, "/hello").await.unwrap().body, "hello");
@@ -434,20 +442,14 @@ async fn health_turns_not_serving_at_shutdown_and_a_stream_in_flight_finishes() 
 #[tokio::test]
 async fn the_channel_retries_only_idempotent_methods_and_maps_errors() {
     let echo = Echo::new("one");
-    let running = ServiceHost::builder()
-        .service(
-            Hosted {
-                echo: echo.clone(),
-                layer: None,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    let addr = running.local_addr("echo-service").unwrap();
+    let (running, addr) = start(
+        HostConfig::default(),
+        Hosted {
+            echo: echo.clone(),
+            layer: None,
+        },
+    )
+    .await;
     let policy = ResiliencePolicy::new().retry(
         RetryConfig::new()
             .max_attempts(3)
@@ -533,20 +535,14 @@ async fn identity_layers_answer_in_grpc_terms_and_signed_calls_pass() {
             .layer(AllowCallersLayer::new(["cart-service"]))
             .layer(VerifyCallerLayer::new(keys(), "echo-service"))
     }
-    let running = ServiceHost::builder()
-        .service(
-            Hosted {
-                echo: Echo::new("one"),
-                layer: Some(verified),
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    let addr = running.local_addr("echo-service").unwrap();
+    let (running, addr) = start(
+        HostConfig::default(),
+        Hosted {
+            echo: Echo::new("one"),
+            layer: Some(verified),
+        },
+    )
+    .await;
     let base = format!("http://{addr}");
 
     let anonymous = whoami(channel(addr), pb::Ask::default()).await.unwrap_err();
@@ -580,21 +576,14 @@ async fn a_stream_quieter_than_the_idle_timeout_keeps_its_connection() {
             .idle_timeout(Duration::from_millis(200)),
         ..HostConfig::default()
     };
-    let running = ServiceHost::builder()
-        .config(config)
-        .service(
-            Hosted {
-                echo: Echo::new("one"),
-                layer: None,
-            },
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
-    let addr = running.local_addr("echo-service").unwrap();
+    let (running, addr) = start(
+        config,
+        Hosted {
+            echo: Echo::new("one"),
+            layer: None,
+        },
+    )
+    .await;
 
     let mut stream = count(channel(addr), 3, 500).await.unwrap();
     let mut seen = Vec::new();
